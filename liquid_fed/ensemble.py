@@ -1,0 +1,326 @@
+"""The Liquid Ensemble: experts predict and delegate, the delegation graph decides who votes.
+
+Dimension letters: ``B`` batch, ``K`` experts, ``C`` outputs (classes, regression targets or
+embedding width).
+
+Combination with powers ``p`` (B, K), ``Σ_j p_j = K``:
+
+- ``regression`` and ``embedding``: ``ŷ = (1/K) Σ_j p_j y_j``.
+- ``classification`` (``mix="probs"``, default): the mixture of the experts' class
+  probabilities ``Σ_j (p_j / K) softmax(y_j)``; the output is its logarithm and the loss the
+  NLL of the mixture. With ``mix="logits"`` the logits are mixed, ``(1/K) Σ_j p_j y_j``, and
+  the output is their log-softmax.
+
+Auxiliary losses (weights default 0):
+
+- load distribution: ``q = mean_b softmax(p_b / T)``, ``L_load = (K Σ q² - 1) / (K - 1)``;
+  0 when every expert chairs equally often.
+- specialization: ``mean_b [1 - (K Σ (p/K)² - 1) / (K - 1)]``; 0 when one expert holds all
+  power on every sample.
+
+The server of a federation holds no experts: it calls :func:`combine` on the predictions and
+delegations that clients sent, exactly as :class:`LiquidEnsemble` does after evaluating its
+experts locally.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from liquid_fed.solvers import SOLVERS, solve_power
+
+log = logging.getLogger(__name__)
+
+TASKS = ("regression", "classification", "embedding")
+MIXES = ("probs", "logits")
+
+
+class EnsembleOutput(NamedTuple):
+    """What a Liquid Ensemble returns for a batch."""
+
+    output: Tensor  # (B, C): log-probabilities (classification), prediction or embedding
+    power: Tensor  # (B, K) voting powers, Σ = K
+    delegation: Tensor  # (B, K, K) rows = from-expert
+    predictions: Tensor  # (B, K, C) each expert's raw output (logits for classification)
+    aux_loss: Tensor  # () weighted auxiliary losses (0 when their weights are 0)
+
+
+@dataclass
+class LiquidConfig:
+    """How delegations become powers and how powers combine predictions."""
+
+    task: str = "classification"
+    solver: str = "sink_one"
+    epsilon: float = 0.01
+    penalty: float = 0.9
+    backend: str = "auto"
+    mix: str = "probs"
+    load_weight: float = 0.0
+    load_temperature: float = 1.0
+    specialization_weight: float = 0.0
+    expert_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f'task must be one of {list(TASKS)}, got "{self.task}"')
+        if self.mix not in MIXES:
+            raise ValueError(f'mix must be one of {list(MIXES)}, got "{self.mix}"')
+        if self.solver not in SOLVERS:
+            raise ValueError(f'solver must be one of {sorted(SOLVERS)}, got "{self.solver}"')
+        for name in ("load_weight", "specialization_weight", "expert_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.load_temperature <= 0:
+            raise ValueError(f"load_temperature must be > 0, got {self.load_temperature!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Auxiliary losses
+# --------------------------------------------------------------------------------------------
+
+
+def load_distribution_loss(power: Tensor, temperature: float = 1.0) -> Tensor:
+    """``(K Σ q² - 1)/(K - 1)`` with ``q = mean_b softmax(p_b / T)``; 0 for K = 1."""
+    k = power.shape[-1]
+    if k == 1:
+        return power.new_zeros(())
+    q = torch.softmax(power / temperature, dim=-1).mean(0)  # (K,)
+    return (k * (q * q).sum() - 1) / (k - 1)
+
+
+def specialization_loss(power: Tensor) -> Tensor:
+    """``mean_b [1 - (K Σ (p/K)² - 1)/(K - 1)]``; 0 for K = 1."""
+    k = power.shape[-1]
+    if k == 1:
+        return power.new_zeros(())
+    share = power / k
+    concentration = (k * (share * share).sum(-1) - 1) / (k - 1)  # (B,)
+    return (1 - concentration).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Combination
+# --------------------------------------------------------------------------------------------
+
+
+def _mask_absent(delegation: Tensor, present: Tensor) -> Tensor:
+    """Absent experts pass their vote on uniformly to the present ones and keep nothing."""
+    k = delegation.shape[-1]
+    eye = torch.eye(k, dtype=torch.bool, device=delegation.device)
+    target = present.unsqueeze(-2) & ~eye  # (B, K, K): present others
+    fallback = target.to(delegation.dtype)
+    fallback = fallback / fallback.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(present.unsqueeze(-1), delegation, fallback)
+
+
+def combine(
+    predictions: Tensor,
+    delegation: Tensor,
+    config: LiquidConfig,
+    present: Tensor | None = None,
+    validate: bool = True,
+) -> EnsembleOutput:
+    """Resolve delegations into powers and combine the experts' predictions.
+
+    Args:
+        predictions: (B, K, C) raw outputs of the experts (logits for classification).
+        delegation: (B, K, K) delegation vectors stacked by from-expert.
+        config: solver and combination settings.
+        present: optional (B, K) bool; ``False`` where an expert has no view of the sample.
+            Absent experts delegate uniformly to present ones, get no power and no say.
+        validate: check the delegation input once.
+
+    Returns:
+        An :class:`EnsembleOutput`.
+    """
+    if predictions.ndim != 3 or predictions.shape[:2] != delegation.shape[:2]:
+        raise ValueError(
+            "predictions must have shape (batch, K, C) matching delegation (batch, K, K), got "
+            f"{tuple(predictions.shape)} and {tuple(delegation.shape)}"
+        )
+    k = delegation.shape[-1]
+    if present is not None:
+        if present.shape != delegation.shape[:2]:
+            raise ValueError(
+                f"present must have shape {tuple(delegation.shape[:2])}, got {tuple(present.shape)}"
+            )
+        if validate and not bool(present.any(-1).all()):
+            b = int((~present.any(-1)).nonzero()[0])
+            raise ValueError(f"sample {b} has no expert present; at least one is needed")
+        delegation = _mask_absent(delegation, present)
+    power = solve_power(
+        delegation, config.solver, config.epsilon, config.penalty, config.backend, validate
+    )
+    if present is not None:  # the sink's uniform return must not reach absent experts
+        power = power * present
+        power = k * power / power.sum(-1, keepdim=True)
+    weight = (power / k).unsqueeze(-1)  # (B, K, 1)
+    if config.task != "classification":
+        output = (weight * predictions).sum(1)
+    elif config.mix == "logits":
+        output = torch.log_softmax((weight * predictions).sum(1), dim=-1)
+    else:  # log Σ_j (p_j/K) softmax(y_j), computed stably
+        log_w = torch.log(weight.clamp_min(torch.finfo(weight.dtype).tiny))
+        output = torch.logsumexp(log_w + torch.log_softmax(predictions, dim=-1), dim=1)
+    aux = power.new_zeros(())
+    if config.load_weight:
+        aux = aux + config.load_weight * load_distribution_loss(power, config.load_temperature)
+    if config.specialization_weight:
+        aux = aux + config.specialization_weight * specialization_loss(power)
+    return EnsembleOutput(output, power, delegation, predictions, aux)
+
+
+def task_loss(output: Tensor, target: Tensor, task: str) -> Tensor:
+    """Loss of a combined output: NLL of log-probabilities, or mean squared error."""
+    if task == "classification":
+        return F.nll_loss(output, target)
+    return F.mse_loss(output, target.reshape(output.shape).to(output.dtype))
+
+
+def expert_loss(predictions: Tensor, target: Tensor, task: str) -> Tensor:
+    """Mean over experts of each expert's own loss against the label."""
+    b, k, c = predictions.shape
+    if task == "classification":
+        return F.cross_entropy(predictions.reshape(b * k, c), target.repeat_interleave(k))
+    target = target.reshape(b, 1, c).to(predictions.dtype)
+    return F.mse_loss(predictions, target.expand(b, k, c))
+
+
+def ensemble_loss(out: EnsembleOutput, target: Tensor, config: LiquidConfig) -> Tensor:
+    """Total training loss: task loss + auxiliary losses + weighted per-expert loss."""
+    loss = task_loss(out.output, target, config.task) + out.aux_loss
+    if config.expert_loss_weight:
+        loss = loss + config.expert_loss_weight * expert_loss(out.predictions, target, config.task)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+
+
+def _same_architecture(experts: Sequence[nn.Module]) -> bool:
+    first = experts[0]
+    shapes = [(n, p.shape) for n, p in first.named_parameters()]
+    bufs = [(n, b.shape) for n, b in first.named_buffers()]
+    return all(
+        type(e) is type(first)
+        and [(n, p.shape) for n, p in e.named_parameters()] == shapes
+        and [(n, b.shape) for n, b in e.named_buffers()] == bufs
+        for e in experts[1:]
+    )
+
+
+class LiquidEnsemble(nn.Module):
+    """A drop-in module over K experts, each returning ``(prediction, delegation)``.
+
+    Args:
+        experts: K modules; expert ``i`` maps its input to ``(prediction (B, C),
+            delegation (B, K))``. They may differ in architecture and input.
+        config: a :class:`LiquidConfig`; keyword overrides are accepted as well, e.g.
+            ``LiquidEnsemble(experts, task="regression", solver="sink_many")``.
+        batched: evaluate experts of one architecture with ``torch.func.vmap`` (one batched
+            call instead of K). ``"auto"`` does so when all experts share a class and parameter
+            shapes and their inputs share a shape.
+
+    Call it with one tensor (every expert sees the same input) or a sequence of K tensors
+    (expert ``i`` sees ``inputs[i]``), and optionally ``present`` (B, K).
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[nn.Module],
+        config: LiquidConfig | None = None,
+        batched: bool | str = "auto",
+        **overrides,
+    ) -> None:
+        super().__init__()
+        if len(experts) == 0:
+            raise ValueError("experts must hold at least one expert, got an empty list")
+        if batched not in (True, False, "auto"):
+            raise ValueError(f'batched must be True, False or "auto", got {batched!r}')
+        base = config or LiquidConfig()
+        self.config = LiquidConfig(**{**base.__dict__, **overrides})
+        self.experts = nn.ModuleList(experts)
+        self.batched = batched
+        self._can_batch = _same_architecture(self.experts)
+        if batched is True and not self._can_batch:
+            raise ValueError("batched=True needs experts of one class and parameter shapes")
+        self._template: nn.Module | None = None
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def _inputs(self, inputs: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        if isinstance(inputs, Tensor):
+            return [inputs] * self.n_experts
+        inputs = list(inputs)
+        if len(inputs) != self.n_experts:
+            raise ValueError(
+                f"expected {self.n_experts} inputs (one per expert), got {len(inputs)}"
+            )
+        return inputs
+
+    def _use_vmap(self, xs: list[Tensor]) -> bool:
+        if self.batched is False or not self._can_batch or self.n_experts == 1:
+            return False
+        return all(x.shape == xs[0].shape for x in xs)
+
+    def _run_vmap(self, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        from torch.func import functional_call, vmap
+
+        if self._template is None:  # kept out of the module tree: it holds no real parameters
+            object.__setattr__(self, "_template", _meta_copy(self.experts[0]))
+        template = self._template
+        names = [n for n, _ in self.experts[0].named_parameters()]
+        buf_names = [n for n, _ in self.experts[0].named_buffers()]
+        # torch.stack is differentiable: gradients flow back to every expert's own parameters.
+        params = {n: torch.stack([e.get_parameter(n) for e in self.experts]) for n in names}
+        bufs = {n: torch.stack([e.get_buffer(n) for e in self.experts]) for n in buf_names}
+
+        def call(p: dict, b: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+            return functional_call(template, (p, b), (x,))
+
+        preds, dels = vmap(call, randomness="different")(params, bufs, torch.stack(xs))
+        return preds.transpose(0, 1), dels.transpose(0, 1)  # (B, K, C), (B, K, K)
+
+    def expert_outputs(self, inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Every expert's ``(predictions (B, K, C), delegation (B, K, K))``."""
+        xs = self._inputs(inputs)
+        if self._use_vmap(xs):
+            return self._run_vmap(xs)
+        outs = [expert(x) for expert, x in zip(self.experts, xs, strict=True)]
+        preds = torch.stack([o[0] for o in outs], dim=1)
+        dels = torch.stack([o[1] for o in outs], dim=1)
+        return preds, dels
+
+    def forward(
+        self, inputs: Tensor | Sequence[Tensor], present: Tensor | None = None
+    ) -> EnsembleOutput:
+        preds, dels = self.expert_outputs(inputs)
+        if dels.shape[-1] != self.n_experts:
+            raise ValueError(
+                f"experts must return delegation vectors over {self.n_experts} experts, "
+                f"got width {dels.shape[-1]}"
+            )
+        return combine(preds, dels, self.config, present)
+
+    def loss(self, out: EnsembleOutput, target: Tensor) -> Tensor:
+        """Training loss of a forward's output (task + auxiliary + per-expert)."""
+        return ensemble_loss(out, target, self.config)
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A parameter-free twin of ``module`` for ``functional_call``."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    return twin.to("meta")

@@ -1,0 +1,133 @@
+"""Confidence measures and evaluation metrics of a Liquid Ensemble.
+
+Confidence per sample (higher = more confident), from an :class:`EnsembleOutput`:
+
+- ``delegation``: 1 - mean over experts of the normalised entropy of their delegation rows.
+- ``power``: 1 - normalised entropy of ``p / K``.
+- ``self_delegation``: mean over experts of what each keeps, ``mean_i d_i[i]``.
+- ``agreement``: minus the spread of the predictions, ``-mean_j ||y_j - ȳ||`` (class
+  probabilities for classification).
+- ``max_prob``: the mixture's largest class probability (classification only), the plain
+  reference a user would compare with.
+
+Kendall's τ (τ-b, ties handled) is taken between each confidence and the per-sample error with
+the sign flipped, so positive τ means confidence predicts correctness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from liquid_fed.ensemble import EnsembleOutput
+
+CONFIDENCES = ("delegation", "power", "self_delegation", "agreement", "max_prob")
+
+
+def _normalised_entropy(prob: Tensor, dim: int = -1) -> Tensor:
+    k = prob.shape[dim]
+    if k == 1:
+        return torch.zeros_like(prob.sum(dim))
+    ent = -(prob * torch.log(prob.clamp_min(1e-30))).sum(dim)
+    return ent / math.log(k)
+
+
+def confidences(out: EnsembleOutput, task: str) -> dict[str, Tensor]:
+    """Every confidence measure per sample, each of shape (B,)."""
+    k = out.power.shape[-1]
+    preds = out.predictions
+    if task == "classification":
+        preds = torch.softmax(preds, dim=-1)
+    spread = (preds - preds.mean(1, keepdim=True)).norm(dim=-1).mean(1)  # (B,)
+    conf = {
+        "delegation": 1 - _normalised_entropy(out.delegation).mean(-1),
+        "power": 1 - _normalised_entropy(out.power / k),
+        "self_delegation": out.delegation.diagonal(dim1=-2, dim2=-1).mean(-1),
+        "agreement": -spread,
+    }
+    if task == "classification":
+        conf["max_prob"] = out.output.exp().max(-1).values
+    return conf
+
+
+def per_sample_error(out: EnsembleOutput, target: Tensor, task: str) -> Tensor:
+    """0/1 error (classification) or squared error summed over outputs, per sample."""
+    if task == "classification":
+        return (out.output.argmax(-1) != target).to(out.output.dtype)
+    diff = out.output - target.reshape(out.output.shape).to(out.output.dtype)
+    return (diff * diff).sum(-1)
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's τ-b between two 1-D arrays (ties handled); NaN when either is constant."""
+    from scipy.stats import kendalltau
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    return float(kendalltau(x, y, variant="b").statistic)
+
+
+def entropy(prob: np.ndarray) -> float:
+    """Shannon entropy (nats) of a probability vector."""
+    prob = np.asarray(prob, dtype=np.float64)
+    prob = prob[prob > 0]
+    return float(-(prob * np.log(prob)).sum()) + 0.0  # + 0.0: no "-0.0" in reports
+
+
+def active_parameter_fraction(power: Tensor, n_params: Sequence[int],
+                              threshold: float = 0.01) -> float:
+    """Mean over samples of the share of expert parameters whose expert holds power.
+
+    An expert counts as active on a sample when its power share ``p_j / K`` exceeds
+    ``threshold``; the others could be skipped at inference without changing the output by
+    more than that share.
+    """
+    k = power.shape[-1]
+    sizes = torch.as_tensor(list(n_params), dtype=power.dtype, device=power.device)
+    active = (power / k > threshold).to(power.dtype)  # (B, K)
+    return float((active @ sizes).mean() / sizes.sum())
+
+
+def evaluate_output(out: EnsembleOutput, target: Tensor, task: str,
+                    n_params: Sequence[int] | None = None) -> dict[str, float]:
+    """Metrics of one evaluated split: accuracy or RMSE, τ per confidence, entropies.
+
+    Args:
+        out: the ensemble's output on the whole split.
+        target: labels (B,) for classification, targets (B,) or (B, C) otherwise.
+        task: ``classification``, ``regression`` or ``embedding``.
+        n_params: per-expert parameter counts, for the active-parameter fraction.
+
+    Returns:
+        A flat dict of floats: ``accuracy`` or ``rmse``, ``tau_<confidence>`` for each
+        measure, ``power_entropy`` (mean entropy of p/K, nats), ``speaker_entropy`` (entropy of
+        the histogram of the most powerful expert, nats), ``mean_power_<j>`` per expert and,
+        with ``n_params``, ``active_param_fraction``.
+    """
+    with torch.no_grad():
+        err = per_sample_error(out, target, task)
+        k = out.power.shape[-1]
+        metrics: dict[str, float] = {}
+        if task == "classification":
+            metrics["accuracy"] = float(1 - err.mean())
+        else:
+            metrics["rmse"] = float(err.mean().sqrt() / math.sqrt(out.output.shape[-1]))
+        neg_err = (-err).cpu().numpy()
+        for name, conf in confidences(out, task).items():
+            metrics[f"tau_{name}"] = kendall_tau(conf.cpu().numpy(), neg_err)
+        share = out.power / k
+        ent = -(share * torch.log(share.clamp_min(1e-30))).sum(-1)
+        metrics["power_entropy"] = float(ent.mean())
+        speakers = torch.bincount(out.power.argmax(-1), minlength=k).cpu().numpy()
+        metrics["speaker_entropy"] = entropy(speakers / speakers.sum())
+        for j, m in enumerate(out.power.mean(0).tolist()):
+            metrics[f"mean_power_{j}"] = m
+        if n_params is not None:
+            metrics["active_param_fraction"] = active_parameter_fraction(out.power, n_params)
+    return metrics
