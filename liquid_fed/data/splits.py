@@ -1,0 +1,199 @@
+"""Train / validation / test splits by id, standardisation fitted on training rows, id alignment."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+
+from liquid_fed.data.datasets import LAYOUTS, Dataset, _check_choice, _check_float, _first
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    """Sample ids of the train, validation and test splits (each sorted)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def to_dict(self) -> dict[str, list[int]]:
+        """The ids as JSON-able lists."""
+        return {k: [int(i) for i in getattr(self, k)] for k in ("train", "val", "test")}
+
+
+def split_ids(ds: Dataset, val: float = 0.15, test: float = 0.2, seed: int = 0) -> Splits:
+    """Split a data set's ids into train / validation / test, reproducibly from a seed.
+
+    Classification splits are stratified: each class is shuffled and cut in the same
+    proportions (rounded per class), so every split keeps the class balance. Regression data
+    is shuffled and cut as a whole.
+
+    Args:
+        ds: the data set.
+        val: share of samples in the validation split, in [0, 1).
+        test: share of samples in the test split, in [0, 1); val + test < 1.
+        seed: seed of the shuffle; the same seed gives the same splits.
+
+    Returns:
+        `Splits` of sorted int64 id arrays that together hold every id exactly once.
+
+    Raises:
+        ValueError: shares out of range, or a training split left empty.
+    """
+    val = _check_float("split.val", val, 0.0, 1.0, high_open=True)
+    test = _check_float("split.test", test, 0.0, 1.0, high_open=True)
+    if val + test >= 1.0:
+        raise ValueError(f"split.val + split.test must be < 1, got {val} + {test}")
+    rng = np.random.default_rng(seed)
+    if ds.task == "classification":
+        strata = [np.flatnonzero(ds.labels == c) for c in np.unique(ds.labels)]
+    else:
+        strata = [np.arange(ds.n_samples)]
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for rows in strata:
+        rows = rng.permutation(rows)
+        n_test, n_val = round(len(rows) * test), round(len(rows) * val)
+        parts["test"].append(rows[:n_test])
+        parts["val"].append(rows[n_test:n_test + n_val])
+        parts["train"].append(rows[n_test + n_val:])
+    out = {k: np.sort(ds.ids[np.concatenate(v)]).astype(np.int64) for k, v in parts.items()}
+    if out["train"].size == 0:
+        raise ValueError(f"split: no training samples left from {ds.n_samples} with "
+                         f"val={val}, test={test}")
+    logger.debug("split %s: train %d, val %d, test %d", ds.name, out["train"].size,
+                 out["val"].size, out["test"].size)
+    return Splits(**out)
+
+
+class Standardizer:
+    """Zero mean, unit variance, with statistics fitted on training rows only.
+
+    Statistics are per column for "tabular" (N, F), per channel over samples and steps for
+    "sequence" (N, T, C), and one global mean and std for "image" (N, H, W), since per-pixel
+    scaling would blow up near-constant border pixels. Features with (near) zero spread are
+    only centred.
+    """
+
+    def __init__(self, layout: str = "tabular") -> None:
+        self.layout = _check_choice("standardizer.layout", layout, LAYOUTS)
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+
+    def _axes(self, x: np.ndarray) -> tuple[int, ...]:
+        """The axes statistics are taken over, after checking the array's rank."""
+        ndim = 2 if self.layout == "tabular" else 3
+        if x.ndim != ndim:
+            raise ValueError(f"standardizer: layout {self.layout!r} needs {ndim}-D arrays, "
+                             f"got shape {x.shape}")
+        return {"tabular": (0,), "sequence": (0, 1), "image": (0, 1, 2)}[self.layout]
+
+    def fit(self, x: np.ndarray) -> Standardizer:
+        """Fit mean and std on `x` (training rows only); returns self."""
+        x = np.asarray(x, dtype=np.float64)
+        axes = self._axes(x)
+        if x.shape[0] == 0:
+            raise ValueError("standardizer: cannot fit on zero rows")
+        self.mean = x.mean(axis=axes)
+        std = x.std(axis=axes)
+        self.std = np.where(std > 1e-8, std, 1.0)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Standardise `x` with the fitted statistics, as float32."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("standardizer: call fit() before transform()")
+        x = np.asarray(x, dtype=np.float64)
+        self._axes(x)
+        if self.mean.ndim and x.shape[-1] != self.mean.shape[0]:
+            raise ValueError(f"standardizer: fitted on {self.mean.shape[0]} features, got "
+                             f"shape {x.shape}")
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        """Fit on `x` and standardise it."""
+        return self.fit(x).transform(x)
+
+    def to_dict(self) -> dict:
+        """JSON-able statistics, for checkpoints."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("standardizer: call fit() before to_dict()")
+        return {"layout": self.layout, "mean": np.asarray(self.mean).tolist(),
+                "std": np.asarray(self.std).tolist()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Standardizer:
+        """Rebuild a fitted standardizer from `to_dict()` output."""
+        missing = {"layout", "mean", "std"} - set(state)
+        if missing:
+            raise ValueError(f"standardizer: state lacks keys {sorted(missing)}")
+        out = cls(state["layout"])
+        out.mean = np.asarray(state["mean"], dtype=np.float64)
+        out.std = np.asarray(state["std"], dtype=np.float64)
+        return out
+
+
+def standardize(ds: Dataset, splits: Splits) -> tuple[Dataset, Standardizer]:
+    """Standardise a data set with statistics fitted on its training split only.
+
+    Args:
+        ds: the data set.
+        splits: its splits; only `splits.train` rows are used to fit.
+
+    Returns:
+        A copy of `ds` with standardised features, and the fitted `Standardizer`.
+
+    Raises:
+        ValueError: training ids not in the data set.
+    """
+    scaler = Standardizer(ds.layout).fit(ds.features[ds.positions(splits.train)])
+    return dataclasses.replace(ds, features=scaler.transform(ds.features)), scaler
+
+
+def common_ids(holders: dict[str, np.ndarray]) -> np.ndarray:
+    """Sorted ids that every holder has."""
+    if not holders:
+        return np.zeros(0, dtype=np.int64)
+    return reduce(np.intersect1d, [np.asarray(v, dtype=np.int64) for v in holders.values()])
+
+
+def align_ids(requested: np.ndarray, holders: dict[str, np.ndarray]) -> np.ndarray:
+    """Check that every holder has every requested id.
+
+    Args:
+        requested: ids the server asks for, (n,) integers without repeats.
+        holders: name (e.g. "client_0", "server") -> the ids that party holds.
+
+    Returns:
+        `requested` as int64, in the order given.
+
+    Raises:
+        ValueError: requested ids repeat or are not integers, or some holder lacks some ids;
+            the message says how many ids are missing at which holder and shows the first few.
+    """
+    requested = np.asarray(requested)
+    if requested.ndim != 1 or (requested.size and not np.issubdtype(requested.dtype,
+                                                                     np.integer)):
+        raise ValueError(f"align: requested ids must be a 1-D integer array, got "
+                         f"{requested.dtype} with shape {requested.shape}")
+    requested = requested.astype(np.int64)
+    uniq, counts = np.unique(requested, return_counts=True)
+    if uniq.size != requested.size:
+        raise ValueError(f"align: requested ids repeat: {_first(uniq[counts > 1])}")
+    problems = []
+    for name, held in holders.items():
+        missing = requested[~np.isin(requested, np.asarray(held))]
+        if missing.size:
+            problems.append(f"{missing.size} missing at {name!r} (first: {_first(missing)})")
+    if problems:
+        n_bad = np.zeros(requested.size, dtype=bool)
+        for held in holders.values():
+            n_bad |= ~np.isin(requested, np.asarray(held))
+        raise ValueError(f"align: {int(n_bad.sum())} of {requested.size} requested ids are not "
+                         f"held by every party: " + "; ".join(problems))
+    return requested
