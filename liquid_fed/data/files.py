@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 _MISSING = {"", "na", "nan", "null", "none"}
 
 
-def _label_codes(raw: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
+def _label_codes(raw: np.ndarray, where: str, row_name: Callable[[int], str]
+                 ) -> tuple[np.ndarray, list[str]]:
     """Class labels (numbers or strings) as codes 0..C-1 and the class names, sorted."""
     try:
         as_num = raw.astype(np.float64)
@@ -28,7 +29,8 @@ def _label_codes(raw: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
     elif as_num is not None:
         bad = int(np.flatnonzero(as_num != np.round(as_num))[0])
         raise ValueError(f"{where}: classification labels must be integers or names; "
-                         f"{raw[bad]!r} at {_row(bad)} is neither (use task='regression'?)")
+                         f"{str(raw[bad])!r} at {row_name(bad)} is neither "
+                         "(use task='regression'?)")
     else:
         classes, codes = np.unique(raw.astype(str), return_inverse=True)
         names = [str(c) for c in classes]
@@ -115,7 +117,7 @@ def load_csv(
         if bad.size:
             raise ValueError(f"{where}: label column {label_cols[0]!r} has a missing value "
                              f"(NaN) at {_row(int(bad[0]))}")
-        labels, class_names = _label_codes(raw, f"{where}: label column {label_cols[0]!r}")
+        labels, class_names = _label_codes(raw, f"{where}: label column {label_cols[0]!r}", _row)
         n_outputs = len(class_names)
     else:
         ys = [_numeric(col[c], f"{where}: label column {c!r}", label=True) for c in label_cols]
@@ -280,7 +282,7 @@ def load_npz(
             raise ValueError(f"{where}: array {labels_key!r} has dtype {y.dtype}; expected "
                              f"integers or strings")
         labels, class_names = _label_codes(y.astype(str) if y.dtype.kind == "S" else y,
-                                           f"{where}: array {labels_key!r}")
+                                           f"{where}: array {labels_key!r}", _npz_row)
         n_outputs = len(class_names)
     else:
         if y.dtype.kind not in "iuf" or y.ndim > 2:
