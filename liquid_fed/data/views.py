@@ -148,11 +148,12 @@ def _jsonable(value: object) -> object:
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def _hash_uniform(seed: int, k: int, stream: int, ids: np.ndarray,
@@ -164,7 +165,8 @@ def _hash_uniform(seed: int, k: int, stream: int, ids: np.ndarray,
     base = _mix(key[0] ^ _mix(key[1] ^ _mix(key[2])))
     i = _mix(np.asarray(ids, dtype=np.int64).view(np.uint64) ^ base)[:, None]
     c = np.asarray(cells, dtype=np.int64).view(np.uint64)[None, :]
-    bits = _mix(i + c * np.uint64(0x9E3779B97F4A7C15))
+    with np.errstate(over="ignore"):
+        bits = _mix(i + c * np.uint64(0x9E3779B97F4A7C15))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
@@ -597,6 +599,15 @@ def view_summary(ds: Dataset, plan: ViewPlan, splits: Splits, seed: int = 0) -> 
     Raises:
         ValueError: split ids that are not in the data set, or no samples to score on.
     """
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+    # one BLAS thread: these fits are tiny, and on a busy machine threads cost 10-50x
+    with threadpool_limits(limits=1):
+        return _view_summary(ds, plan, splits, seed)
+
+
+def _view_summary(ds: Dataset, plan: ViewPlan, splits: Splits, seed: int) -> list[dict]:
+    """`view_summary` without the thread limit."""
     train, score_ids = splits.train, splits.val if len(splits.val) else splits.test
     if len(score_ids) == 0:
         raise ValueError("view_summary: splits have neither validation nor test ids")
