@@ -301,6 +301,11 @@ def load_dataset(name: str, **options: object) -> Dataset:
     if unknown and not accepts_any:
         raise ValueError(f'data: data set "{name}" has no option "{unknown[0]}" '
                          f"(options: {', '.join(params) or 'none'})")
+    required = [k for k, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind is not inspect.Parameter.VAR_KEYWORD and k not in options]
+    if required:
+        raise ValueError(f'data: data set "{name}" needs option "{required[0]}" '
+                         f"(options: {', '.join(params)})")
     ds = loader(**options)
     logger.debug("loaded %s: %d samples, features %s, task %s", name, ds.n_samples,
                  ds.features.shape, ds.task)

@@ -67,6 +67,13 @@ def test_csv_errors_name_file_column_and_row(tmp_path, text, options, match):
         load_dataset("csv", path=_csv(tmp_path, text), **options)
 
 
+def test_required_options_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r'data set "csv" needs option "path"'):
+        load_dataset("csv", label="y")
+    with pytest.raises(ValueError, match=r'data set "npz" needs option "path"'):
+        load_dataset("npz")
+
+
 def test_csv_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_dataset("csv", path=tmp_path / "nope.csv", label="y")
