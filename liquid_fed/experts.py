@@ -198,8 +198,8 @@ class RecurrentExpert(Expert):
         zeros = x.new_zeros(x.shape[0], self.units)  # (B, H)
         return RecurrentState(zeros, zeros, 0)
 
-    def forward(self, x: Tensor, state: RecurrentState | None = None,
-                return_state: bool = False):
+    def forward(self, x: Tensor, state: RecurrentState | None = None, return_state: bool = False
+                ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, RecurrentState]:
         """Run the cell over a sequence and read out.
 
         Args:
@@ -300,6 +300,11 @@ class LTCExpert(RecurrentExpert):
     the paper, unconditionally stable) and ``exponential`` (exact for frozen ``f``), each in
     ``substeps`` equal steps, or adaptive ``dopri5`` with ``rtol``/``atol``/``max_steps``.
     Solver settings are plain attributes and may be changed after construction.
+
+    Other options: ``units`` (H), ``dt`` (time between two inputs), ``tau_init`` (initial
+    ``τ``), ``readout`` (``"last"`` or ``"mean"`` state), ``self_bias`` (delegation head).
+    Defaults follow the reference implementation: ``fused`` with 6 unfolds per input.
+    ``dopri5`` cannot run under ``torch.func.vmap`` (see :attr:`supports_vmap`).
     """
 
     def __init__(self, in_shape: Sequence[int], out_dim: int, n_experts: int, index: int = 0,

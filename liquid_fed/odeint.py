@@ -148,7 +148,7 @@ def dopri5(rates: Rates, x: Tensor, dt: float, rtol: float = 1e-3, atol: float =
             accept = err <= 1
             factor = (0.9 * err.clamp_min(1e-10).pow(-0.2)).clamp(0.2, 10.0)
             t = torch.where(accept, t + step, t)
-            # a finished sample keeps its last useful step size for the next interval
+            # finished samples (step 0) keep their step size
             h = torch.where(step > 0, step * factor, h)
         x = torch.where(accept, y5, x)
     raise RuntimeError(
