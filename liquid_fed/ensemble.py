@@ -254,6 +254,11 @@ class LiquidEnsemble(nn.Module):
         if batched is True and not self._can_batch:
             raise ValueError("batched=True needs experts of one class and parameter shapes")
         self._template: nn.Module | None = None
+        if batched is not False and self._can_batch and len(experts) > 1:
+            # Built here, while the experts hold real Parameters: under torch.func's
+            # functional_call they hold plain tensors, which a meta copy cannot be made of.
+            # Kept out of the module tree: it holds no real parameters.
+            object.__setattr__(self, "_template", _meta_copy(self.experts[0]))
 
     @property
     def n_experts(self) -> int:
@@ -277,14 +282,16 @@ class LiquidEnsemble(nn.Module):
     def _run_vmap(self, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
         from torch.func import functional_call, vmap
 
-        if self._template is None:  # kept out of the module tree: it holds no real parameters
+        if self._template is None:  # batched switched on after __init__
             object.__setattr__(self, "_template", _meta_copy(self.experts[0]))
         template = self._template
-        names = [n for n, _ in self.experts[0].named_parameters()]
-        buf_names = [n for n, _ in self.experts[0].named_buffers()]
-        # torch.stack is differentiable: gradients flow back to every expert's own parameters.
-        params = {n: torch.stack([e.get_parameter(n) for e in self.experts]) for n in names}
-        bufs = {n: torch.stack([e.get_buffer(n) for e in self.experts]) for n in buf_names}
+        # named_parameters(), not get_parameter(): under functional_call the experts hold
+        # plain tensors in place of Parameters. torch.stack is differentiable: gradients flow
+        # back to every expert's own parameters (or to the tensors functional_call swapped in).
+        per_expert = [dict(e.named_parameters()) for e in self.experts]
+        per_expert_bufs = [dict(e.named_buffers()) for e in self.experts]
+        params = {n: torch.stack([pe[n] for pe in per_expert]) for n in per_expert[0]}
+        bufs = {n: torch.stack([pb[n] for pb in per_expert_bufs]) for n in per_expert_bufs[0]}
 
         def call(p: dict, b: dict, x: Tensor) -> tuple[Tensor, Tensor]:
             return functional_call(template, (p, b), (x,))
