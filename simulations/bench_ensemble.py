@@ -1,0 +1,98 @@
+"""Benchmark: batched (``torch.func.vmap``) vs looped evaluation of a Liquid Ensemble.
+
+For K MLP experts of one architecture and batch sizes B, times forward + backward of
+``LiquidEnsemble(..., batched=True)`` against ``batched=False`` (one call per expert) and prints
+the speed ratio side by side. Both share the same experts, so they compute the same thing.
+
+Run: ``python -m simulations.bench_ensemble [--quick] [--device cpu|cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from liquid_fed import LiquidEnsemble, MLPExpert
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], None], device: torch.device, budget_s: float, max_reps: int,
+              min_reps: int = 3, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in ms after warm-up; repeats until budget or max_reps."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (
+        len(times) < min_reps or time.perf_counter() - start < budget_s
+    ):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _step(ens: LiquidEnsemble, xs: list[torch.Tensor], y: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        ens.zero_grad(set_to_none=True)
+        ens.loss(ens(xs), y).backward()
+
+    return step
+
+
+def run(device: torch.device, ks: list[int], batches: list[int], in_features: int,
+        hidden: int, classes: int, budget_s: float, max_reps: int) -> None:
+    print(f"\nLiquidEnsemble forward+backward, {device.type} float32, MLP experts "
+          f"{in_features}->{hidden}->{classes} (median ms)")
+    head = f"{'K':>4} {'B':>6} {'loop':>9} {'vmap':>9} {'loop/vmap':>10}  max |Δ output|"
+    print(head)
+    print("-" * len(head))
+    for k in ks:
+        torch.manual_seed(k)
+        experts = [MLPExpert((in_features,), classes, k, i, hidden=(hidden,)) for i in range(k)]
+        loop = LiquidEnsemble(experts, batched=False).to(device)
+        vmap = LiquidEnsemble(loop.experts, batched=True).to(device)  # the same experts
+        for b in batches:
+            xs = [torch.randn(b, in_features, device=device) for _ in range(k)]
+            y = torch.randint(0, classes, (b,), device=device)
+            with torch.no_grad():
+                diff = float((loop(xs).output - vmap(xs).output).abs().max())
+            t_loop = median_ms(_step(loop, xs, y), device, budget_s, max_reps)
+            t_vmap = median_ms(_step(vmap, xs, y), device, budget_s, max_reps)
+            print(f"{k:>4} {b:>6} {t_loop:>9.3f} {t_vmap:>9.3f} {t_loop / t_vmap:>9.2f}x  "
+                  f"{diff:.1e}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda "
+                        "too when present)")
+    args = parser.parse_args(argv)
+    if args.device is not None:
+        devices = [torch.device(args.device)]
+    else:
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    for device in devices:
+        if args.quick:
+            run(device, [2, 4], [8], 6, 8, 3, 0.01, 3)
+        else:
+            run(device, [4, 16, 64], [64, 1024], 32, 64, 10, 0.5, 30)
+
+
+if __name__ == "__main__":
+    main()
