@@ -77,8 +77,10 @@ def fit(
     lr: float = 1e-3,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    momentum: float = 0.0,
     seed: int = 0,
     present: Tensor | None = None,
+    on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the ensemble on K views; returns the mean training loss of every epoch.
@@ -87,12 +89,14 @@ def fit(
         ensemble: the model.
         inputs: K tensors, one per expert, rows aligned with ``target``.
         target: labels or targets.
-        epochs, batch_size, lr, optimizer, weight_decay: the usual.
+        epochs, batch_size, lr, optimizer, weight_decay, momentum: the usual.
         seed: fixes the batch order (see :func:`batch_order`).
         present: optional (N, K) mask of which expert sees which row.
+        on_step: called with (step, loss) after each optimiser step.
         on_epoch: called with (epoch, mean loss) after each epoch.
     """
-    opt = make_optimizer(optimizer, ensemble.parameters(), lr, weight_decay)
+    opt = make_optimizer(optimizer, ensemble.parameters(), lr, weight_decay, momentum)
+    step = 0
     n = target.shape[0]
     history = []
     ensemble.train()
@@ -107,6 +111,9 @@ def fit(
             opt.step()
             total += float(loss.detach()) * len(rows)
             count += len(rows)
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+            step += 1
         history.append(total / count)
         log.debug("epoch %d loss %.4f", epoch, history[-1])
         if on_epoch is not None:

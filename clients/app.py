@@ -1,0 +1,69 @@
+"""Flower ClientApp: one expert per node, its own view of the features, never the labels.
+
+A thin adapter: every message is decoded and handed to
+:func:`liquid_fed.protocol.handle_client_message`; the expert and optimizer state live in
+``Context.state`` between messages (in deployment every message starts a new process).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from liquid_fed.codec import decode, encode
+from liquid_fed.protocol import handle_client_message
+
+STATE_ARRAYS = "liquid-fed.state"
+STATE_SETTINGS = "liquid-fed.settings"
+SETTING_KEYS = ("config", "index", "out_dim", "threads")
+
+app = ClientApp()
+
+
+def _handle(kind: str, msg: Message, context: Context) -> Message:
+    arrays, settings = decode(msg.content)
+    stored = context.state.config_records.get(STATE_SETTINGS, ConfigRecord())
+    settings = {**dict(stored), **settings}
+    torch.set_num_threads(int(settings.get("threads", 1)))
+    record = context.state.array_records.get(STATE_ARRAYS)
+    state = {k: v.numpy() for k, v in record.items()} if record is not None else {}
+    reply, info, state = handle_client_message(kind, arrays, settings, state)
+    context.state[STATE_ARRAYS] = ArrayRecord(
+        {k: a for k, a in encode(state, {}).array_records["arrays"].items()})
+    if kind == "setup":
+        context.state[STATE_SETTINGS] = ConfigRecord(
+            {k: settings[k] for k in SETTING_KEYS if k in settings})
+    return Message(encode(reply, info), reply_to=msg)
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (client index) this node is."""
+    info = {k.replace("-", "_"): v for k, v in context.node_config.items()
+            if isinstance(v, (int, float, str, bool))}
+    return Message(encode({}, info), reply_to=msg)
+
+
+@app.query("setup")
+def setup(msg: Message, context: Context) -> Message:
+    """Build the expert for the run's config; report the ids held."""
+    return _handle("setup", msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Apply pending signals, then predict and delegate on the next chunk."""
+    return _handle("train", msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Apply pending signals, then predict and delegate on evaluation ids."""
+    return _handle("evaluate", msg, context)
+
+
+@app.query("checkpoint")
+def checkpoint(msg: Message, context: Context) -> Message:
+    """Apply pending signals and return the expert's and optimizer's state."""
+    return _handle("checkpoint", msg, context)

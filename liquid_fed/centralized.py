@@ -1,0 +1,143 @@
+"""Centralized references of a run: the same views, experts and batches, in one process.
+
+``liquid-fed centralized`` trains the ensemble this way; the federated run must reproduce it
+(exactly, for ``chunk_size == batch_size`` with one local step). The baselines of a run's
+summary — the uniform vote and experts trained independently, alone and averaged — come from
+here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from liquid_fed.config import RunConfig
+from liquid_fed.ensemble import LiquidEnsemble
+from liquid_fed.protocol import (
+    DTYPES,
+    ClientView,
+    ServerData,
+    build_client_expert,
+    liquid_config,
+    load_client_view,
+    load_server_data,
+)
+from liquid_fed.train import evaluate, fit
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CentralData:
+    """Every client's view and the labels, row-aligned per split."""
+
+    server: ServerData
+    views: list[ClientView]
+    inputs: dict[str, list[Tensor]]  # split -> K tensors (n, *view_shape)
+    targets: dict[str, Tensor]  # split -> (n,) labels or targets
+    present: dict[str, Tensor | None]  # split -> (n, K) or None when every view is complete
+
+
+def central_data(cfg: RunConfig) -> CentralData:
+    """Load labels and all K views, aligned by the server's split ids."""
+    server = load_server_data(cfg)
+    views = [load_client_view(cfg, k, server.splits.train) for k in range(cfg.n_clients)]
+    dtype = DTYPES[cfg.train.dtype]
+    inputs, targets, present = {}, {}, {}
+    for split in SPLITS:
+        ids = getattr(server.splits, split)
+        rows = [v.rows(ids) for v in views]
+        inputs[split] = [torch.from_numpy(v.x[r]).to(dtype) for v, r in zip(views, rows,
+                                                                             strict=True)]
+        y = torch.from_numpy(np.asarray(server.labels_of(ids)))
+        targets[split] = y.long() if server.task == "classification" else y.to(dtype)
+        mask = torch.from_numpy(np.stack([v.present[r] for v, r in zip(views, rows,
+                                                                         strict=True)], 1))
+        present[split] = None if bool(mask.all()) else mask
+    return CentralData(server, views, inputs, targets, present)
+
+
+def build_ensemble(cfg: RunConfig, data: CentralData, **overrides: Any) -> LiquidEnsemble:
+    """The run's experts, initialised exactly as the clients initialise theirs."""
+    experts = [build_client_expert(cfg, k, data.views[k].in_shape, data.server.n_outputs)
+               for k in range(cfg.n_clients)]
+    config = liquid_config(cfg, data.server.task)
+    # One expert at a time: the federated clients evaluate theirs one by one too.
+    return LiquidEnsemble(experts, config, batched=False, **overrides)
+
+
+def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
+                   on_step: Callable[[int, float], None] | None = None,
+                   on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Fit on the training split with the run's optimiser and batches; metrics per split."""
+    t0 = time.perf_counter()
+    losses = fit(ensemble, data.inputs["train"], data.targets["train"],
+                 epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.optim.lr,
+                 optimizer=cfg.optim.name, weight_decay=cfg.optim.weight_decay,
+                 momentum=cfg.optim.momentum, seed=cfg.seed,
+                 present=data.present["train"], on_step=on_step, on_epoch=on_epoch)
+    wall = time.perf_counter() - t0
+    result: dict[str, Any] = {"epoch_losses": losses, "wall_seconds": wall}
+    for split in ("val", "test"):
+        result[split] = evaluate(ensemble, data.inputs[split], data.targets[split],
+                                 data.present[split])
+    return result
+
+
+def _score(metrics: dict[str, float]) -> float:
+    return metrics["accuracy"] if "accuracy" in metrics else metrics["rmse"]
+
+
+def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:
+    """Test scores of the uniform vote and of experts trained independently.
+
+    ``uniform``: the same experts trained jointly with every vote kept (majority vote).
+    ``independent``: each expert trained alone on its own view and label (``single`` lists
+    them), then averaged with equal weights (``averaged``).
+    """
+    out: dict[str, Any] = {}
+    if cfg.baselines.uniform:
+        ens = build_ensemble(cfg, data, solver="uniform")
+        out["uniform"] = _score(train_ensemble(cfg, data, ens)["test"])
+    if cfg.baselines.independent:
+        experts, single = [], []
+        for k in range(cfg.n_clients):
+            expert = build_client_expert(cfg, k, data.views[k].in_shape, data.server.n_outputs)
+            solo = LiquidEnsemble([_Solo(expert)], liquid_config(cfg, data.server.task),
+                                  solver="uniform", expert_loss_weight=0.0)
+            sub = CentralData(data.server, [data.views[k]],
+                              {s: [data.inputs[s][k]] for s in SPLITS}, data.targets,
+                              {s: None for s in SPLITS})
+            single.append(_score(train_ensemble(cfg, sub, solo)["test"]))
+            experts.append(expert)
+        avg = LiquidEnsemble([_Solo(e, cfg.n_clients, k) for k, e in enumerate(experts)],
+                             liquid_config(cfg, data.server.task), solver="uniform")
+        out["single"] = single
+        out["averaged"] = _score(evaluate(avg, data.inputs["test"], data.targets["test"],
+                                          data.present["test"]))
+    return out
+
+
+class _Solo(torch.nn.Module):
+    """An expert whose delegation is ignored: it keeps its own vote."""
+
+    def __init__(self, expert: torch.nn.Module, n_experts: int = 1, index: int = 0) -> None:
+        super().__init__()
+        self.expert = expert
+        self.n_experts = n_experts
+        self.index = index
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pred, _ = self.expert(x)
+        keep = torch.zeros(pred.shape[0], self.n_experts, dtype=pred.dtype, device=pred.device)
+        keep[:, self.index] = 1.0
+        return pred, keep

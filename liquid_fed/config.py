@@ -1,0 +1,409 @@
+"""One typed configuration tree for a run; YAML files and ``--set a.b=c`` only override it.
+
+Every component owns a dataclass of its defaults. :func:`load_config` reads a YAML file,
+applies ``key=value`` overrides and checks every key and value once, at the door: an unknown
+key or a bad value raises :class:`ConfigError` naming its full dotted path, the value that
+arrived and what is accepted. A resolved config writes back to YAML (``to_yaml``) so every run
+can be replayed from its own ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    """Which data set, how it is split and standardised."""
+
+    name: str = "digits"
+    options: dict[str, Any] = field(default_factory=dict)
+    val: float = 0.15
+    test: float = 0.2
+    standardize: bool = True
+    align: str = "strict"  # strict: every labelled id must be held by every client; intersect
+
+
+@dataclass
+class ViewsConfig:
+    """How the features are cut into one view per client."""
+
+    kind: str = "patches"
+    n_views: int = 4
+    options: dict[str, Any] = field(default_factory=lambda: {"grid": [2, 2]})
+    overlap: float = 0.0
+    noise: float | list[float] = 0.0
+    missing: float | list[float] = 0.0
+
+
+@dataclass
+class ExpertsConfig:
+    """The expert every client hosts; ``per_client`` entries override kind/options per client."""
+
+    kind: str = "mlp"
+    options: dict[str, Any] = field(default_factory=lambda: {"hidden": [128]})
+    per_client: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EnsembleConfig:
+    """Solver and combination (see :mod:`liquid_fed.solvers` and :mod:`liquid_fed.ensemble`)."""
+
+    solver: str = "sink_one"
+    epsilon: float = 0.01
+    penalty: float = 0.9
+    backend: str = "auto"
+    mix: str = "probs"
+    load_weight: float = 0.0
+    load_temperature: float = 1.0
+    specialization_weight: float = 0.0
+    expert_loss_weight: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser each client (and the centralized reference) uses."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Length of training and how samples travel per round.
+
+    A round sends one chunk of ``chunk_size`` training ids; each client then runs
+    ``local_steps`` passes over the chunk in mini-batches of ``batch_size``.
+    ``chunk_size == batch_size`` with ``local_steps == 1`` is exact split learning.
+    """
+
+    epochs: int = 30
+    chunk_size: int = 256
+    batch_size: int = 64
+    local_steps: int = 1
+    eval_every: int = 20  # rounds; 0 = only at the end
+    checkpoint_every: int = 0  # rounds; 0 = only at the end
+    dtype: str = "float32"
+
+
+@dataclass
+class SimulationConfig:
+    """Flower's simulation engine on Ray."""
+
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    object_store_mb: int = 256
+    pull_interval: float = 0.001
+    threads_per_client: int = 1  # torch threads in each client; tiny experts run best on one
+    timeout: float = 600.0  # seconds to wait for all replies of one round
+
+
+@dataclass
+class ServerConfig:
+    """Where the server computes the solve and the loss."""
+
+    device: str = "auto"
+    threads: int = 1
+
+
+@dataclass
+class BaselinesConfig:
+    """Centralized references computed beside the run, for the summary."""
+
+    uniform: bool = True
+    independent: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    out: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+
+    @property
+    def n_clients(self) -> int:
+        return self.views.n_views
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Choices and ranges checked at the door
+# --------------------------------------------------------------------------------------------
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.align": ("strict", "intersect"),
+    "ensemble.solver": ("sink_one", "sink_many", "uniform"),
+    "ensemble.backend": ("auto", "elimination", "lapack"),
+    "ensemble.mix": ("probs", "logits"),
+    "optim.name": ("sgd", "adam", "adamw"),
+    "train.dtype": ("float32", "float64"),
+}
+# key: (low, high, low_inclusive, high_inclusive); None = unbounded
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "data.val": (0, 1, True, False),
+    "data.test": (0, 1, False, False),
+    "views.n_views": (1, None, True, True),
+    "views.overlap": (0, 1, True, False),
+    "ensemble.epsilon": (0, 1, False, False),
+    "ensemble.penalty": (0, 1, True, False),
+    "ensemble.load_weight": (0, None, True, True),
+    "ensemble.load_temperature": (0, None, False, True),
+    "ensemble.specialization_weight": (0, None, True, True),
+    "ensemble.expert_loss_weight": (0, None, True, True),
+    "optim.lr": (0, None, False, True),
+    "optim.weight_decay": (0, None, True, True),
+    "optim.momentum": (0, 1, True, False),
+    "train.epochs": (0, None, True, True),
+    "train.chunk_size": (1, None, True, True),
+    "train.batch_size": (1, None, True, True),
+    "train.local_steps": (1, None, True, True),
+    "train.eval_every": (0, None, True, True),
+    "train.checkpoint_every": (0, None, True, True),
+    "simulation.num_cpus_per_client": (0, None, False, True),
+    "simulation.num_gpus_per_client": (0, None, True, True),
+    "simulation.object_store_mb": (75, None, True, True),
+    "simulation.pull_interval": (0, None, False, True),
+    "simulation.threads_per_client": (1, None, True, True),
+    "simulation.timeout": (0, None, False, True),
+    "server.threads": (1, None, True, True),
+}
+
+
+def _describe_range(low, high, low_inc, high_inc) -> str:
+    left = "[" if low_inc else "("
+    right = "]" if high_inc else ")"
+    return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+
+def _in_range(value: float, low, high, low_inc, high_inc) -> bool:
+    if low is not None and (value < low or (value == low and not low_inc)):
+        return False
+    return not (high is not None and (value > high or (value == high and not high_inc)))
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with dotted-path errors
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Check (and gently coerce) ``value`` against a type annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: got {value!r}, which is none of {_type_name(annotation)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: got {value!r}; expected a list")
+        return [_coerce(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}; expected a mapping")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: got {value!r}; expected true or false")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: got {value!r}; expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: got {value!r}; expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: got {value!r}; expected a string")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, path)
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: got {data!r}; expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(
+            f'unknown config key "{where}" (accepted under {prefix or "the top level"}: '
+            f"{', '.join(fields)})"
+        )
+    values = {}
+    for name in fields:
+        if name in data:
+            path = f"{prefix}.{name}" if prefix else name
+            values[name] = _coerce(data[name], hints[name], path)
+    return cls(**values)
+
+
+def _check(cfg: RunConfig) -> None:
+    flat = _flatten(cfg.to_dict())
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f'{key}: got "{flat[key]}"; accepted: {", ".join(choices)}')
+    for key, bounds in _RANGES.items():
+        if not _in_range(flat[key], *bounds):
+            raise ConfigError(f"{key}: got {flat[key]!r}; must lie in {_describe_range(*bounds)}")
+    if cfg.data.val + cfg.data.test >= 1:
+        raise ConfigError(
+            f"data.val + data.test: got {cfg.data.val} + {cfg.data.test}; must be < 1"
+        )
+    if cfg.train.batch_size > cfg.train.chunk_size:
+        raise ConfigError(
+            f"train.batch_size: got {cfg.train.batch_size}; must be <= train.chunk_size "
+            f"({cfg.train.chunk_size})"
+        )
+    if cfg.experts.per_client and len(cfg.experts.per_client) != cfg.views.n_views:
+        raise ConfigError(
+            f"experts.per_client: got {len(cfg.experts.per_client)} entries; needs one per "
+            f"client (views.n_views = {cfg.views.n_views})"
+        )
+    for i, entry in enumerate(cfg.experts.per_client):
+        unknown = sorted(set(entry) - {"kind", "options"})
+        if unknown:
+            raise ConfigError(
+                f'unknown config key "experts.per_client[{i}].{unknown[0]}" '
+                "(accepted: kind, options)"
+            )
+    if cfg.server.device != "auto" and not cfg.server.device.startswith(("cpu", "cuda")):
+        raise ConfigError(
+            f'server.device: got "{cfg.server.device}"; accepted: auto, cpu, cuda, cuda:N'
+        )
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and key not in ("options",):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f'override "{text}" must look like key.path=value')
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f'override "{text}" has an empty key part')
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'override "{text}": value is not valid YAML ({exc})') from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``key.path=value`` in a nested dict (creating levels as needed)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f'override "{text}": "{part}" is not a section')
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] = ()) -> RunConfig:
+    """A validated :class:`RunConfig` from a nested dict plus overrides."""
+    data = apply_overrides(dict(data or {}), list(overrides))
+    cfg = _build(RunConfig, data)
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: a YAML file whose keys override the defaults of :class:`RunConfig`.
+        overrides: ``key.path=value`` strings applied after the file.
+
+    Returns:
+        The resolved, validated config.
+
+    Raises:
+        ConfigError: for a missing/unreadable file, invalid YAML, an unknown key or a bad value,
+            naming the dotted key, the value and what is accepted.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return build_config(data, overrides)
+
+
+def config_from_yaml_text(text: str) -> RunConfig:
+    """Rebuild a config sent as YAML text (as the server sends it to clients)."""
+    return build_config(yaml.safe_load(text) or {})

@@ -1,0 +1,692 @@
+"""The federated Liquid Ensemble protocol, independent of any transport.
+
+Labels stay at the server. Each round:
+
+1. the server picks a chunk of training ids (the same permutation as the centralized
+   reference, :func:`liquid_fed.train.batch_order`);
+2. every client returns its expert's predictions (n, C) and delegation vectors (n, K) on them;
+3. the server stacks them, solves the powers, computes the loss and sends each client the
+   gradient of the loss with respect to its own outputs;
+4. each client back-propagates those signals through its expert over mini-batches of the chunk
+   (``local_steps`` passes) and steps its optimizer.
+
+Steps 4 of round t and 2 of round t+1 travel in one message, so a training round costs one
+round trip. With ``chunk_size == batch_size`` and one local step this is exact split learning
+and reproduces centralized :func:`liquid_fed.train.fit` step by step. Larger chunks reuse the
+signals for several local steps (as FedBCD does) to cut round trips.
+
+Clients are driven by :func:`handle_client_message`, a pure function of (message kind, arrays,
+settings, persisted state) -> (reply arrays, new state). The Flower ClientApp and the
+in-process :class:`LocalTransport` both call it; the server loop :func:`run_federation` talks to
+any object with the :class:`Transport` methods.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from liquid_fed.config import RunConfig, config_from_yaml_text
+from liquid_fed.data import (
+    Dataset,
+    Splits,
+    Standardizer,
+    align_ids,
+    common_ids,
+    load_dataset,
+    make_views,
+    split_ids,
+)
+from liquid_fed.data.views import ViewPlan
+from liquid_fed.ensemble import LiquidConfig, combine, ensemble_loss
+from liquid_fed.experts import Expert, build_expert
+from liquid_fed.metrics import evaluate_output
+from liquid_fed.train import batch_order, make_optimizer
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------------------------
+# Data on each side
+# --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def _dataset(name: str, options_json: str) -> Dataset:
+    return load_dataset(name, **json.loads(options_json))
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    """The run's data set (cached per process: simulation actors serve many clients)."""
+    try:
+        return _dataset(cfg.data.name, json.dumps(cfg.data.options, sort_keys=True))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"data: {exc}") from exc
+
+
+def make_plan(cfg: RunConfig, ds: Dataset) -> ViewPlan:
+    """The run's views, reproducible from ``cfg.seed``."""
+    v = cfg.views
+    try:
+        return make_views(ds, v.kind, v.n_views, seed=cfg.seed, overlap=v.overlap,
+                          noise=v.noise, missing=v.missing, **v.options)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"views: {exc}") from exc
+
+
+@dataclass
+class ClientView:
+    """What one client holds: ids and its own (standardised) features, never labels."""
+
+    ids: np.ndarray  # (N,) int64
+    x: np.ndarray  # (N, *view_shape)
+    present: np.ndarray  # (N,) bool: rows this view really has
+    scaler: Standardizer | None = None
+    _pos: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._pos = {int(i): p for p, i in enumerate(self.ids)}
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids``; an unknown id is an error naming it."""
+        try:
+            return np.fromiter((self._pos[int(i)] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError as exc:
+            raise ValueError(f"client does not hold sample id {exc.args[0]}") from None
+
+
+def load_client_view(cfg: RunConfig, index: int, train_ids: np.ndarray | None) -> ClientView:
+    """Client ``index``'s view of the data, standardised on the training ids only."""
+    ds = load_data(cfg)
+    plan = make_plan(cfg, ds)
+    x = plan.apply(ds, index)
+    present = plan.present(ds, index)
+    scaler = None
+    if cfg.data.standardize and train_ids is not None:
+        pos = ds.positions(np.asarray(train_ids))
+        pos = pos[present[pos]]
+        scaler = Standardizer(ds.layout).fit(x[pos])
+        x = scaler.transform(x)
+        x[~present] = 0.0
+    return ClientView(ids=ds.ids.copy(), x=np.ascontiguousarray(x, dtype=np.float32),
+                      present=present, scaler=scaler)
+
+
+@dataclass
+class ServerData:
+    """What the server holds: ids, labels and the splits."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    task: str
+    n_outputs: int
+    splits: Splits
+    _pos: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._pos = {int(i): p for p, i in enumerate(self.ids)}
+
+    def labels_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.labels[[self._pos[int(i)] for i in ids]]
+
+
+def load_server_data(cfg: RunConfig) -> ServerData:
+    """Labels and splits (stratified by label for classification) from the config."""
+    ds = load_data(cfg)
+    splits = split_ids(ds, cfg.data.val, cfg.data.test, cfg.seed)
+    return ServerData(ds.ids.copy(), ds.labels.copy(), ds.task, ds.n_outputs, splits)
+
+
+def build_client_expert(cfg: RunConfig, index: int, in_shape: Sequence[int],
+                        out_dim: int) -> Expert:
+    """Client ``index``'s expert, initialised from (seed, index) so every path builds the same."""
+    spec = cfg.experts.per_client[index] if cfg.experts.per_client else {}
+    kind = spec.get("kind", cfg.experts.kind)
+    options = {**(cfg.experts.options if "kind" not in spec else {}), **spec.get("options", {})}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 100_003 + index)
+        try:
+            expert = build_expert(kind, in_shape, out_dim, cfg.n_clients, index, **options)
+        except (ValueError, TypeError) as exc:
+            where = f"experts.per_client[{index}]" if spec else "experts"
+            raise ValueError(f"{where}: {exc}") from exc
+    return expert.to(DTYPES[cfg.train.dtype])
+
+
+def liquid_config(cfg: RunConfig, task: str) -> LiquidConfig:
+    """The ensemble settings of a run."""
+    return LiquidConfig(task=task, **vars(cfg.ensemble))
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+# --------------------------------------------------------------------------------------------
+
+
+def state_to_arrays(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    prefix: str = "") -> Arrays:
+    """Expert parameters and optimizer state as flat numpy arrays."""
+    arrays = {f"{prefix}model/{k}": v.detach().cpu().numpy().copy()
+              for k, v in module.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(optimizer.state_dict(), buf)
+    arrays[f"{prefix}optimizer"] = np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+    return arrays
+
+
+def arrays_to_state(arrays: Arrays, module: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, prefix: str = "") -> None:
+    """Load what :func:`state_to_arrays` wrote."""
+    model_keys = {k[len(prefix) + 6:]: v for k, v in arrays.items()
+                  if k.startswith(f"{prefix}model/")}
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model_keys.items()})
+    raw = arrays[f"{prefix}optimizer"].tobytes()
+    optimizer.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
+
+
+@dataclass
+class ClientRuntime:
+    """A client's live objects, rebuilt from the persisted state for each message."""
+
+    cfg: RunConfig
+    cfg_text: str
+    index: int
+    view: ClientView
+    expert: Expert
+    optimizer: torch.optim.Optimizer
+    out_dim: int
+
+
+@lru_cache(maxsize=64)
+def _cached_view(cfg_yaml: str, index: int, train_key: bytes) -> ClientView:
+    cfg = config_from_yaml_text(cfg_yaml)
+    train = np.frombuffer(train_key, dtype=np.int64) if train_key else None
+    return load_client_view(cfg, index, train)
+
+
+@lru_cache(maxsize=16)
+def _parse_config(text: str) -> RunConfig:
+    return config_from_yaml_text(text)
+
+
+# Live runtimes of this process, reused only while their version matches the persisted
+# state's: in simulation one actor serves many messages and skips the rebuild; in deployment
+# every message is a new process and restores from the persisted state.
+_LIVE: dict[tuple[str, int], tuple[int, ClientRuntime]] = {}
+
+
+def _version(state: Arrays) -> int:
+    return int(state["version"][0]) if "version" in state else -1
+
+
+def _runtime(settings: dict[str, Any], state: Arrays) -> ClientRuntime:
+    index = int(settings["index"])
+    key = (settings["config"], index)
+    live = _LIVE.get(key)
+    if live is not None and live[0] == _version(state) and "version" in state:
+        return live[1]
+    cfg = _parse_config(settings["config"])
+    out_dim = int(settings["out_dim"])
+    view = _cached_view(settings["config"], index, state["train_ids"].tobytes())
+    expert = build_client_expert(cfg, index, view.in_shape, out_dim)
+    opt = make_optimizer(cfg.optim.name, expert.parameters(), cfg.optim.lr,
+                         cfg.optim.weight_decay, cfg.optim.momentum)
+    if "optimizer" in state:
+        arrays_to_state(state, expert, opt)
+    return ClientRuntime(cfg, settings["config"], index, view, expert, opt, out_dim)
+
+
+def _persist(rt: ClientRuntime, state: Arrays) -> Arrays:
+    """New persisted state after an update; the live runtime is remembered under its version."""
+    version = secrets.randbits(62)
+    new = {**state, **state_to_arrays(rt.expert, rt.optimizer),
+           "version": np.array([version], dtype=np.int64)}
+    if len(_LIVE) > 256:  # runs of the past in a long-lived process
+        _LIVE.clear()
+    _LIVE[(rt.cfg_text, rt.index)] = (version, rt)
+    return new
+
+
+def _client_forward(rt: ClientRuntime, ids: np.ndarray, train: bool) -> Arrays:
+    rows = rt.view.rows(ids)
+    dtype = DTYPES[rt.cfg.train.dtype]
+    rt.expert.train(train)
+    with torch.no_grad():
+        x = torch.from_numpy(rt.view.x[rows]).to(dtype)
+        pred, dele = rt.expert(x)
+    return {"pred": pred.numpy(), "del": dele.numpy(), "present": rt.view.present[rows]}
+
+
+def _client_backward(rt: ClientRuntime, ids: np.ndarray, g_pred: np.ndarray,
+                     g_del: np.ndarray, round_index: int) -> None:
+    """Back-propagate the server's signals through the expert over mini-batches of the chunk."""
+    rows = rt.view.rows(ids)
+    dtype = DTYPES[rt.cfg.train.dtype]
+    train = rt.cfg.train
+    keep = torch.from_numpy(rt.view.present[rows]).to(dtype).unsqueeze(-1)  # (n, 1)
+    g_pred_t = torch.from_numpy(g_pred).to(dtype) * keep
+    g_del_t = torch.from_numpy(g_del).to(dtype) * keep
+    x_all = torch.from_numpy(rt.view.x[rows]).to(dtype)
+    n = len(rows)
+    rt.expert.train()
+    for step in range(train.local_steps):
+        for sub in batch_order(n, train.batch_size, step, rt.cfg.seed * 7919 + round_index):
+            if train.local_steps == 1 and n <= train.batch_size:
+                sub = np.arange(n)  # exact split learning: the chunk as it came
+            idx = torch.as_tensor(sub)
+            pred, dele = rt.expert(x_all[idx])
+            # The signals are d(mean loss over the chunk)/d(output); rescale so that every
+            # mini-batch step sees the gradient of its own mean loss.
+            scale = n / len(sub)
+            surrogate = scale * ((pred * g_pred_t[idx]).sum() + (dele * g_del_t[idx]).sum())
+            rt.optimizer.zero_grad(set_to_none=True)
+            surrogate.backward()
+            rt.optimizer.step()
+
+
+def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
+                          state: Arrays) -> tuple[Arrays, dict[str, Any], Arrays]:
+    """One client step: (kind, arrays, settings, persisted state) -> (reply, info, new state).
+
+    Kinds:
+        ``setup``: ``settings`` holds ``config`` (YAML), ``index``, ``out_dim``; ``arrays``
+            holds ``train_ids`` and optionally a checkpoint (``model/*``, ``optimizer``).
+            Replies with the ids the client holds and its parameter count.
+        ``train`` / ``evaluate``: optionally applies pending signals (``bwd_ids``,
+            ``g_pred``, ``g_del``) for round ``settings["round"]``, then returns predictions
+            and delegations on ``fwd_ids`` (if given).
+        ``checkpoint``: applies pending signals, then returns the expert and optimizer state.
+    """
+    if kind == "setup":
+        state = {"train_ids": np.asarray(arrays["train_ids"], dtype=np.int64)}
+        for key, value in arrays.items():
+            if key.startswith("model/") or key == "optimizer":
+                state[key] = value
+        settings_state = {k: settings[k] for k in ("config", "index", "out_dim")}
+        rt = _runtime(settings_state, state)
+        state = _persist(rt, state)
+        info = {"n_params": rt.expert.n_parameters(), "in_shape": list(rt.view.in_shape),
+                **settings_state}
+        return {"ids": rt.view.ids, "absent": rt.view.ids[~rt.view.present]}, info, state
+    if "config" not in settings:
+        raise ValueError(f'client received "{kind}" before "setup"')
+    rt = _runtime(settings, state)
+    if "bwd_ids" in arrays:
+        _client_backward(rt, arrays["bwd_ids"], arrays["g_pred"], arrays["g_del"],
+                         int(settings.get("round", 0)))
+        state = _persist(rt, state)
+    reply: Arrays = {}
+    if kind in ("train", "evaluate") and "fwd_ids" in arrays:
+        reply = _client_forward(rt, arrays["fwd_ids"], train=kind == "train")
+    elif kind == "checkpoint":
+        reply = state_to_arrays(rt.expert, rt.optimizer)
+    elif kind not in ("train", "evaluate"):
+        raise ValueError(f'unknown client message kind "{kind}" '
+                         "(accepted: setup, train, evaluate, checkpoint)")
+    return reply, {}, state
+
+
+# --------------------------------------------------------------------------------------------
+# Server side
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ServerStep:
+    """Combines the clients' outputs, computes loss, signals and metrics on the server."""
+
+    def __init__(self, cfg: RunConfig, data: ServerData) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.liquid = liquid_config(cfg, data.task)
+        self.device = resolve_device(cfg.server.device)
+        self.dtype = DTYPES[cfg.train.dtype]
+
+    def _target(self, ids: np.ndarray) -> Tensor:
+        y = torch.from_numpy(np.asarray(self.data.labels_of(ids)))
+        if self.data.task == "classification":
+            return y.long().to(self.device)
+        return y.to(self.dtype).to(self.device)
+
+    def _stack(self, replies: Sequence[Arrays], grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        preds = torch.stack([torch.from_numpy(r["pred"]) for r in replies], 1)  # (B, K, C)
+        dels = torch.stack([torch.from_numpy(r["del"]) for r in replies], 1)  # (B, K, K)
+        present = torch.stack([torch.from_numpy(np.asarray(r["present"], dtype=bool))
+                               for r in replies], 1)  # (B, K)
+        preds = preds.to(self.device, self.dtype).requires_grad_(grad)
+        dels = dels.to(self.device, self.dtype).requires_grad_(grad)
+        return preds, dels, present.to(self.device)
+
+    def train_step(self, ids: np.ndarray, replies: Sequence[Arrays]) -> tuple[float, list[Arrays]]:
+        """Loss on the chunk and each client's signals ``g_pred`` (n, C), ``g_del`` (n, K)."""
+        preds, dels, present = self._stack(replies, grad=True)
+        mask = None if bool(present.all()) else present
+        out = combine(preds, dels, self.liquid, mask)
+        loss = ensemble_loss(out, self._target(ids), self.liquid)
+        g_pred, g_del = torch.autograd.grad(loss, (preds, dels))
+        signals = [{"g_pred": g_pred[:, k].cpu().numpy(), "g_del": g_del[:, k].cpu().numpy()}
+                   for k in range(len(replies))]
+        return float(loss.detach()), signals
+
+    def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
+                 n_params: Sequence[int]) -> dict[str, float]:
+        """Loss and metrics of the ensemble on ``ids``."""
+        with torch.no_grad():
+            preds, dels, present = self._stack(replies, grad=False)
+            mask = None if bool(present.all()) else present
+            out = combine(preds, dels, self.liquid, mask)
+            target = self._target(ids)
+            metrics = evaluate_output(out, target, self.data.task, n_params)
+            metrics["loss"] = float(ensemble_loss(out, target, self.liquid))
+        return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Transport and the round loop
+# --------------------------------------------------------------------------------------------
+
+
+def payload_bytes(arrays: Arrays, settings: dict[str, Any] | None = None) -> int:
+    """Bytes a message carries: array data plus the text of its settings."""
+    total = sum(int(np.asarray(a).nbytes) for a in arrays.values())
+    if settings:
+        total += sum(len(str(k)) + len(str(v)) for k, v in settings.items())
+    return total
+
+
+class Transport(Protocol):
+    """How the server reaches its K clients (Flower's Grid, or in-process for tests)."""
+
+    def exchange(self, kind: str, arrays: Sequence[Arrays],
+                 settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
+        """Send one message per client (list index = client index); replies in that order."""
+        ...
+
+
+class LocalTransport:
+    """Clients as in-process state dicts; runs the exact client code without Flower."""
+
+    def __init__(self, n_clients: int) -> None:
+        self.states: list[Arrays] = [{} for _ in range(n_clients)]
+        self.settings: list[dict[str, Any]] = [{} for _ in range(n_clients)]
+
+    def exchange(self, kind: str, arrays: Sequence[Arrays],
+                 settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
+        replies = []
+        for k, (a, s) in enumerate(zip(arrays, settings, strict=True)):
+            merged = {**self.settings[k], **s}
+            reply, info, self.states[k] = handle_client_message(kind, a, merged, self.states[k])
+            if kind == "setup":
+                self.settings[k] = {key: merged[key] for key in ("config", "index", "out_dim")}
+            replies.append((reply, info))
+        return replies
+
+
+@dataclass
+class RoundInfo:
+    """What the progress display shows after each round."""
+
+    round: int
+    total_rounds: int
+    epoch: float
+    loss: float
+    elapsed: float
+    metrics: dict[str, float] | None = None
+
+
+class RunWriter:
+    """The run's folder; every file is written whole to a temporary name, then renamed."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        return target
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.write_bytes(name, text.encode())
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self.write_text(name, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+    def write_jsonl(self, name: str, rows: Sequence[dict]) -> Path:
+        text = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows)
+        return self.write_text(name, text)
+
+    def save_torch(self, name: str, obj: Any) -> Path:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return self.write_bytes(name, buf.getvalue())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+@dataclass
+class FederationResult:
+    """What a finished federated run reports."""
+
+    history: list[dict[str, Any]]
+    test: dict[str, float]
+    rounds: int
+    bytes_up: int
+    bytes_down: int
+    wall_seconds: float
+    train_losses: list[float]
+    n_params: list[int]
+
+
+class Federation:
+    """The server's round loop over any :class:`Transport`."""
+
+    def __init__(self, cfg: RunConfig, transport: Transport, writer: RunWriter | None = None,
+                 on_round: Callable[[RoundInfo], None] | None = None) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.writer = writer
+        self.on_round = on_round
+        self.data = load_server_data(cfg)
+        self.step = ServerStep(cfg, self.data)
+        self.k = cfg.n_clients
+        self.cfg_yaml = cfg.to_yaml()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.history: list[dict[str, Any]] = []
+        self.train_losses: list[float] = []
+        self.n_params: list[int] = []
+        self.pending: list[Arrays] | None = None  # signals not yet applied by the clients
+        self.pending_ids: np.ndarray | None = None
+        self.pending_round = 0
+
+    # -- messaging ---------------------------------------------------------------------------
+
+    def _exchange(self, kind: str, arrays: Sequence[Arrays],
+                  settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
+        self.bytes_down += sum(payload_bytes(a, s) for a, s in zip(arrays, settings, strict=True))
+        replies = self.transport.exchange(kind, arrays, settings)
+        self.bytes_up += sum(payload_bytes(r, i) for r, i in replies)
+        return replies
+
+    def _with_pending(self, arrays: list[Arrays], settings: list[dict[str, Any]]) -> None:
+        if self.pending is None:
+            return
+        for k in range(self.k):
+            arrays[k].update({"bwd_ids": self.pending_ids, **self.pending[k]})
+            settings[k]["round"] = self.pending_round
+        self.pending = None
+        self.pending_ids = None
+
+    def _send(self, kind: str, fwd_ids: np.ndarray | None) -> list[Arrays]:
+        arrays: list[Arrays] = [{} if fwd_ids is None else {"fwd_ids": fwd_ids}
+                                for _ in range(self.k)]
+        settings: list[dict[str, Any]] = [{} for _ in range(self.k)]
+        self._with_pending(arrays, settings)
+        return [r for r, _ in self._exchange(kind, arrays, settings)]
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def setup(self, client_states: Sequence[Arrays] | None = None) -> None:
+        """Send every client the config and training ids; check the ids line up."""
+        out_dim = self.data.n_outputs
+        arrays = []
+        for k in range(self.k):
+            a = {"train_ids": self.data.splits.train}
+            if client_states is not None:
+                a.update(client_states[k])
+            arrays.append(a)
+        settings = [{"config": self.cfg_yaml, "index": k, "out_dim": out_dim}
+                    for k in range(self.k)]
+        replies = self._exchange("setup", arrays, settings)
+        self.n_params = [int(info["n_params"]) for _, info in replies]
+        held = {f"client_{k}": r["ids"] for k, (r, _) in enumerate(replies)}
+        labelled = np.concatenate([self.data.splits.train, self.data.splits.val,
+                                   self.data.splits.test])
+        if self.cfg.data.align == "intersect":
+            common = common_ids(held)
+            dropped = labelled.size - np.isin(labelled, common).sum()
+            if dropped:
+                log.warning("align: dropping %d labelled ids not held by every client", dropped)
+            sp = self.data.splits
+            self.data.splits = Splits(*(s[np.isin(s, common)] for s in (sp.train, sp.val,
+                                                                         sp.test)))
+        else:
+            align_ids(labelled, held)
+        log.info("setup: %d clients, %s parameters", self.k, self.n_params)
+
+    def evaluate(self, split: str, round_index: int) -> dict[str, Any]:
+        ids = getattr(self.data.splits, split)
+        replies = self._send("evaluate", ids)
+        metrics = self.step.evaluate(ids, replies, self.n_params)
+        row = {"round": round_index, "split": split, **metrics,
+               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        self.history.append(row)
+        if self.writer is not None:
+            self.writer.write_jsonl("metrics.jsonl", self.history)
+        return row
+
+    def checkpoint(self, round_index: int, elapsed: float) -> list[Arrays]:
+        """Flush pending signals, collect every client's state, write them atomically."""
+        states = self._send("checkpoint", None)
+        if self.writer is not None:
+            for k, s in enumerate(states):
+                self.writer.save_torch(f"checkpoints/client_{k}.pt", s)
+            self.writer.save_torch("checkpoints/server.pt", {
+                "round": round_index, "history": self.history, "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down, "train_losses": self.train_losses,
+                "elapsed": elapsed, "config": self.cfg_yaml,
+            })
+        return states
+
+    def rounds_per_epoch(self) -> int:
+        return math.ceil(self.data.splits.train.size / self.cfg.train.chunk_size)
+
+    def run(self, resume: dict[str, Any] | None = None,
+            client_states: Sequence[Arrays] | None = None,
+            stop_after: int | None = None) -> FederationResult | None:
+        """Train for ``train.epochs`` epochs, evaluating and checkpointing on schedule.
+
+        ``stop_after`` ends the run after that many rounds as an interruption would, leaving a
+        checkpoint there to resume from; it then returns None.
+        """
+        start_round, elapsed0 = 0, 0.0
+        if resume is not None:
+            start_round = int(resume["round"])
+            self.history = list(resume["history"])
+            self.bytes_up, self.bytes_down = resume["bytes_up"], resume["bytes_down"]
+            self.train_losses = list(resume["train_losses"])
+            elapsed0 = float(resume["elapsed"])
+        self.setup(client_states)
+        t0 = time.perf_counter() - elapsed0
+        train_ids = self.data.splits.train
+        per_epoch = self.rounds_per_epoch()
+        total = self.cfg.train.epochs * per_epoch
+        tcfg = self.cfg.train
+        chunks: dict[int, list[np.ndarray]] = {}
+        for r in range(start_round, total):
+            epoch, j = divmod(r, per_epoch)
+            if epoch not in chunks:
+                chunks = {epoch: list(batch_order(train_ids.size, tcfg.chunk_size, epoch,
+                                                  self.cfg.seed))}
+            ids = train_ids[chunks[epoch][j]]
+            replies = self._send("train", ids)
+            loss, signals = self.step.train_step(ids, replies)
+            self.pending, self.pending_ids, self.pending_round = signals, ids, r
+            self.train_losses.append(loss)
+            metrics = None
+            done = r + 1
+            if tcfg.eval_every and done % tcfg.eval_every == 0 and done < total:
+                metrics = self.evaluate("val", done)
+            if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < total:
+                self.checkpoint(done, time.perf_counter() - t0)
+            if self.on_round is not None:
+                self.on_round(RoundInfo(done, total, done / per_epoch, loss,
+                                        time.perf_counter() - t0, metrics))
+            if stop_after is not None and done >= stop_after and done < total:
+                self.checkpoint(done, time.perf_counter() - t0)
+                log.info("stopped after round %d of %d; checkpoint written", done, total)
+                return None
+        self.evaluate("val", total)
+        test = self.evaluate("test", total)
+        wall = time.perf_counter() - t0
+        self.checkpoint(total, wall)
+        return FederationResult(self.history, test, total, self.bytes_up, self.bytes_down,
+                                wall, self.train_losses, self.n_params)
+
+
+def load_checkpoint(run_dir: str | Path, n_clients: int) -> tuple[dict[str, Any], list[Arrays]]:
+    """Server state and every client's state from a run folder's ``checkpoints/``."""
+    ck = Path(run_dir) / "checkpoints"
+    server_file = ck / "server.pt"
+    if not server_file.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {server_file} does not exist")
+    server = torch.load(server_file, weights_only=False)
+    clients = []
+    for k in range(n_clients):
+        f = ck / f"client_{k}.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {ck} lacks client_{k}.pt")
+        clients.append(torch.load(f, weights_only=False))
+    return server, clients

@@ -1,0 +1,145 @@
+"""Flower ServerApp: holds the labels, solves the delegation graph, drives the rounds.
+
+A thin adapter: :class:`GridTransport` turns the protocol's exchanges into Flower messages, and
+:func:`liquid_fed.runs.run_federated` does the rest. ``liquid-fed run`` builds the app with
+:func:`make_server_app` around a resolved config; ``flwr run .`` (simulation or deployment)
+uses the module-level ``app``, which reads the config from the run config: ``config`` (a YAML
+path) plus optional dotted overrides, e.g. ``--run-config 'config="configs/quickstart.yaml"
+train.epochs=2'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from liquid_fed.codec import MESSAGE_TYPES, decode, encode
+from liquid_fed.config import RunConfig, load_config
+from liquid_fed.protocol import RoundInfo
+from liquid_fed.runs import prepare_folder, run_federated
+
+log = logging.getLogger(__name__)
+
+
+class ClientFailure(RuntimeError):
+    """A client replied with an error, or did not reply in time."""
+
+
+class GridTransport:
+    """The protocol's exchanges over a Flower Grid; client index = node's partition-id."""
+
+    def __init__(self, grid: Grid, n_clients: int, timeout: float, threads: int = 1,
+                 wait: float = 120.0) -> None:
+        self.grid = grid
+        self.timeout = timeout
+        self.threads = threads
+        self.round = 0
+        deadline = time.monotonic() + wait
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < n_clients and time.monotonic() < deadline:
+            time.sleep(0.5)
+            nodes = sorted(grid.get_node_ids())
+        if len(nodes) < n_clients:
+            raise ClientFailure(
+                f"{len(nodes)} nodes connected within {wait:.0f} s but the config needs "
+                f"{n_clients} (views.n_views)"
+            )
+        self.nodes = self._assign(nodes[: max(n_clients, 0)] if len(nodes) == n_clients
+                                  else nodes, n_clients)
+
+    def _assign(self, nodes: list[int], n_clients: int) -> list[int]:
+        """Map client index -> node id by each node's ``partition-id`` (node order otherwise)."""
+        replies = self._send_raw("hello", nodes, [{} for _ in nodes], [{} for _ in nodes])
+        by_partition: dict[int, int] = {}
+        for node, (_, info) in zip(nodes, replies, strict=True):
+            part = info.get("partition_id")
+            if isinstance(part, int) and 0 <= part < n_clients and part not in by_partition:
+                by_partition[part] = node
+        if len(by_partition) == n_clients:
+            return [by_partition[k] for k in range(n_clients)]
+        if len(nodes) != n_clients:
+            raise ClientFailure(
+                f"{len(nodes)} nodes are connected for {n_clients} clients and their "
+                "partition-id values do not name each client once"
+            )
+        return nodes
+
+    def _send_raw(self, kind: str, nodes: Sequence[int], arrays: Sequence[dict],
+                  settings: Sequence[dict]) -> list[tuple[dict, dict]]:
+        self.round += 1
+        msgs = [Message(encode(a, s), dst_node_id=node, message_type=MESSAGE_TYPES[kind],
+                        group_id=str(self.round))
+                for node, a, s in zip(nodes, arrays, settings, strict=True)]
+        replies = {r.metadata.src_node_id: r
+                   for r in self.grid.send_and_receive(msgs, timeout=self.timeout)}
+        out = []
+        for k, node in enumerate(nodes):
+            reply = replies.get(node)
+            if reply is None:
+                raise ClientFailure(
+                    f'client {k} (node {node}) sent no reply to "{kind}" within '
+                    f"{self.timeout:.0f} s (simulation.timeout)"
+                )
+            if reply.has_error():
+                raise ClientFailure(
+                    f'client {k} (node {node}) failed on "{kind}": {reply.error.reason}'
+                )
+            out.append(decode(reply.content))
+        return out
+
+    def exchange(self, kind: str, arrays: Sequence[dict],
+                 settings: Sequence[dict]) -> list[tuple[dict, dict]]:
+        if kind == "setup":
+            settings = [{**s, "threads": self.threads} for s in settings]
+        return self._send_raw(kind, self.nodes, arrays, settings)
+
+
+def serve(grid: Grid, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
+          stop_after: int | None = None, on_round: Callable[[RoundInfo], None] | None = None,
+          extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Run the whole federation on ``grid``."""
+    if hasattr(grid, "pull_interval"):  # the simulation Grid polls replies every 0.1 s
+        grid.pull_interval = cfg.simulation.pull_interval
+    transport = GridTransport(grid, cfg.n_clients, cfg.simulation.timeout,
+                              cfg.simulation.threads_per_client)
+    return run_federated(cfg, transport, run_dir, resume, stop_after, on_round, extra)
+
+
+def make_server_app(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
+                    stop_after: int | None = None,
+                    on_round: Callable[[RoundInfo], None] | None = None,
+                    extra: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp bound to a resolved config (what ``liquid-fed run`` launches)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, cfg, run_dir, resume, stop_after, on_round, extra)
+
+    return app
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """``config`` (a YAML path) plus dotted overrides from Flower's run config."""
+    path = run_config.get("config")
+    overrides = [f"{k}={v}" for k, v in run_config.items() if k not in ("config", "resume")]
+    return load_config(str(path) if path else None, overrides)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``."""
+    cfg = config_from_run_config(dict(context.run_config))
+    resume = bool(context.run_config.get("resume", False))
+    run_dir = Path(cfg.out) / cfg.name
+    prepare_folder(cfg, run_dir, resume=resume, force=False)
+    serve(grid, cfg, run_dir, resume)

@@ -1,0 +1,129 @@
+"""Process-tree helpers for launchers: run a child in its own session, measure, clean up.
+
+Linux ``/proc`` only; no third-party dependency.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of a process."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[1]), int(fields[3])
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def tree(root: int, marker: str | None = None) -> set[int]:
+    """``root``, its descendants, its session, and processes whose command line has ``marker``."""
+    parents: dict[int, int] = {}
+    found = {root}
+    for pid in _pids():
+        st = _stat(pid)
+        if st is None:
+            continue
+        parents[pid] = st[0]
+        if st[1] == root:
+            found.add(pid)
+        elif marker and marker in _read(f"/proc/{pid}/cmdline").replace("\0", " "):
+            found.add(pid)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                changed = True
+    found.discard(os.getpid())
+    return {p for p in found if _stat(p) is not None}
+
+
+def pss_bytes(pids: set[int]) -> int:
+    """Proportional set size of the processes (shared pages split fairly), in bytes."""
+    total = 0
+    for pid in pids:
+        for line in _read(f"/proc/{pid}/smaps_rollup").splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+class PeakMemory(threading.Thread):
+    """Samples the PSS of a process tree until stopped; ``peak`` is the largest sum seen."""
+
+    def __init__(self, root: int, marker: str | None = None, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.root, self.marker, self.interval = root, marker, interval
+        self.peak = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, pss_bytes(tree(self.root, self.marker)))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(timeout=5)
+        return self.peak
+
+
+def start_session(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start ``cmd`` as the leader of a new session (its own process group)."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 10.0) -> int:
+    """Stop ``proc``'s whole tree: SIGINT, then SIGTERM, then SIGKILL; returns how many remained
+    after SIGINT (0 when the child had already cleaned up after itself)."""
+    members = tree(proc.pid, marker)
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        members = tree(proc.pid, marker) | {p for p in members if _stat(p) is not None}
+        if not members:
+            break
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is None:
+                time.sleep(0.05)
+                continue
+            if not {p for p in members if _stat(p) is not None and _alive(p)}:
+                break
+            time.sleep(0.05)
+    proc.poll()
+    return len(members)
+
+
+def _alive(pid: int) -> bool:
+    """False for zombies (exited, not yet reaped) and vanished processes."""
+    text = _read(f"/proc/{pid}/stat")
+    return bool(text) and text[text.rfind(")") + 2] != "Z"
+
+
+def leftovers(root: int, marker: str) -> set[int]:
+    """Live processes still tied to a finished run (its session or its marker)."""
+    return {p for p in tree(root, marker) if _alive(p)}
