@@ -142,6 +142,7 @@ class ServerData:
     task: str
     n_outputs: int
     splits: Splits
+    informative: np.ndarray | None = None  # ground truth of synthetic tasks, for evaluation
     _pos: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -150,12 +151,21 @@ class ServerData:
     def labels_of(self, ids: np.ndarray) -> np.ndarray:
         return self.labels[[self._pos[int(i)] for i in ids]]
 
+    def informative_of(self, ids: np.ndarray) -> np.ndarray | None:
+        if self.informative is None:
+            return None
+        return self.informative[[self._pos[int(i)] for i in ids]]
+
 
 def load_server_data(cfg: RunConfig) -> ServerData:
     """Labels and splits (stratified by label for classification) from the config."""
     ds = load_data(cfg)
     splits = split_ids(ds, cfg.data.val, cfg.data.test, cfg.seed)
-    return ServerData(ds.ids.copy(), ds.labels.copy(), ds.task, ds.n_outputs, splits)
+    informative = None
+    if ds.informative_view is not None and cfg.views.kind == "groups" and not cfg.views.options:
+        informative = ds.informative_view.copy()  # view k is group k
+    return ServerData(ds.ids.copy(), ds.labels.copy(), ds.task, ds.n_outputs, splits,
+                      informative)
 
 
 def build_client_expert(cfg: RunConfig, index: int, in_shape: Sequence[int],
@@ -390,7 +400,9 @@ class ServerStep:
         mask = None if bool(present.all()) else present
         out = combine(preds, dels, self.liquid, mask)
         loss = ensemble_loss(out, self._target(ids), self.liquid)
-        g_pred, g_del = torch.autograd.grad(loss, (preds, dels))
+        g_pred, g_del = torch.autograd.grad(loss, (preds, dels), allow_unused=True)
+        if g_del is None:  # the uniform vote ignores delegations: nothing to learn there
+            g_del = torch.zeros_like(dels)
         signals = [{"g_pred": g_pred[:, k].cpu().numpy(), "g_del": g_del[:, k].cpu().numpy()}
                    for k in range(len(replies))]
         return float(loss.detach()), signals
@@ -405,6 +417,10 @@ class ServerStep:
             target = self._target(ids)
             metrics = evaluate_output(out, target, self.data.task, n_params)
             metrics["loss"] = float(ensemble_loss(out, target, self.liquid))
+            truth = self.data.informative_of(ids)
+            if truth is not None:
+                top = out.power.argmax(-1).cpu().numpy()
+                metrics["informative_top_power"] = float(np.mean(top == truth))
         return metrics
 
 
