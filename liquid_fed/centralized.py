@@ -25,6 +25,7 @@ from liquid_fed.protocol import (
     ClientView,
     ServerData,
     build_client_expert,
+    drop_unseen,
     liquid_config,
     load_client_view,
     load_server_data,
@@ -51,6 +52,7 @@ def central_data(cfg: RunConfig) -> CentralData:
     """Load labels and all K views, aligned by the server's split ids."""
     server = load_server_data(cfg)
     views = [load_client_view(cfg, k, server.splits.train) for k in range(cfg.n_clients)]
+    server.splits = drop_unseen(server.splits, [v.ids[~v.present] for v in views])
     dtype = DTYPES[cfg.train.dtype]
     inputs, targets, present = {}, {}, {}
     for split in SPLITS:

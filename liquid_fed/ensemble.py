@@ -50,6 +50,7 @@ class EnsembleOutput(NamedTuple):
     delegation: Tensor  # (B, K, K) rows = from-expert
     predictions: Tensor  # (B, K, C) each expert's raw output (logits for classification)
     aux_loss: Tensor  # () weighted auxiliary losses (0 when their weights are 0)
+    present: Tensor | None = None  # (B, K) bool, where some experts lack some samples
 
 
 @dataclass
@@ -174,7 +175,7 @@ def combine(
         aux = aux + config.load_weight * load_distribution_loss(power, config.load_temperature)
     if config.specialization_weight:
         aux = aux + config.specialization_weight * specialization_loss(power)
-    return EnsembleOutput(output, power, delegation, predictions, aux)
+    return EnsembleOutput(output, power, delegation, predictions, aux, present)
 
 
 def task_loss(output: Tensor, target: Tensor, task: str) -> Tensor:
@@ -184,20 +185,32 @@ def task_loss(output: Tensor, target: Tensor, task: str) -> Tensor:
     return F.mse_loss(output, target.reshape(output.shape).to(output.dtype))
 
 
-def expert_loss(predictions: Tensor, target: Tensor, task: str) -> Tensor:
-    """Mean over experts of each expert's own loss against the label."""
+def expert_loss(predictions: Tensor, target: Tensor, task: str,
+                present: Tensor | None = None) -> Tensor:
+    """Mean over (sample, expert) pairs of each expert's own loss against the label.
+
+    With ``present`` (B, K), only the pairs where the expert holds the sample count: an
+    expert is never trained on a sample it does not have.
+    """
     b, k, c = predictions.shape
     if task == "classification":
-        return F.cross_entropy(predictions.reshape(b * k, c), target.repeat_interleave(k))
-    target = target.reshape(b, 1, c).to(predictions.dtype)
-    return F.mse_loss(predictions, target.expand(b, k, c))
+        each = F.cross_entropy(predictions.reshape(b * k, c), target.repeat_interleave(k),
+                               reduction="none").reshape(b, k)
+    else:
+        diff = predictions - target.reshape(b, 1, c).to(predictions.dtype)
+        each = (diff * diff).mean(-1)  # (B, K)
+    if present is None:
+        return each.mean()
+    weight = present.to(each.dtype)
+    return (each * weight).sum() / weight.sum().clamp_min(1)
 
 
 def ensemble_loss(out: EnsembleOutput, target: Tensor, config: LiquidConfig) -> Tensor:
     """Total training loss: task loss + auxiliary losses + weighted per-expert loss."""
     loss = task_loss(out.output, target, config.task) + out.aux_loss
     if config.expert_loss_weight:
-        loss = loss + config.expert_loss_weight * expert_loss(out.predictions, target, config.task)
+        loss = loss + config.expert_loss_weight * expert_loss(out.predictions, target,
+                                                              config.task, out.present)
     return loss
 
 

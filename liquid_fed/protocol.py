@@ -168,6 +168,18 @@ def load_server_data(cfg: RunConfig) -> ServerData:
                       informative)
 
 
+def drop_unseen(splits: Splits, absent: Sequence[np.ndarray]) -> Splits:
+    """Remove ids that no client holds (every view misses them): nobody can predict them."""
+    unseen = absent[0]
+    for a in absent[1:]:
+        unseen = np.intersect1d(unseen, a)
+    if unseen.size == 0:
+        return splits
+    log.warning("%d sample ids are missing from every view and are left out: %s",
+                unseen.size, unseen[:5].tolist())
+    return Splits(*(s[~np.isin(s, unseen)] for s in (splits.train, splits.val, splits.test)))
+
+
 def build_client_expert(cfg: RunConfig, index: int, in_shape: Sequence[int],
                         out_dim: int) -> Expert:
     """Client ``index``'s expert, initialised from (seed, index) so every path builds the same."""
@@ -610,6 +622,7 @@ class Federation:
                                                                          sp.test)))
         else:
             align_ids(labelled, held)
+        self.data.splits = drop_unseen(self.data.splits, [r["absent"] for r, _ in replies])
         log.info("setup: %d clients, %s parameters", self.k, self.n_params)
 
     def evaluate(self, split: str, round_index: int) -> dict[str, Any]:

@@ -65,6 +65,7 @@ def predict(ensemble: LiquidEnsemble, inputs: Sequence[Tensor], batch_size: int 
         *(torch.cat([getattr(p, f) for p in parts]) for f in ("output", "power", "delegation",
                                                               "predictions")),
         aux_loss=torch.stack([p.aux_loss for p in parts]).mean(),
+        present=None if present is None else torch.cat([p.present for p in parts]),
     )
 
 

@@ -1,0 +1,100 @@
+"""The typed config tree: defaults, YAML and --set overrides, errors at the door."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from liquid_fed.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    config_from_yaml_text,
+    load_config,
+    parse_override,
+)
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_round_trip_through_yaml() -> None:
+    cfg = build_config()
+    assert isinstance(cfg, RunConfig)
+    again = config_from_yaml_text(cfg.to_yaml())
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load_and_round_trip(path: Path) -> None:
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.name == raw["name"]
+    assert config_from_yaml_text(cfg.to_yaml()) == cfg
+
+
+def test_overrides_set_nested_values_with_yaml_types() -> None:
+    cfg = build_config({}, ["train.epochs=7", "ensemble.solver=sink_many", "optim.lr=0.5",
+                            "views.options={grid: [2, 2]}", "baselines.uniform=false"])
+    assert cfg.train.epochs == 7 and isinstance(cfg.train.epochs, int)
+    assert cfg.ensemble.solver == "sink_many"
+    assert cfg.optim.lr == 0.5
+    assert cfg.views.options == {"grid": [2, 2]}
+    assert cfg.baselines.uniform is False
+
+
+def test_integral_float_is_accepted_for_int_and_int_for_float() -> None:
+    cfg = build_config({"train": {"epochs": 3.0}, "optim": {"lr": 1}})
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "expected"),
+    [
+        ({"trian": {}}, [], 'unknown config key "trian"'),
+        ({"train": {"epoch": 3}}, [], 'unknown config key "train.epoch"'),
+        ({}, ["train.epochs=-1"], "train.epochs: got -1"),
+        ({}, ["train.epochs=abc"], "train.epochs: got 'abc'; expected an integer"),
+        ({}, ["train.epochs=2.5"], "train.epochs: got 2.5; expected an integer"),
+        ({}, ["ensemble.solver=sink_two"], 'ensemble.solver: got "sink_two"; accepted: '),
+        ({}, ["ensemble.epsilon=0"], "ensemble.epsilon: got 0.0; must lie in (0, 1)"),
+        ({}, ["ensemble.penalty=1"], "ensemble.penalty: got 1.0; must lie in [0, 1)"),
+        ({}, ["optim.name=rmsprop"], 'optim.name: got "rmsprop"; accepted: sgd, adam, adamw'),
+        ({}, ["train.batch_size=512"], "train.batch_size: got 512; must be <= train.chunk_size"),
+        ({}, ["data.val=0.5", "data.test=0.5"], "data.val + data.test"),
+        ({}, ["baselines.uniform=maybe"], "baselines.uniform: got 'maybe'; expected true or false"),
+        ({}, ["server.device=tpu"], 'server.device: got "tpu"; accepted: auto, cpu'),
+        ({"experts": {"per_client": [{"kind": "mlp"}]}}, [],
+         "experts.per_client: got 1 entries; needs one per client (views.n_views = 4)"),
+        ({"experts": {"per_client": [{"kind": "mlp", "opts": {}}] * 4}}, [],
+         'unknown config key "experts.per_client[0].opts"'),
+        ({"train": 3}, [], "train: got 3; expected a mapping"),
+    ],
+)
+def test_bad_keys_and_values_name_the_dotted_key(data, overrides, expected) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(data, overrides)
+    assert expected in str(err.value)
+
+
+def test_parse_override_rejects_malformed_text() -> None:
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        parse_override("train.epochs")
+    with pytest.raises(ConfigError, match="empty key part"):
+        parse_override("train..epochs=3")
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
+        load_config(listy)

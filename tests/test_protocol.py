@@ -1,0 +1,180 @@
+"""The federated protocol without Flower: the exact client code, driven in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from liquid_fed import protocol
+from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
+from liquid_fed.config import build_config
+from liquid_fed.protocol import (
+    Federation,
+    LocalTransport,
+    RunWriter,
+    handle_client_message,
+    payload_bytes,
+)
+from liquid_fed.runs import RunFolderError, prepare_folder
+
+EXACT = {
+    "train": {"epochs": 1, "chunk_size": 48, "batch_size": 48, "dtype": "float64",
+              "eval_every": 0},
+    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 0.0, "momentum": 0.9},
+    "experts": {"kind": "mlp", "options": {"hidden": [16]}},
+    "baselines": {"uniform": False, "independent": False},
+}
+
+
+def _centralized_steps(cfg):
+    data = central_data(cfg)
+    ensemble = build_ensemble(cfg, data)
+    losses: list[float] = []
+    result = train_ensemble(cfg, data, ensemble, on_step=lambda _, loss: losses.append(loss))
+    return ensemble, losses, result
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["ensemble.solver=sink_many", "ensemble.load_weight=0.3",
+     "ensemble.specialization_weight=0.2", "ensemble.expert_loss_weight=0.7"],
+    ["views.missing=0.2", "optim.name=adam", "optim.lr=0.01"],
+], ids=["sink_one", "sink_many+aux", "missing+adam"])
+def test_exact_split_learning_matches_centralized(extra: list[str]) -> None:
+    cfg = build_config(EXACT, extra)
+    fed = Federation(cfg, LocalTransport(cfg.n_clients))
+    result = fed.run()
+    ensemble, losses, central = _centralized_steps(cfg)
+    assert len(losses) == len(result.train_losses) == result.rounds > 10
+    np.testing.assert_allclose(result.train_losses, losses, rtol=0, atol=1e-9)
+    for k, expert in enumerate(ensemble.experts):
+        state = fed.transport.states[k]
+        for name, value in expert.state_dict().items():
+            np.testing.assert_allclose(state[f"model/{name}"], value.numpy(), atol=1e-9)
+    assert result.test["accuracy"] == pytest.approx(central["test"]["accuracy"], abs=1e-12)
+    assert result.test["loss"] == pytest.approx(central["test"]["loss"], abs=1e-9)
+
+
+class _FreshProcessTransport(LocalTransport):
+    """Forgets every live client object before each message, as a deployment process would."""
+
+    def exchange(self, kind, arrays, settings):
+        protocol._LIVE.clear()
+        return super().exchange(kind, arrays, settings)
+
+
+def test_clients_restore_from_persisted_state_alone() -> None:
+    cfg = build_config(EXACT, ["optim.name=adamw", "optim.lr=0.01", "train.chunk_size=96",
+                               "train.batch_size=32", "train.local_steps=2"])
+    cached = Federation(cfg, LocalTransport(cfg.n_clients)).run()
+    fresh = Federation(cfg, _FreshProcessTransport(cfg.n_clients)).run()
+    np.testing.assert_array_equal(cached.train_losses, fresh.train_losses)
+    assert cached.test == fresh.test
+
+
+def test_chunks_with_local_steps_learn() -> None:
+    cfg = build_config({"train": {"epochs": 8, "chunk_size": 256, "batch_size": 32,
+                                  "local_steps": 2, "eval_every": 0},
+                        "baselines": {"uniform": False, "independent": False}})
+    result = Federation(cfg, LocalTransport(cfg.n_clients)).run()
+    assert result.rounds == 8 * 5  # ~1080 training ids / 256 per chunk -> 5 rounds per epoch
+    assert np.mean(result.train_losses[-5:]) < 0.5 * np.mean(result.train_losses[:5])
+    assert result.test["accuracy"] > 0.8
+
+
+def test_bytes_are_counted_per_message() -> None:
+    cfg = build_config(EXACT, ["train.chunk_size=540", "train.batch_size=540"])
+    fed = Federation(cfg, LocalTransport(cfg.n_clients))
+    result = fed.run()
+    assert result.rounds == -(-fed.data.splits.train.size // 540)
+    # Each training reply carries float64 predictions (n, 10), delegations (n, 4), presence (n,).
+    per_sample = 10 * 8 + 4 * 8 + 1
+    n_train = fed.data.splits.train.size
+    assert result.bytes_up > cfg.n_clients * n_train * per_sample
+    assert payload_bytes({"a": np.zeros(3)}, {"k": "vv"}) == 24 + 3
+
+
+def test_client_messages_are_checked() -> None:
+    with pytest.raises(ValueError, match='received "train" before "setup"'):
+        handle_client_message("train", {}, {}, {})
+    cfg = build_config(EXACT)
+    settings = {"config": cfg.to_yaml(), "index": 0, "out_dim": 10}
+    reply, info, state = handle_client_message(
+        "setup", {"train_ids": np.arange(10)}, settings, {})
+    assert info["n_params"] > 0 and reply["ids"].size == 1797 and reply["absent"].size == 0
+    with pytest.raises(ValueError, match='unknown client message kind "explode"'):
+        handle_client_message("explode", {}, settings, state)
+    with pytest.raises(ValueError, match="client does not hold sample id 99999"):
+        handle_client_message("train", {"fwd_ids": np.array([99999])}, settings, state)
+
+
+class _DroppingTransport(LocalTransport):
+    """Client 2 claims not to hold the first five ids."""
+
+    def exchange(self, kind, arrays, settings):
+        replies = super().exchange(kind, arrays, settings)
+        if kind == "setup":
+            reply, info = replies[2]
+            replies[2] = ({**reply, "ids": reply["ids"][5:]}, info)
+        return replies
+
+
+def test_id_mismatch_is_a_clear_error_or_intersected() -> None:
+    cfg = build_config(EXACT)
+    with pytest.raises(ValueError, match=r"5 of 1797 requested ids .* 5 missing at 'client_2'"):
+        Federation(cfg, _DroppingTransport(cfg.n_clients)).setup()
+    cfg = build_config(EXACT, ["data.align=intersect"])
+    fed = Federation(cfg, _DroppingTransport(cfg.n_clients))
+    fed.setup()
+    sp = fed.data.splits
+    assert sp.train.size + sp.val.size + sp.test.size == 1797 - 5
+    assert not np.isin(np.arange(5), np.concatenate([sp.train, sp.val, sp.test])).any()
+
+
+def test_run_writer_replaces_files_whole(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path)
+    writer.write_json("summary.json", {"a": 1})
+    writer.write_json("summary.json", {"a": 2, "nan": float("nan")})
+    assert json.loads((tmp_path / "summary.json").read_text())["a"] == 2
+    writer.save_torch("checkpoints/x.pt", {"t": torch.ones(2)})
+    assert torch.load(tmp_path / "checkpoints" / "x.pt")["t"].sum() == 2
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_run_folder_is_never_silently_overwritten(tmp_path: Path) -> None:
+    cfg = build_config(EXACT)
+    run = tmp_path / "run"
+    prepare_folder(cfg, run, resume=False, force=False)
+    (run / "summary.json").write_text('{"keep": true}')
+    with pytest.raises(RunFolderError, match="already holds results; pass --resume"):
+        prepare_folder(cfg, run, resume=False, force=False)
+    assert json.loads((run / "summary.json").read_text()) == {"keep": True}
+    other = build_config(EXACT, ["seed=5"])
+    with pytest.raises(RunFolderError, match="config differs"):
+        prepare_folder(other, run, resume=True, force=False)
+    with pytest.raises(RunFolderError, match="cannot resume"):
+        prepare_folder(cfg, tmp_path / "empty", resume=True, force=False)
+    prepare_folder(cfg, run, resume=True, force=False)  # same config: fine
+
+
+def test_stop_and_resume_in_process_gives_the_same_result(tmp_path: Path) -> None:
+    cfg = build_config(EXACT, ["train.epochs=2", "train.chunk_size=128", "train.batch_size=32",
+                               "optim.name=adam", "optim.lr=0.01"])
+    whole = Federation(cfg, LocalTransport(cfg.n_clients)).run()
+    writer = RunWriter(tmp_path)
+    stopped = Federation(cfg, LocalTransport(cfg.n_clients), writer).run(stop_after=7)
+    assert stopped is None
+    server, clients = protocol.load_checkpoint(tmp_path, cfg.n_clients)
+    assert server["round"] == 7
+    resumed = Federation(cfg, LocalTransport(cfg.n_clients), writer).run(server, clients)
+    np.testing.assert_array_equal(resumed.train_losses, whole.train_losses)
+    traffic = ("bytes_up", "bytes_down")
+    assert ({k: v for k, v in resumed.test.items() if k not in traffic}
+            == {k: v for k, v in whole.test.items() if k not in traffic})
+    # The interruption cost an extra checkpoint and setup exchange, and the count says so.
+    assert resumed.bytes_up > whole.bytes_up and resumed.bytes_down > whole.bytes_down
