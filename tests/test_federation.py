@@ -1,0 +1,191 @@
+"""End-to-end federation: the real ``liquid-fed`` CLI, Flower's simulation engine, real Ray.
+
+Each test starts Ray through the CLI in a child process. They share one xdist group so that
+no two Ray clusters compete for the 2 cores and the leftover-process checks see only their
+own run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
+from liquid_fed.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
+
+OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "views.json",
+           "checkpoints/server.pt")
+
+
+def ray_processes() -> list[str]:
+    """Command lines of live processes that belong to a liquid-fed Ray run."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and ("lfray-" in cmd or "raylet" in cmd or "gcs_server" in cmd
+                             or "_simulate" in cmd):
+            found.append(f"{pid}: {cmd[:120]}")
+    return found
+
+
+def liquid_fed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "simulations.cli", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert ray_processes() == [], "processes outlived `liquid-fed run`"
+    return proc
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_federated_run_reproduces_centralized_training_exactly(tmp_path: Path) -> None:
+    sets = ["train.epochs=1", "train.chunk_size=64", "train.batch_size=64",
+            "train.local_steps=1", "train.dtype=float64", "train.eval_every=0",
+            "optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=0", "optim.momentum=0",
+            "baselines.uniform=false", "baselines.independent=false",
+            "experts.options={hidden: [32]}"]
+    run = tmp_path / "exact"
+    args = [a for s in sets for a in ("--set", s)]
+    ok(liquid_fed("run", str(QUICKSTART), *args, "--out", str(run), "--quiet"))
+
+    cfg = load_config(QUICKSTART, sets)
+    data = central_data(cfg)
+    ensemble = build_ensemble(cfg, data)
+    losses: list[float] = []
+    central = train_ensemble(cfg, data, ensemble, on_step=lambda _, loss: losses.append(loss))
+
+    server = torch.load(run / "checkpoints" / "server.pt", weights_only=False)
+    assert len(server["train_losses"]) == len(losses) > 15
+    np.testing.assert_allclose(server["train_losses"], losses, rtol=0, atol=1e-6)
+    for k, expert in enumerate(ensemble.experts):
+        state = torch.load(run / "checkpoints" / f"client_{k}.pt", weights_only=False)
+        for name, value in expert.state_dict().items():
+            np.testing.assert_allclose(state[f"model/{name}"], value.numpy(), rtol=0, atol=1e-6)
+    assert summary(run)["test"]["accuracy"] == pytest.approx(central["test"]["accuracy"])
+
+
+def test_quickstart_end_to_end_then_interrupted_and_resumed(tmp_path: Path) -> None:
+    short = ["--set", "train.epochs=4", "--set", "train.eval_every=10"]
+    whole = tmp_path / "whole"
+    proc = ok(liquid_fed("run", str(QUICKSTART), *short, "--out", str(whole)))
+    for name in OUTPUTS + tuple(f"checkpoints/client_{k}.pt" for k in range(4)):
+        assert (whole / name).is_file(), name
+    result = summary(whole)
+    assert result["rounds"] == 20 and result["epochs"] == 4
+    assert 0.0 < result["test"]["accuracy"] <= 1.0
+    assert result["bytes_up"] > 0 and result["bytes_down"] > 0
+    assert result["peak_memory_bytes"] > 100 * 2**20
+    assert result["engine"]["startup_seconds"] > 0
+    refs = result["references"]
+    assert len(refs["centralized_single"]) == 4
+    assert {"centralized_uniform", "centralized_averaged"} <= set(refs)
+    assert "liquid ensemble (federated)" in proc.stdout
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["split"]) for r in rows] == [(10, "val"), (20, "val"), (20, "test")]
+    for key in ("loss", "accuracy", "tau_max_prob", "tau_delegation", "power_entropy",
+                "speaker_entropy", "bytes_up", "bytes_down"):
+        assert key in rows[-1], key
+    views = json.loads((whole / "views.json").read_text())
+    assert len(views["plan"]["columns"]) == 4 and len(views["summary"]) == 5
+
+    # Interrupted after 7 of 20 rounds (baselines off: they do not touch the federation).
+    part = tmp_path / "part"
+    common = [*short, "--set", "baselines.uniform=false", "--set", "baselines.independent=false",
+              "--out", str(part), "--quiet"]
+    stopped = ok(liquid_fed("run", str(QUICKSTART), *common, "--stop-after", "7"))
+    assert "stopped after round 7" in stopped.stdout
+    assert not (part / "summary.json").exists()
+    again = liquid_fed("run", str(QUICKSTART), *common)
+    assert again.returncode == 2 and "already holds results; pass --resume" in again.stderr
+    ok(liquid_fed("run", str(QUICKSTART), *common, "--resume"))
+    resumed = summary(part)["test"]
+    for key, value in result["test"].items():
+        if not key.startswith("bytes"):
+            assert resumed[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+
+
+def test_sixteen_clients_complete_on_two_cores(tmp_path: Path) -> None:
+    run = tmp_path / "sixteen"
+    sets = ["data.name=synthetic_regions",
+            "data.options={n_samples: 1200, n_regions: 16, n_groups: 16, features_per_group: 2}",
+            "views.kind=groups", "views.n_views=16", "views.options={}",
+            "experts.options={hidden: [16]}", "train.epochs=2", "train.chunk_size=512",
+            "train.eval_every=0", "baselines.uniform=false", "baselines.independent=false"]
+    ok(liquid_fed("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+                  "--out", str(run), "--quiet"))
+    result = summary(run)
+    assert len(result["n_params"]) == 16
+    assert result["rounds"] == 2 * 2
+    assert np.isfinite(result["test"]["loss"])
+    assert len([k for k in result["test"] if k.startswith("mean_power_")]) == 16
+
+
+def test_heterogeneous_experts_in_one_federation(tmp_path: Path) -> None:
+    run = tmp_path / "hetero"
+    per_client = ("[{kind: mlp, options: {hidden: [32]}},"
+                  " {kind: cnn, options: {channels: [8]}},"
+                  " {kind: mlp, options: {hidden: [64, 32]}},"
+                  " {kind: cnn, options: {channels: [4, 8]}}]")
+    sets = [f"experts.per_client={per_client}", "train.epochs=3", "train.eval_every=0",
+            "baselines.uniform=false", "baselines.independent=false"]
+    ok(liquid_fed("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+                  "--out", str(run), "--quiet"))
+    result = summary(run)
+    assert len(set(result["n_params"])) == 4  # four different architectures
+    assert result["test"]["accuracy"] > 0.5
+
+
+def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "interrupt"
+    cmd = [sys.executable, "-m", "simulations.cli", "run", str(QUICKSTART), "--out", str(run),
+           "--quiet", "--set", "train.checkpoint_every=5", "--set", "train.epochs=200"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 180
+    while not (run / "checkpoints" / "server.pt").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    assert (run / "checkpoints" / "server.pt").exists()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "continue with --resume" in err
+    assert ray_processes() == []
+    server = torch.load(run / "checkpoints" / "server.pt", weights_only=False)
+    assert server["round"] % 5 == 0 and server["round"] > 0
+    assert not list(run.rglob("*.tmp-*"))
+
+
+def test_bad_config_fails_before_anything_starts(tmp_path: Path) -> None:
+    run = tmp_path / "bad"
+    proc = liquid_fed("run", str(QUICKSTART), "--set", "views.options={grid: [3, 3]}",
+                      "--out", str(run))
+    assert proc.returncode == 2
+    assert "views" in proc.stderr and "9 patches but n_views=4" in proc.stderr
+    assert not run.exists()
+    proc = liquid_fed("run", str(QUICKSTART), "--set", "experts.options={hidden: [8], depth: 3}")
+    assert proc.returncode == 2
+    assert "experts: expert \"mlp\" has no option 'depth'" in proc.stderr
