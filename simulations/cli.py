@@ -213,7 +213,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = config_from_yaml_text(os.environ[CONFIG_ENV])
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower has its own console handler (FLWR_LOG_LEVEL); don't echo its records twice.
+    logging.getLogger("flwr").propagate = False
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
