@@ -54,7 +54,7 @@ from liquid_fed.data import (
 from liquid_fed.data.views import ViewPlan
 from liquid_fed.ensemble import LiquidConfig, combine, ensemble_loss
 from liquid_fed.experts import Expert, build_expert
-from liquid_fed.metrics import evaluate_output
+from liquid_fed.metrics import evaluate_output, per_sample_error
 from liquid_fed.train import batch_order, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class ServerData:
     n_outputs: int
     splits: Splits
     informative: np.ndarray | None = None  # ground truth of synthetic tasks, for evaluation
+    regions: np.ndarray | None = None
     _pos: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +157,11 @@ class ServerData:
             return None
         return self.informative[[self._pos[int(i)] for i in ids]]
 
+    def regions_of(self, ids: np.ndarray) -> np.ndarray | None:
+        if self.regions is None:
+            return None
+        return self.regions[[self._pos[int(i)] for i in ids]]
+
 
 def load_server_data(cfg: RunConfig) -> ServerData:
     """Labels and splits (stratified by label for classification) from the config."""
@@ -164,8 +170,9 @@ def load_server_data(cfg: RunConfig) -> ServerData:
     informative = None
     if ds.informative_view is not None and cfg.views.kind == "groups" and not cfg.views.options:
         informative = ds.informative_view.copy()  # view k is group k
+    regions = None if ds.regions is None else ds.regions.copy()
     return ServerData(ds.ids.copy(), ds.labels.copy(), ds.task, ds.n_outputs, splits,
-                      informative)
+                      informative, regions)
 
 
 def drop_unseen(splits: Splits, absent: Sequence[np.ndarray]) -> Splits:
@@ -420,8 +427,10 @@ class ServerStep:
         return float(loss.detach()), signals
 
     def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
-                 n_params: Sequence[int]) -> dict[str, float]:
-        """Loss and metrics of the ensemble on ``ids``."""
+                 n_params: Sequence[int]) -> tuple[dict[str, float], Arrays]:
+        """Loss and metrics of the ensemble on ``ids``, and the per-sample outputs behind them
+        (ids, power (n, K), delegation (n, K, K), error (n,), labels, and the ground truth
+        ``informative`` / ``regions`` where the data set has it)."""
         with torch.no_grad():
             preds, dels, present = self._stack(replies, grad=False)
             mask = None if bool(present.all()) else present
@@ -429,11 +438,20 @@ class ServerStep:
             target = self._target(ids)
             metrics = evaluate_output(out, target, self.data.task, n_params)
             metrics["loss"] = float(ensemble_loss(out, target, self.liquid))
+            details: Arrays = {
+                "ids": np.asarray(ids), "power": out.power.cpu().numpy(),
+                "delegation": out.delegation.cpu().numpy(),
+                "error": per_sample_error(out, target, self.data.task).cpu().numpy(),
+                "labels": np.asarray(self.data.labels_of(ids)),
+            }
             truth = self.data.informative_of(ids)
             if truth is not None:
                 top = out.power.argmax(-1).cpu().numpy()
                 metrics["informative_top_power"] = float(np.mean(top == truth))
-        return metrics
+                details["informative"] = truth
+            if self.data.regions is not None:
+                details["regions"] = self.data.regions_of(ids)
+        return metrics, details
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,12 +646,16 @@ class Federation:
     def evaluate(self, split: str, round_index: int) -> dict[str, Any]:
         ids = getattr(self.data.splits, split)
         replies = self._send("evaluate", ids)
-        metrics = self.step.evaluate(ids, replies, self.n_params)
+        metrics, details = self.step.evaluate(ids, replies, self.n_params)
         row = {"round": round_index, "split": split, **metrics,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
         self.history.append(row)
         if self.writer is not None:
             self.writer.write_jsonl("metrics.jsonl", self.history)
+            if split == "test":  # what the figures of delegation patterns are drawn from
+                buf = io.BytesIO()
+                np.savez_compressed(buf, **details)
+                self.writer.write_bytes("test_outputs.npz", buf.getvalue())
         return row
 
     def checkpoint(self, round_index: int, elapsed: float) -> list[Arrays]:
