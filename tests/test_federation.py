@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +31,34 @@ OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "views.json",
            "checkpoints/server.pt")
 
 
-def ray_processes() -> list[str]:
-    """Command lines of live processes that belong to a liquid-fed Ray run."""
+def tagged_env() -> tuple[dict[str, str], str]:
+    """The environment for one CLI call, with a marker every descendant inherits."""
+    tag = f"lf-test-{uuid.uuid4().hex}"
+    return {**os.environ, "LIQUID_FED_TEST_TAG": tag}, tag
+
+
+def live_processes(tag: str) -> list[str]:
+    """Command lines of live processes (Ray's daemons and workers included) carrying ``tag``."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            if tag.encode() not in Path(f"/proc/{pid}/environ").read_bytes():
+                continue
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and ("lfray-" in cmd or "raylet" in cmd or "gcs_server" in cmd
-                             or "_simulate" in cmd):
+        if state != "Z":
             found.append(f"{pid}: {cmd[:120]}")
     return found
 
 
 def liquid_fed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env, tag = tagged_env()
     cmd = [sys.executable, "-m", "simulations.cli", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert ray_processes() == [], "processes outlived `liquid-fed run`"
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    assert live_processes(tag) == [], "processes outlived `liquid-fed run`"
     return proc
 
 
@@ -162,18 +172,21 @@ def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> Non
     run = tmp_path / "interrupt"
     cmd = [sys.executable, "-m", "simulations.cli", "run", str(QUICKSTART), "--out", str(run),
            "--quiet", "--set", "train.checkpoint_every=5", "--set", "train.epochs=200"]
+    env, tag = tagged_env()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     deadline = time.monotonic() + 180
     while not (run / "checkpoints" / "server.pt").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     assert (run / "checkpoints" / "server.pt").exists()
+    seen_during = live_processes(tag)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "continue with --resume" in err
-    assert ray_processes() == []
+    assert any("raylet" in p for p in seen_during), "the tag did not reach Ray's processes"
+    assert live_processes(tag) == []
     server = torch.load(run / "checkpoints" / "server.pt", weights_only=False)
     assert server["round"] % 5 == 0 and server["round"] > 0
     assert not list(run.rglob("*.tmp-*"))
