@@ -4,13 +4,14 @@ A thin adapter: :class:`GridTransport` turns the protocol's exchanges into Flowe
 :func:`liquid_fed.runs.run_federated` does the rest. ``liquid-fed run`` builds the app with
 :func:`make_server_app` around a resolved config; ``flwr run .`` (simulation or deployment)
 uses the module-level ``app``, which reads the config from the run config: ``config`` (a YAML
-path) plus optional dotted overrides, e.g. ``--run-config 'config="configs/quickstart.yaml"
-train.epochs=2'``.
+path) plus optional dotted overrides in ``set``, e.g. ``--run-config
+'config="configs/quickstart.yaml" set="train.epochs=2"'``.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from liquid_fed.protocol import RoundInfo
 from liquid_fed.runs import prepare_folder, run_federated
 
 log = logging.getLogger(__name__)
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml, configs/
 
 
 class ClientFailure(RuntimeError):
@@ -126,9 +128,21 @@ def make_server_app(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
-    """``config`` (a YAML path) plus dotted overrides from Flower's run config."""
+    """``config`` (a YAML path) plus overrides from Flower's run config.
+
+    The SuperLink accepts only the keys ``[tool.flwr.app.config]`` declares, so dotted
+    overrides travel in ``set`` as one shell-quoted string (``set="train.epochs=2 out=/x"``);
+    any other undeclared key (possible in simulation) is taken as an override too. A relative
+    ``config`` path is looked up in the working directory, then in the app's own folder (in
+    deployment the SuperLink unpacks the app under ``$FLWR_HOME/apps`` and keeps its cwd).
+    """
     path = run_config.get("config")
-    overrides = [f"{k}={v}" for k, v in run_config.items() if k not in ("config", "resume")]
+    if path and not Path(str(path)).is_absolute() and not Path(str(path)).exists():
+        in_app = APP_DIR / str(path)
+        path = in_app if in_app.exists() else path
+    overrides = [f"{k}={v}" for k, v in run_config.items()
+                 if k not in ("config", "resume", "set")]
+    overrides += shlex.split(str(run_config.get("set", "")))
     return load_config(str(path) if path else None, overrides)
 
 

@@ -127,3 +127,37 @@ def _alive(pid: int) -> bool:
 def leftovers(root: int, marker: str) -> set[int]:
     """Live processes still tied to a finished run (its session or its marker)."""
     return {p for p in tree(root, marker) if _alive(p)}
+
+
+def tagged(name: str, value: str) -> set[int]:
+    """Live processes whose environment holds ``name=value`` (inherited by every descendant,
+    whatever session or parent it ends up with)."""
+    needle = f"{name}={value}".encode()
+    found = set()
+    for pid in _pids():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and _alive(pid):
+            found.add(pid)
+    found.discard(os.getpid())
+    return found
+
+
+def kill_tagged(name: str, value: str, grace: float = 5.0) -> set[int]:
+    """SIGTERM every process tagged ``name=value``, SIGKILL what outlives ``grace`` seconds;
+    returns those still alive afterwards (normally none)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        members = tagged(name, value)
+        if not members:
+            return set()
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and tagged(name, value):
+            time.sleep(0.1)
+    return tagged(name, value)

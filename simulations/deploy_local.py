@@ -1,0 +1,526 @@
+"""Rehearse a real deployment on one machine: a SuperLink, N SuperNodes and ``flwr run``.
+
+    python -m simulations.deploy_local [--config configs/quickstart.yaml] [--set key=value ...]
+        [--clients N] [--out DIR] [--timeout SECONDS] [--keep-logs]
+
+Starts ``flower-superlink`` (insecure, 127.0.0.1, a free port) and one ``flower-supernode``
+per client (``--node-config 'partition-id=K num-partitions=N'``, each on its own port), writes
+the connection into a temporary ``FLWR_HOME/config.toml``, submits the app with
+``flwr run . local-deploy --stream --run-config ...`` and waits for the run to finish. Every
+process it started (SuperLink, SuperNodes and what they spawn: SuperExec, ServerApp, ClientApp
+processes) carries an environment tag; whatever happens (success, failure, timeout, Ctrl-C)
+they are all stopped with SIGTERM, then SIGKILL, before the command returns.
+
+The run folder is ``<DIR>/<name>`` (``--out`` is passed to the ServerApp as an absolute
+``out``; without it, ``<out>/<name>`` of the config relative to the current directory).
+Exit status: 0 when the run finished and wrote its summary, 1 when it failed or timed out
+(the ServerApp's error is printed), 2 when the config is rejected before launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from liquid_fed.config import ConfigError, RunConfig, load_config
+from simulations import procs
+
+log = logging.getLogger("liquid_fed.deploy")
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App (pyproject.toml)
+TAG_ENV = "LIQUID_FED_DEPLOY_TAG"
+CONNECTION = "local-deploy"
+CHILD_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start, the run failed, or it did not finish in time."""
+
+
+@dataclass
+class DeployResult:
+    """What a finished deployment run produced and how long its parts took (seconds)."""
+
+    run_dir: Path
+    run_id: str
+    status: str
+    superlink_ready_seconds: float
+    node_connect_seconds: list[float]
+    run_seconds: float  # from `flwr run` until the run finished
+    total_seconds: float
+    exchange_seconds: list[float]  # between successive protocol exchanges (one round trip each)
+    ports: list[int]
+    tag: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def round_trip_seconds(self) -> float:
+        """Median time of one protocol exchange (a round trip to every node)."""
+        return statistics.median(self.exchange_seconds) if self.exchange_seconds else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (it can be bound again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _executable(name: str) -> str:
+    """A Flower entry point next to this interpreter (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise DeploymentError(f"{name} is not installed (looked in {local.parent} and PATH)")
+    return found
+
+
+class _Child:
+    """A child process in its own session whose output goes, time-stamped, to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path,
+                 log_path: Path, echo: IO[str] | None = None) -> None:
+        self.name, self.log_path, self.echo = name, log_path, echo
+        self.started = time.time()
+        self.lines: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, text=True, errors="replace")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self.log_path.open("w") as out:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                now = time.time()
+                with self._lock:
+                    self.lines.append((now, line.rstrip("\n")))
+                out.write(f"{now:.3f} {line}")
+                out.flush()
+                if self.echo is not None:
+                    self.echo.write(line)
+                    self.echo.flush()
+
+    def find(self, pattern: re.Pattern[str]) -> list[tuple[float, re.Match[str]]]:
+        with self._lock:
+            lines = list(self.lines)
+        return [(t, m) for t, line in lines if (m := pattern.search(line))]
+
+    def tail(self, n: int = 15) -> str:
+        with self._lock:
+            return "\n".join(line for _, line in self.lines[-n:])
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def wait_closed(self, timeout: float) -> None:
+        self._reader.join(timeout)
+
+
+class LocalDeployment:
+    """A SuperLink and ``n_nodes`` SuperNodes on 127.0.0.1, stopped by :meth:`stop`.
+
+    Use as a context manager: every process started (and every process they spawn) carries
+    ``LIQUID_FED_DEPLOY_TAG=<tag>`` and is gone after ``__exit__``.
+    """
+
+    def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None) -> None:
+        self.n_nodes = n_nodes
+        self.work_dir = Path(work_dir)
+        self.echo = echo
+        self.tag = f"lf-deploy-{uuid.uuid4().hex}"
+        self.children: list[_Child] = []
+        self.ports: list[int] = []
+        self.superlink_port = 0
+        self.superlink_ready_seconds = float("nan")
+        self.node_connect_seconds: list[float] = []
+        self.nodes: list[_Child] = []
+        self.flwr_home = self.work_dir / "flwr-cli"  # the `flwr` CLI's home: the connection
+
+    def env(self, home: Path) -> dict[str, str]:
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, **CHILD_ENV, TAG_ENV: self.tag, "FLWR_HOME": str(home),
+                "PATH": path}
+
+    def _spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> _Child:
+        home.mkdir(parents=True, exist_ok=True)
+        child = _Child(name, cmd, self.env(home), self.work_dir, self.work_dir / f"{name}.log",
+                       self.echo if echo else None)
+        self.children.append(child)
+        return child
+
+    def _check_alive(self, child: _Child) -> None:
+        if child.proc.poll() is not None:
+            child.wait_closed(2)
+            raise DeploymentError(
+                f"{child.name} exited with status {child.proc.returncode} during start-up:\n"
+                f"{child.tail()}"
+            )
+
+    def start(self, wait: float = 60.0) -> None:
+        """Start the SuperLink, then the SuperNodes; return once every node is connected."""
+        t0 = time.time()
+        self.superlink_port = free_port()
+        self.ports.append(self.superlink_port)
+        link = self._spawn("superlink", [
+            _executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+            "--port", str(self.superlink_port), "--disable-runtime-dependency-installation",
+        ], self.work_dir / "superlink-home")
+        deadline = time.time() + wait
+        while not _accepts(self.superlink_port):
+            self._check_alive(link)
+            if time.time() > deadline:
+                raise DeploymentError(f"the SuperLink did not open port {self.superlink_port} "
+                                      f"within {wait:.0f} s:\n{link.tail()}")
+            time.sleep(0.1)
+        self.superlink_ready_seconds = time.time() - t0
+        self.write_connection()
+        for k in range(self.n_nodes):
+            port = free_port()
+            self.ports.append(port)
+            self.nodes.append(self._spawn(f"supernode-{k}", [
+                _executable("flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
+                "--node-config", f"partition-id={k} num-partitions={self.n_nodes}",
+            ], self.work_dir / f"supernode-{k}-home"))
+        connected: dict[int, float] = {}
+        while len(connected) < self.n_nodes:
+            for k, node in enumerate(self.nodes):
+                if k not in connected:
+                    self._check_alive(node)
+                    if hits := node.find(_NODE_ID):
+                        connected[k] = hits[0][0] - node.started
+            if time.time() > deadline:
+                missing = sorted(set(range(self.n_nodes)) - set(connected))
+                raise DeploymentError(
+                    f"SuperNodes {missing} did not connect within {wait:.0f} s:\n"
+                    f"{self.nodes[missing[0]].tail()}")
+            time.sleep(0.1)
+        self.node_connect_seconds = [connected[k] for k in range(self.n_nodes)]
+        self._check_alive(link)
+
+    def write_connection(self) -> Path:
+        """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one insecure connection."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        path = self.flwr_home / "config.toml"
+        path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+                        f"[superlink.{CONNECTION}]\n"
+                        f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n')
+        return path
+
+    def flwr(self, *args: str, name: str = "flwr", echo: bool = False) -> _Child:
+        """Start the ``flwr`` CLI against this deployment's connection."""
+        return self._spawn(name, [_executable("flwr"), *args], self.flwr_home, echo)
+
+    def exchange_seconds(self) -> list[float]:
+        """Time between successive protocol exchanges, from the nodes' time-stamped logs.
+
+        A node logs ``[RUN r, ROUND g]`` when it sends its reply to exchange ``g``; an exchange
+        ends when the last node has replied.
+        """
+        ends: dict[int, float] = {}
+        for node in self.nodes:
+            for t, m in node.find(_ROUND):
+                g = int(m.group(1))
+                ends[g] = max(ends.get(g, 0.0), t)
+        times = [ends[g] for g in sorted(ends)]
+        return [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
+
+    def stop(self, grace: float = 8.0) -> set[int]:
+        """SIGTERM every child's session, then SIGTERM/SIGKILL anything tagged that is left;
+        returns the pids still alive afterwards (normally none)."""
+        for child in reversed(self.children):
+            child.terminate()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in self.children):
+            time.sleep(0.1)
+        left = procs.kill_tagged(TAG_ENV, self.tag, grace=3.0)
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.kill()
+            child.proc.wait(timeout=5)
+            child.wait_closed(2)
+        return left
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        left = self.stop()
+        if left:
+            log.warning("processes still alive after cleanup: %s", sorted(left))
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
+
+
+def resolve(config: str | Path | None, overrides: list[str], out: str | Path | None,
+            clients: int | None = None) -> tuple[RunConfig, list[str], int]:
+    """Validate the config here, before any process starts.
+
+    Returns:
+        The resolved config, the overrides to send (with an absolute ``out``), and the number
+        of SuperNodes to start.
+
+    Raises:
+        ConfigError: for a bad key or value, data, view or expert option (names the key).
+    """
+    from liquid_fed.runs import check_run
+
+    overrides = list(overrides)
+    if out is not None:
+        overrides.append(f"out={Path(out).resolve()}")
+    cfg = load_config(config, overrides)
+    if out is None and not Path(cfg.out).is_absolute():
+        overrides.append(f"out={Path(cfg.out).resolve()}")  # the SuperLink has another cwd
+        cfg = load_config(config, overrides)
+    check_run(cfg)
+    n = cfg.n_clients if clients is None else clients
+    if n < cfg.n_clients:
+        raise ConfigError(f"--clients: got {n}; the config needs at least {cfg.n_clients} "
+                          "(views.n_views)")
+    return cfg, overrides, n
+
+
+def _config_for_app(config: str | Path | None) -> str:
+    """The ``config`` run-config value: relative to the app when the file lies inside it."""
+    if config is None:
+        return ""
+    path = Path(config).resolve()
+    try:
+        return str(path.relative_to(APP_DIR))
+    except ValueError:
+        return str(path)
+
+
+def _run_status(dep: LocalDeployment, run_id: str | None, wait: float = 20.0) -> dict[str, Any]:
+    """The run's row from ``flwr ls --format json`` once it has finished."""
+    deadline = time.time() + wait
+    row: dict[str, Any] = {}
+    while True:
+        ls = dep.flwr("ls", CONNECTION, "--format", "json", name="flwr-ls")
+        ls.proc.wait(timeout=60)
+        ls.wait_closed(5)
+        text = "\n".join(line for _, line in ls.lines)
+        try:
+            runs = json.loads(text[text.index("{"):])["runs"]
+        except (ValueError, KeyError) as exc:
+            raise DeploymentError(f"`flwr ls` gave no run list:\n{text[-2000:]}") from exc
+        rows = [r for r in runs if run_id is None or str(r["run-id"]) == run_id]
+        if rows:
+            row = rows[-1]
+            if str(row.get("status", "")).startswith("finished") or time.time() > deadline:
+                return row
+        elif time.time() > deadline:
+            return row
+        time.sleep(1.0)
+
+
+def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | None = None,
+           out: str | Path | None = None, timeout: float = 900.0,
+           work_dir: str | Path | None = None, echo: IO[str] | None = None) -> DeployResult:
+    """Run the federation on a real SuperLink and SuperNodes on this machine.
+
+    Args:
+        config: YAML config (inside the app, or any path on this machine).
+        overrides: ``key=value`` strings (sent to the ServerApp in the run config's ``set``).
+        clients: SuperNodes to start (default: the config's ``views.n_views``).
+        out: parent folder of the run folder (default: the config's ``out``).
+        timeout: seconds the run may take once submitted.
+        work_dir: where logs and the Flower homes go (default: a new temporary folder,
+            removed afterwards).
+        echo: a stream that receives the run's logs as ``flwr run --stream`` prints them.
+
+    Returns:
+        A :class:`DeployResult` (run folder, timings, the run's summary).
+
+    Raises:
+        ConfigError: the config is rejected before anything starts.
+        DeploymentError: a process did not start, the run failed or did not finish in time;
+            the message carries the ServerApp's error. Every process is stopped either way.
+    """
+    cfg, overrides, n_nodes = resolve(config, list(overrides), out, clients)
+    run_dir = Path(cfg.out) / cfg.name
+    own_dir = work_dir is None
+    base = Path(tempfile.mkdtemp(prefix="lf-deploy-")) if own_dir else Path(work_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        with LocalDeployment(n_nodes, base, echo) as dep:
+            dep.start()
+            run_config = base / "run-config.toml"
+            _write_toml(run_config, {"config": _config_for_app(config),
+                                     "set": shlex.join(overrides)})
+            t_run = time.time()
+            runner = dep.flwr("run", str(APP_DIR), CONNECTION, "--stream",
+                              "--run-config", str(run_config), name="flwr-run", echo=True)
+            try:
+                rc = runner.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise DeploymentError(
+                    f"the run did not finish within {timeout:.0f} s (--timeout); stopped it. "
+                    f"Logs: {base}") from None
+            runner.wait_closed(5)
+            started = runner.find(re.compile(r"Successfully started run (\d+)"))
+            if rc != 0 or not started:
+                raise DeploymentError(f"`flwr run` failed (exit {rc}):\n{runner.tail(25)}")
+            run_id = started[0][1].group(1)
+            row = _run_status(dep, run_id)
+            run_seconds = time.time() - t_run
+            status = str(row.get("status", "unknown"))
+            if status != "finished:completed":
+                raise DeploymentError(
+                    f"run {run_id} ended as {status}: {row.get('status-details', '')}")
+            summary_file = run_dir / "summary.json"
+            if not summary_file.exists():
+                raise DeploymentError(f"run {run_id} completed but wrote no {summary_file}")
+            return DeployResult(
+                run_dir=run_dir, run_id=run_id, status=status,
+                superlink_ready_seconds=dep.superlink_ready_seconds,
+                node_connect_seconds=dep.node_connect_seconds, run_seconds=run_seconds,
+                total_seconds=time.time() - t0, exchange_seconds=dep.exchange_seconds(),
+                ports=list(dep.ports), tag=dep.tag,
+                summary=json.loads(summary_file.read_text()))
+    finally:
+        if own_dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _write_toml(path: Path, data: dict[str, Any]) -> None:
+    import tomli_w  # a dependency of flwr
+
+    path.write_text(tomli_w.dumps(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simulations.deploy_local",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(APP_DIR / "configs" / "quickstart.yaml"),
+                        help="YAML config (default: configs/quickstart.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set train.epochs=1 (repeatable)")
+    parser.add_argument("--clients", type=int, help="SuperNodes to start "
+                        "(default: the config's views.n_views)")
+    parser.add_argument("--out", help="parent of the run folder (default: the config's out)")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds the run may take once submitted (default: 900)")
+    parser.add_argument("--keep-logs", metavar="DIR",
+                        help="keep the processes' logs and Flower homes in DIR")
+    parser.add_argument("--quiet", action="store_true", help="don't stream the run's logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the deployment like Ctrl-C
+    try:
+        cfg, _, _ = resolve(args.config, args.set, args.out, args.clients)
+        run_dir = Path(cfg.out) / cfg.name
+        if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+            raise ConfigError(f"run folder {run_dir} already holds results; choose another "
+                              "--out or --set name=...")
+        result = deploy(args.config, args.set, args.clients, args.out, args.timeout,
+                        args.keep_logs, None if args.quiet else sys.stderr)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"deploy_local: error: {exc}", file=sys.stderr)
+        return 2
+    except DeploymentError as exc:
+        print(f"deploy_local: run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deploy_local: interrupted; every process it started has been stopped",
+              file=sys.stderr)
+        return 130
+    print(format_result(result))
+    return 0
+
+
+def format_result(result: DeployResult) -> str:
+    """A few lines: where the outputs are, the test score and the deployment's timings."""
+    summary = result.summary
+    metric = summary.get("metric", "accuracy")
+    score = summary.get("test", {}).get(metric, float("nan"))
+    connect = ", ".join(f"{s:.1f}" for s in result.node_connect_seconds)
+    return "\n".join([
+        f"run {result.run_id} {result.status}: {summary.get('rounds', 0)} rounds, "
+        f"test {metric} {score:.4f}",
+        f"  SuperLink ready {result.superlink_ready_seconds:.1f} s; nodes connected after "
+        f"[{connect}] s",
+        f"  flwr run until finished {result.run_seconds:.1f} s; round trip per exchange "
+        f"{result.round_trip_seconds:.1f} s (median of {len(result.exchange_seconds)}); "
+        f"total {result.total_seconds:.1f} s",
+        f"  outputs: {result.run_dir}",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
