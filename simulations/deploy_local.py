@@ -59,7 +59,13 @@ _ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
 
 
 class DeploymentError(RuntimeError):
-    """The deployment could not start, the run failed, or it did not finish in time."""
+    """The deployment could not start, the run failed, or it did not finish in time.
+
+    ``tag`` and ``ports`` name what the deployment used (all stopped and freed by then).
+    """
+
+    tag: str = ""
+    ports: tuple[int, ...] = ()
 
 
 @dataclass
@@ -401,8 +407,9 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
     base = Path(tempfile.mkdtemp(prefix="lf-deploy-")) if own_dir else Path(work_dir)
     base.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    dep = LocalDeployment(n_nodes, base, echo)
     try:
-        with LocalDeployment(n_nodes, base, echo) as dep:
+        with dep:
             dep.start()
             run_config = base / "run-config.toml"
             _write_toml(run_config, {"config": _config_for_app(config),
@@ -437,6 +444,9 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
                 total_seconds=time.time() - t0, exchange_seconds=dep.exchange_seconds(),
                 ports=list(dep.ports), tag=dep.tag,
                 summary=json.loads(summary_file.read_text()))
+    except DeploymentError as exc:
+        exc.tag, exc.ports = dep.tag, tuple(dep.ports)
+        raise
     finally:
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
@@ -490,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--out or --set name=...")
         result = deploy(args.config, args.set, args.clients, args.out, args.timeout,
                         args.keep_logs, None if args.quiet else sys.stderr)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
         print(f"deploy_local: error: {exc}", file=sys.stderr)
         return 2
     except DeploymentError as exc:
