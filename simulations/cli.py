@@ -3,6 +3,7 @@
     liquid-fed run CONFIG.yaml [--set key=value ...] [--out DIR] [--resume] [--force]
     liquid-fed centralized CONFIG.yaml [--set key=value ...] [--out DIR]
     liquid-fed validate CONFIG.yaml [--set key=value ...]
+    liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
 
 ``run`` starts Flower's simulation engine on Ray in a child process that leads its own
 session; whatever happens (success, error, Ctrl-C), every process of that session and every
@@ -206,6 +207,25 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Figures of finished runs: each run's own, plus a comparison when given several."""
+    from liquid_fed.plots import load_run, plot_comparison, plot_run
+
+    for run_dir in args.run_dirs:  # every folder checked before anything is drawn
+        load_run(run_dir)
+    written = []
+    if len(args.run_dirs) == 1:
+        written += plot_run(args.run_dirs[0], args.out)
+    else:
+        for run_dir in args.run_dirs:
+            written += plot_run(run_dir)
+        out = Path(args.out) if args.out else Path("figures")
+        written.append(plot_comparison(args.run_dirs, out / "comparison.png"))
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """The child of ``run``: Flower's simulation engine on Ray, in this process."""
     import warnings
@@ -292,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="print the resolved config, or what is wrong with it")
     common(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plot", help="figures of delegation patterns from finished run folders")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run folder(s) holding test_outputs.npz")
+    p.add_argument("--out", help="one run: where its figures go (default RUN_DIR/figures); "
+                                 "several: where comparison.png goes (default ./figures), each "
+                                 "run's own figures going to RUN_DIR/figures")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("_simulate")  # internal: the child process of `run`
     p.add_argument("run_dir")
