@@ -223,6 +223,8 @@ def _same_architecture(experts: Sequence[nn.Module]) -> bool:
     first = experts[0]
     shapes = [(n, p.shape) for n, p in first.named_parameters()]
     bufs = [(n, b.shape) for n, b in first.named_buffers()]
+    if not all(getattr(e, "supports_vmap", True) for e in experts):
+        return False  # e.g. adaptive ODE steps: per-sample control flow vmap cannot trace
     return all(
         type(e) is type(first)
         and [(n, p.shape) for n, p in e.named_parameters()] == shapes
@@ -265,7 +267,8 @@ class LiquidEnsemble(nn.Module):
         self.batched = batched
         self._can_batch = _same_architecture(self.experts)
         if batched is True and not self._can_batch:
-            raise ValueError("batched=True needs experts of one class and parameter shapes")
+            raise ValueError("batched=True needs experts of one class and parameter shapes "
+                             "that support vmap (supports_vmap)")
         self._template: nn.Module | None = None
         if batched is not False and self._can_batch and len(experts) > 1:
             # Built here, while the experts hold real Parameters: under torch.func's

@@ -111,8 +111,9 @@ def validate_delegation(delegation: Tensor) -> None:
     if not bool(sums_ok.all()):
         b, i = (int(v) for v in (~sums_ok).nonzero()[0])
         raise ValueError(
-            f"delegation row {i} of sample {b} sums to {row_sums[b, i].item():.8g}; every row "
-            f"must sum to 1 (tolerance {tol:g} for {delegation.dtype})"
+            f"delegation row {i} of sample {b} sums to {row_sums[b, i].item():.10g} (off by "
+            f"{(row_sums[b, i] - 1).item():.3g}); every row must sum to 1 (tolerance {tol:g} "
+            f"for {delegation.dtype}; renormalise after casting from a lower precision)"
         )
 
 

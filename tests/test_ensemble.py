@@ -444,3 +444,14 @@ def test_bench_ensemble_quick_prints_its_table():
             if line.split()[:1] in (["2"], ["4"])]
     assert [r[0] for r in rows] == ["2", "4"]
     assert all(r[4].endswith("x") for r in rows)
+
+
+def test_auto_batching_falls_back_for_experts_that_cannot_vmap() -> None:
+    from liquid_fed.experts import LTCExpert
+
+    experts = [LTCExpert((5, 2), 3, 2, i, units=4, solver="dopri5") for i in range(2)]
+    ens = LiquidEnsemble(experts, task="classification")
+    out = ens(torch.randn(3, 5, 2))  # "auto" must loop, not vmap
+    assert out.output.shape == (3, 3)
+    with pytest.raises(ValueError, match="supports_vmap"):
+        LiquidEnsemble(experts, batched=True)

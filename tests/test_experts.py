@@ -326,13 +326,14 @@ def test_homogeneous_ltc_ensemble_batched_equals_loop() -> None:
     torch.testing.assert_close(batched(xs).output, looped(xs).output)
 
 
-def test_dopri5_under_vmap_says_to_use_a_loop() -> None:
+def test_dopri5_experts_are_evaluated_in_a_loop() -> None:
     experts = [tiny("ltc", n_experts=2, index=i, solver="dopri5") for i in range(2)]
     assert not experts[0].supports_vmap and tiny("ltc").supports_vmap
     xs = [tiny_input("ltc") for _ in range(2)]
-    with pytest.raises(RuntimeError, match="batched=False"):
-        LiquidEnsemble(experts)(xs)
-    assert LiquidEnsemble(experts, batched=False)(xs).output.shape == (3, 2)
+    auto = LiquidEnsemble(experts)(xs)  # "auto" sees supports_vmap=False and loops
+    loop = LiquidEnsemble(experts, batched=False)(xs)
+    assert auto.output.shape == (3, 2)
+    torch.testing.assert_close(auto.output, loop.output)
 
 
 # --------------------------------------------------------------------------------------------
