@@ -21,12 +21,34 @@ from simulations.deploy_local import TAG_ENV, DeploymentError, deploy, port_is_f
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]
+slow = pytest.mark.slow
+deployment = pytest.mark.xdist_group("deployment")
 
 #: 2 clients (left and right half of the image), one training round, no centralized baselines.
 TINY = ["train.epochs=1", "train.chunk_size=100000", "train.eval_every=0",
         "baselines.uniform=false", "baselines.independent=false",
         "views.n_views=2", "views.options={grid: [1, 2]}"]
+
+
+def test_run_config_reaches_the_serverapp_as_flower_fuses_it() -> None:
+    # What `flwr run . CONN --run-config '...'` sends is fused by the SuperLink with the
+    # defaults of [tool.flwr.app.config] (undeclared keys are refused), then read by the app.
+    from flwr.common.config import fuse_dicts, get_fused_config_from_dir, parse_config_args
+
+    from server.app import config_from_run_config
+
+    overrides = parse_config_args(
+        ['config="configs/quickstart.yaml" set="train.epochs=2 \'views.options={grid: [1, 4]}\' '
+         'out=/abs/runs"'])
+    run_config = get_fused_config_from_dir(ROOT, overrides)
+    assert set(run_config) == {"config", "set", "resume"}
+    cfg = config_from_run_config(run_config)
+    assert (cfg.train.epochs, cfg.views.options, cfg.out) == (2, {"grid": [1, 4]}, "/abs/runs")
+    assert cfg.optim.lr == 0.003  # from the YAML file, found inside the app
+    defaults = config_from_run_config(get_fused_config_from_dir(ROOT, {}))
+    assert defaults.name == "quickstart" and defaults.train.epochs == 40
+    with pytest.raises(ValueError, match="not present"):
+        fuse_dicts(run_config, parse_config_args(["train.epochs=2"]), check_keys=True)
 
 
 def assert_all_stopped(tag: str, ports: list[int] | tuple[int, ...]) -> None:
@@ -36,6 +58,8 @@ def assert_all_stopped(tag: str, ports: list[int] | tuple[int, ...]) -> None:
     assert busy == [], f"ports still in use: {busy}"
 
 
+@slow
+@deployment
 def test_deployment_trains_writes_outputs_and_cleans_up(tmp_path: Path) -> None:
     result = deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300,
                     work_dir=tmp_path / "deploy")
@@ -64,6 +88,8 @@ def test_deployment_trains_writes_outputs_and_cleans_up(tmp_path: Path) -> None:
           f"total {result.total_seconds:.1f} s")
 
 
+@slow
+@deployment
 def test_bad_expert_options_are_rejected_before_anything_starts(tmp_path: Path) -> None:
     logs = tmp_path / "deploy"
     proc = subprocess.run(
@@ -77,6 +103,8 @@ def test_bad_expert_options_are_rejected_before_anything_starts(tmp_path: Path) 
     assert not logs.exists(), "processes were started for a config that cannot run"
 
 
+@slow
+@deployment
 def test_failed_run_is_reported_with_the_serverapp_error_and_cleaned_up(
         tmp_path: Path) -> None:
     # The ServerApp refuses a run folder that already holds results: the run fails on the
@@ -92,8 +120,10 @@ def test_failed_run_is_reported_with_the_serverapp_error_and_cleaned_up(
     assert (run / "summary.json").read_text() == "{}"  # left as it was
 
 
+@slow
+@deployment
 def test_timeout_stops_a_running_federation(tmp_path: Path) -> None:
-    with pytest.raises(DeploymentError, match="did not finish within 20 s") as caught:
-        deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=20,
+    with pytest.raises(DeploymentError, match="did not finish within 15 s") as caught:
+        deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=15,
                work_dir=tmp_path / "deploy")
     assert_all_stopped(caught.value.tag, caught.value.ports)
