@@ -207,6 +207,7 @@ class DelegationSummary:
     speaker_entropy: float  # entropy of speaker_share (nats), as the server's metric
     informative_top: np.ndarray | None = None  # (K, K) informative view x top expert, rows sum 1
     informative_top_power: float | None = None  # fraction of samples whose top is informative
+    to_informative: float | None = None  # mean share experts hand the sample's informative one
 
 
 def delegation_summary(delegation: np.ndarray | None, power: np.ndarray,
@@ -240,7 +241,24 @@ def delegation_summary(delegation: np.ndarray | None, power: np.ndarray,
         with np.errstate(invalid="ignore", divide="ignore"):
             summary.informative_top = np.where(rows > 0, counts / rows, np.nan)
         summary.informative_top_power = float(np.mean(top == informative))
+        if delegation is not None and n:
+            to_inf = delegation[np.arange(n), :, informative]  # (n, K) column of the informative
+            summary.to_informative = float(to_inf.mean())
     return summary
+
+
+def delegation_by_view(delegation: np.ndarray, informative: np.ndarray) -> np.ndarray:
+    """Mean delegation matrix over the samples of each informative view, (K, K, K) indexed
+    [view, from, to]; NaN for a view that no sample has."""
+    delegation = np.asarray(delegation, dtype=np.float64)  # (n, K, K)
+    informative = np.asarray(informative, dtype=np.int64)
+    k = delegation.shape[1]
+    out = np.full((k, k, k), np.nan)
+    for v in range(k):
+        rows = informative == v
+        if rows.any():
+            out[v] = delegation[rows].mean(0)
+    return out
 
 
 @dataclass
@@ -366,15 +384,27 @@ def draw_informative_top(ax: Axes, informative_top: np.ndarray, share: float,
     return _matrix(ax, informative_top, "most powerful expert", "informative view", title)
 
 
-def delegation_figure(delegation: np.ndarray, title: str = "") -> Figure:
-    """Who delegates to whom: the mean delegation matrix over the test samples."""
-    m = np.asarray(delegation, dtype=np.float64).mean(0)  # (K, K)
+def delegation_figure(delegation: np.ndarray, informative: np.ndarray | None = None,
+                      title: str = "") -> Figure:
+    """Who delegates to whom: the mean delegation matrix over the test samples and, with
+    ground truth (and K <= 6), the same mean over the samples of each informative view (the
+    overall mean can look uniform while every sample delegates to its informative expert)."""
+    delegation = np.asarray(delegation, dtype=np.float64)  # (n, K, K)
+    m = delegation.mean(0)  # (K, K)
     k = m.shape[0]
+    by_view = None
+    if informative is not None and k <= 6:
+        by_view = delegation_by_view(delegation, informative)
     side = max(3.6, 0.6 * k + 1.8)
-    fig = new_figure(side + 0.9, side)
-    ax = fig.add_subplot()
-    im = draw_delegation(ax, m, "mean delegation (row: what each expert hands to whom)")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the expert's vote")
+    panels = 1 if by_view is None else 1 + k
+    fig = new_figure(side * panels + 0.9, side + (1.4 if title else 1.0))
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    im = draw_delegation(axes[0], m, "mean delegation\n(all test samples)")
+    if by_view is not None:
+        for v in range(k):
+            draw_delegation(axes[1 + v], by_view[v], f"samples whose\ninformative view is {v}")
+            axes[1 + v].set_ylabel("")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="share of the expert's vote")
     if title:
         fig.suptitle(title)
     return fig
@@ -482,8 +512,10 @@ def comparison_figure(runs: Sequence[RunOutputs]) -> Figure:
     images: list[list[Any]] = [[] for _ in range(n_rows)]
     for c, (run, s) in enumerate(zip(runs, summaries, strict=True)):
         ax = axes[0, c]
-        images[0].append(draw_delegation(ax, s.mean_delegation,
-                                         f"{_column_title(run)}\nmean delegation"))
+        sub = "mean delegation"
+        if s.to_informative is not None:
+            sub += f"\nto the informative expert: {s.to_informative:.0%}"
+        images[0].append(draw_delegation(ax, s.mean_delegation, f"{_column_title(run)}\n{sub}"))
         if c:
             ax.set_ylabel("")
         if truth:
@@ -495,7 +527,7 @@ def comparison_figure(runs: Sequence[RunOutputs]) -> Figure:
                 continue
             title = f"informative x top power\ndiagonal: {s.informative_top_power:.0%}"
             if s.tie_share > 0:
-                title += f", ties {s.tie_share:.0%}"
+                title += f"\nties for the top: {s.tie_share:.0%} (first wins)"
             images[1].append(_matrix(ax, s.informative_top, "most powerful expert",
                                      "informative view" if c == 0 else "", title))
     labels = ["share of the expert's vote", "share of the view's samples"]
@@ -514,7 +546,7 @@ def run_figures(run: RunOutputs) -> dict[str, Figure]:
     """Every per-run figure by file stem (``ground_truth`` only where the data set has it)."""
     a = run.arrays
     figures = {
-        "delegation": delegation_figure(a["delegation"], run.name),
+        "delegation": delegation_figure(a["delegation"], run.informative, run.name),
         "power": power_figure(a["power"], run.name),
         "confidence": confidence_figure(a["power"], a["error"], run.task, title=run.name),
     }

@@ -107,6 +107,7 @@ def table_row(run_dir: Path) -> dict[str, float | str]:
         "power_entropy": s.power_entropy,
         "speaker_entropy": s.speaker_entropy,
         "self_delegation": s.mean_self_delegation,
+        "to_informative": math.nan if s.to_informative is None else s.to_informative,
     }
 
 
@@ -114,14 +115,20 @@ def format_table(rows: list[dict[str, float | str]]) -> str:
     """Rows as an aligned text table."""
     metric = rows[0]["metric"] if rows else "accuracy"
     head = (f"{'setting':<16} {'solver':<9} {'test ' + str(metric):>13} "
-            f"{'informative_top':>15} {'power_H':>8} {'speaker_H':>9} {'self_del':>8}")
+            f"{'informative_top':>15} {'power_H':>8} {'speaker_H':>9} {'self_del':>8} "
+            f"{'to_inf':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['setting']:<16} {r['solver']:<9} {r['test']:>13.4f} "
                      f"{r['informative_top_power']:>15.3f} {r['power_entropy']:>8.3f} "
-                     f"{r['speaker_entropy']:>9.3f} {r['self_delegation']:>8.3f}")
+                     f"{r['speaker_entropy']:>9.3f} {r['self_delegation']:>8.3f} "
+                     f"{r['to_informative']:>7.3f}")
+    lines.append("informative_top: share of samples whose most powerful expert is the "
+                 "informative one (ties go to expert 0)")
     lines.append("power_H: mean entropy of p/K; speaker_H: entropy of the most powerful "
-                 f"expert's histogram (nats; max ln K). ln 4 = {math.log(4):.3f}")
+                 f"expert's histogram (nats; ln 4 = {math.log(4):.3f} is the maximum for K=4)")
+    lines.append("self_del: mean share an expert keeps; to_inf: mean share an expert hands "
+                 "to the sample's informative expert")
     return "\n".join(lines)
 
 
@@ -166,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_ray(overrides, run_dir, args.force)
             log.info("%s: done in %.1f s", setting.name, time.perf_counter() - t0)
+        for run_dir in run_dirs:
             plot_run(run_dir)
         rows = [table_row(d) for d in run_dirs]
         figure = plot_comparison(run_dirs, out / "comparison.png")

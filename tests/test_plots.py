@@ -13,6 +13,7 @@ import pytest
 from liquid_fed.plots import (
     RunOutputs,
     comparison_figure,
+    delegation_by_view,
     delegation_summary,
     error_by_top_share,
     load_run,
@@ -98,6 +99,24 @@ def test_informative_by_top_matrix_against_a_loop() -> None:
     np.testing.assert_allclose(s.mean_delegation, delegation.mean(0))
     ent = [-(p / K * np.log(p / K)).sum() for p in power]
     assert s.power_entropy == pytest.approx(np.mean(ent))
+
+
+def test_delegation_to_the_informative_expert_by_view() -> None:
+    # Every expert hands everything to the sample's informative expert: the overall mean is
+    # uniform, the per-view means are one-hot columns.
+    n = 40
+    informative = np.arange(n) % K
+    delegation = np.zeros((n, K, K))
+    delegation[np.arange(n), :, informative] = 1.0
+    s = delegation_summary(delegation, np.ones((n, K)), informative)
+    np.testing.assert_allclose(s.mean_delegation, np.full((K, K), 1 / K))
+    assert s.to_informative == pytest.approx(1.0)
+    by_view = delegation_by_view(delegation, informative)
+    for v in range(K):
+        expected = np.zeros((K, K))
+        expected[:, v] = 1.0
+        np.testing.assert_allclose(by_view[v], expected)
+    assert np.isnan(delegation_by_view(delegation[:2], informative[:2])[3]).all()
 
 
 def test_uniform_power_is_a_tie_won_by_the_first_expert() -> None:
