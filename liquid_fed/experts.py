@@ -86,6 +86,13 @@ class MLPExpert(Expert):
                  hidden: Sequence[int] = (64,), dropout: float = 0.0,
                  self_bias: float = 0.0) -> None:
         super().__init__(in_shape, out_dim, n_experts, index)
+        hidden = list(hidden) if isinstance(hidden, (list, tuple)) else hidden
+        if not isinstance(hidden, list) or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise ValueError(f"mlp option hidden must be a list of positive integers, "
+                             f"got {hidden!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"mlp option dropout must lie in [0, 1), got {dropout!r}")
         layers: list[nn.Module] = []
         width = math.prod(self.in_shape)
         for h in hidden:

@@ -643,20 +643,26 @@ class Federation:
         self.data.splits = drop_unseen(self.data.splits, [r["absent"] for r, _ in replies])
         log.info("setup: %d clients, %s parameters", self.k, self.n_params)
 
-    def evaluate(self, split: str, round_index: int) -> dict[str, Any]:
-        ids = getattr(self.data.splits, split)
-        replies = self._send("evaluate", ids)
-        metrics, details = self.step.evaluate(ids, replies, self.n_params)
-        row = {"round": round_index, "split": split, **metrics,
-               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
-        self.history.append(row)
-        if self.writer is not None:
-            self.writer.write_jsonl("metrics.jsonl", self.history)
-            if split == "test":  # what the figures of delegation patterns are drawn from
-                buf = io.BytesIO()
+    def evaluate(self, splits: Sequence[str], round_index: int) -> list[dict[str, Any]]:
+        """Evaluate on one or more splits with a single exchange; one metrics row each."""
+        parts = [getattr(self.data.splits, split) for split in splits]
+        replies = self._send("evaluate", np.concatenate(parts))
+        rows, start = [], 0
+        for split, ids in zip(splits, parts, strict=True):
+            sub = [{k: v[start:start + ids.size] for k, v in r.items()} for r in replies]
+            start += ids.size
+            metrics, details = self.step.evaluate(ids, sub, self.n_params)
+            row = {"round": round_index, "split": split, **metrics,
+                   "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+            self.history.append(row)
+            rows.append(row)
+            if self.writer is not None and split == "test":
+                buf = io.BytesIO()  # what the figures of delegation patterns are drawn from
                 np.savez_compressed(buf, **details)
                 self.writer.write_bytes("test_outputs.npz", buf.getvalue())
-        return row
+        if self.writer is not None:
+            self.writer.write_jsonl("metrics.jsonl", self.history)
+        return rows
 
     def checkpoint(self, round_index: int, elapsed: float) -> list[Arrays]:
         """Flush pending signals, collect every client's state, write them atomically."""
@@ -709,7 +715,7 @@ class Federation:
             metrics = None
             done = r + 1
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done < total:
-                metrics = self.evaluate("val", done)
+                metrics = self.evaluate(["val"], done)[0]
             if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < total:
                 self.checkpoint(done, time.perf_counter() - t0)
             if self.on_round is not None:
@@ -719,8 +725,7 @@ class Federation:
                 self.checkpoint(done, time.perf_counter() - t0)
                 log.info("stopped after round %d of %d; checkpoint written", done, total)
                 return None
-        self.evaluate("val", total)
-        test = self.evaluate("test", total)
+        _, test = self.evaluate(["val", "test"], total)
         wall = time.perf_counter() - t0
         self.checkpoint(total, wall)
         return FederationResult(self.history, test, total, self.bytes_up, self.bytes_down,

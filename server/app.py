@@ -52,25 +52,37 @@ class GridTransport:
                 f"{len(nodes)} nodes connected within {wait:.0f} s but the config needs "
                 f"{n_clients} (views.n_views)"
             )
-        self.nodes = self._assign(nodes[: max(n_clients, 0)] if len(nodes) == n_clients
-                                  else nodes, n_clients)
+        self.nodes = self._assign(nodes, n_clients)
 
     def _assign(self, nodes: list[int], n_clients: int) -> list[int]:
-        """Map client index -> node id by each node's ``partition-id`` (node order otherwise)."""
+        """Map client index -> node id by each node's ``partition-id``.
+
+        Nodes without any ``partition-id`` are taken in node order; when some node names one,
+        every client index must be named by exactly one node, or the run stops: clients that
+        hold private data must never be silently swapped.
+        """
         replies = self._send_raw("hello", nodes, [{} for _ in nodes], [{} for _ in nodes])
+        parts = {node: info.get("partition_id") for node, (_, info) in zip(nodes, replies,
+                                                                              strict=True)}
+        if all(p is None for p in parts.values()):
+            if len(nodes) != n_clients:
+                raise ClientFailure(f"{len(nodes)} nodes are connected for {n_clients} clients "
+                                    "and none names its partition-id")
+            return nodes
         by_partition: dict[int, int] = {}
-        for node, (_, info) in zip(nodes, replies, strict=True):
-            part = info.get("partition_id")
-            if isinstance(part, int) and 0 <= part < n_clients and part not in by_partition:
-                by_partition[part] = node
-        if len(by_partition) == n_clients:
-            return [by_partition[k] for k in range(n_clients)]
-        if len(nodes) != n_clients:
-            raise ClientFailure(
-                f"{len(nodes)} nodes are connected for {n_clients} clients and their "
-                "partition-id values do not name each client once"
-            )
-        return nodes
+        for node, part in parts.items():
+            if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < n_clients:
+                raise ClientFailure(f"node {node} has partition-id {part!r}; accepted: integers "
+                                    f"0..{n_clients - 1} (one per client, views.n_views)")
+            if part in by_partition:
+                raise ClientFailure(f"nodes {by_partition[part]} and {node} both have "
+                                    f"partition-id {part}; each client index needs one node")
+            by_partition[part] = node
+        missing = [k for k in range(n_clients) if k not in by_partition]
+        if missing:
+            raise ClientFailure(f"no node has partition-id {missing[0]} "
+                                f"({len(missing)} client indices unassigned)")
+        return [by_partition[k] for k in range(n_clients)]
 
     def _send_raw(self, kind: str, nodes: Sequence[int], arrays: Sequence[dict],
                   settings: Sequence[dict]) -> list[tuple[dict, dict]]:

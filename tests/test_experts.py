@@ -394,3 +394,15 @@ def test_every_kind_learns_inside_an_ensemble(kind: str) -> None:
     assert metrics["loss"] < 0.75 * before
     assert metrics["accuracy"] > 0.75, metrics
     assert math.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"hidden": [-3]}, "hidden must be a list of positive integers, got \\[-3\\]"),
+    ({"hidden": 64}, "hidden must be a list of positive integers, got 64"),
+    ({"dropout": 1.5}, "dropout must lie in \\[0, 1\\), got 1.5"),
+])
+def test_mlp_options_are_checked_at_the_door(options, message) -> None:
+    from liquid_fed.experts import build_expert
+
+    with pytest.raises(ValueError, match=message):
+        build_expert("mlp", (4,), 3, 2, 0, **options)

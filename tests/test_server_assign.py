@@ -1,0 +1,46 @@
+"""How the ServerApp maps client indices to nodes (the rule alone; Flower is not involved)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.app import ClientFailure, GridTransport
+
+
+def transport_with(parts: dict[int, object]) -> GridTransport:
+    """A GridTransport whose nodes answer "hello" with the given partition-ids."""
+    t = object.__new__(GridTransport)
+
+    def send_raw(kind, nodes, arrays, settings):
+        assert kind == "hello"
+        return [({}, {} if parts[n] is None else {"partition_id": parts[n]}) for n in nodes]
+
+    t._send_raw = send_raw
+    return t
+
+
+def test_partition_ids_decide_the_client_index() -> None:
+    t = transport_with({11: 2, 12: 0, 13: 1})
+    assert t._assign([11, 12, 13], 3) == [12, 13, 11]
+
+
+def test_extra_nodes_are_ignored_only_if_indices_are_covered() -> None:
+    with pytest.raises(ClientFailure, match="partition-id 3; accepted: integers 0..2"):
+        transport_with({1: 0, 2: 1, 3: 2, 4: 3})._assign([1, 2, 3, 4], 3)
+
+
+def test_no_partition_ids_means_node_order() -> None:
+    assert transport_with({5: None, 6: None})._assign([5, 6], 2) == [5, 6]
+    with pytest.raises(ClientFailure, match="3 nodes are connected for 2 clients"):
+        transport_with({5: None, 6: None, 7: None})._assign([5, 6, 7], 2)
+
+
+@pytest.mark.parametrize(("parts", "message"), [
+    ({1: 0, 2: 0}, "nodes 1 and 2 both have partition-id 0"),
+    ({1: 0, 2: None}, "node 2 has partition-id None"),
+    ({1: 0, 2: "1"}, "node 2 has partition-id '1'"),
+    ({1: 0, 2: True}, "node 2 has partition-id True"),
+])
+def test_bad_partition_ids_stop_the_run(parts, message) -> None:
+    with pytest.raises(ClientFailure, match=message):
+        transport_with(parts)._assign(list(parts), 2)
