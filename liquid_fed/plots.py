@@ -105,12 +105,14 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> None:
     if power.ndim != 2 or power.shape[1] < 1:
         raise ValueError(f"power must have shape (n, K), got {power.shape}")
     n, k = power.shape
+    if n == 0:
+        raise ValueError("test outputs hold no samples (power has shape (0, K))")
     expected = {"delegation": (n, k, k), "error": (n,), "informative": (n,), "regions": (n,)}
     for key, shape in expected.items():
         if key in arrays and np.shape(arrays[key]) != shape:
             raise ValueError(f"{key} must have shape {shape} to match power {power.shape}, "
                              f"got {np.shape(arrays[key])}")
-    if "informative" in arrays and n:
+    if "informative" in arrays:
         inf = np.asarray(arrays["informative"])
         if inf.min() < 0 or inf.max() >= k:
             raise ValueError(f"informative must index one of the K={k} experts, got values "
@@ -417,18 +419,28 @@ def power_figure(power: np.ndarray, title: str = "") -> Figure:
     s = delegation_summary(None, power)
     fig = new_figure(max(7.0, 1.1 * k + 4.0), 3.6)
     ax_box, ax_bar = fig.subplots(1, 2, width_ratios=[1.4, 1.0])
-    ax_box.boxplot([power[:, j] for j in range(k)], positions=range(k), widths=0.6,
-                   showfliers=False, showmeans=True)
-    ax_box.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="equal share (1)")
+    columns = [power[:, j] for j in range(k)]
+    if power.shape[0] > 1 and power.std(0).min() > 1e-9:  # violins need spread to estimate
+        ax_box.violinplot(columns, positions=range(k), widths=0.8, showmeans=True,
+                          showextrema=False)
+        kind = "violins"
+    else:
+        ax_box.boxplot(columns, positions=range(k), widths=0.6, showfliers=False,
+                       showmeans=True)
+        kind = "boxes"
+    ax_box.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax_box.set_xticks(range(k))
     ax_box.set_xlabel("expert")
     ax_box.set_ylabel(f"voting power (sums to K={k})")
-    ax_box.set_title("power per expert over test samples", fontsize="medium")
-    ax_box.legend(loc="upper right", fontsize="small")
+    ax_box.set_ylim(-0.05 * k, 1.05 * k)
+    ax_box.set_title(f"power per expert over test samples\n({kind} with means; dashed: equal "
+                     "share 1)", fontsize="medium")
     ax_bar.bar(range(k), s.speaker_share, color="tab:blue")
     ax_bar.set_xticks(range(k))
     ax_bar.set_xlabel("expert")
     ax_bar.set_ylabel("share of samples")
-    ax_bar.set_ylim(0, 1)
+    ax_bar.set_ylim(0, 1.12)  # room for the labels above a bar of 1
+    ax_bar.set_yticks(np.linspace(0, 1, 6))
     bar_title = f"speaker share (entropy {s.speaker_entropy:.2f} nats)"
     if s.tie_share > 0:
         bar_title += f"\nties for the top: {s.tie_share:.0%} (first expert wins)"
@@ -481,11 +493,15 @@ def confidence_figure(power: np.ndarray, error: np.ndarray, task: str = "classif
     for c, e, nb in zip(centers[ok], bins.mean_error[ok], bins.counts[ok], strict=True):
         ax.text(c, e + 0.02 * max(top, 1e-12), f"n={nb}", ha="center", va="bottom",
                 fontsize="x-small")
+    overall = float(np.mean(error))
+    ax.axhline(overall, color="grey", linestyle="--", linewidth=1)
+    top = max(top, overall)
     ax.set_xlim(bins.edges[0], bins.edges[-1])
     ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
     ax.set_xlabel(f"top power share max_j p_j / K (1/K = {1 / k:.2f}: no one stands out)")
     ax.set_ylabel("error rate" if task == "classification" else "mean squared error")
-    ax.set_title("error vs concentration of power", fontsize="medium")
+    ax.set_title(f"error vs concentration of power (dashed: all samples, {overall:.3g})",
+                 fontsize="medium")
     if title:
         fig.suptitle(title)
     return fig

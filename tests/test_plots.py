@@ -128,6 +128,10 @@ def test_uniform_power_is_a_tie_won_by_the_first_expert() -> None:
     assert s.speaker_entropy == 0.0
     assert s.power_entropy == pytest.approx(math.log(K))
     assert s.mean_delegation is None and s.mean_self_delegation is None
+    run = RunOutputs("uniform", {}, {"power": power, "error": np.zeros(10),
+                                     "delegation": np.full((10, K, K), 1 / K),
+                                     "informative": np.arange(10) % K})
+    assert sorted(run_figures(run)) == ["confidence", "delegation", "ground_truth", "power"]
 
 
 def test_region_power_means_by_region() -> None:
@@ -162,6 +166,8 @@ def test_inconsistent_arrays_are_named() -> None:
         RunOutputs("x", {}, bad)
     with pytest.raises(ValueError, match="lack error"):
         RunOutputs("x", {}, {k: v for k, v in a.items() if k != "error"})
+    with pytest.raises(ValueError, match="no samples"):
+        RunOutputs("x", {}, {k: v[:0] for k, v in a.items()})
     with pytest.raises(ValueError, match="informative must index"):
         RunOutputs("x", {}, {**a, "informative": a["informative"] + K})
 
