@@ -470,9 +470,9 @@ def ground_truth_figure(power: np.ndarray, informative: np.ndarray,
     ax_r.set_xticks(x, [str(r) for r in rp.regions])
     ax_r.set_xlabel("region" if regions is not None else "informative view")
     ax_r.set_ylabel(f"mean voting power (sums to K={k})")
-    ax_r.set_ylim(0, max(k, 1.05))
+    ax_r.set_ylim(0, 1.25 * k)  # headroom for the legend above bars of up to K
     ax_r.set_title("power of the informative expert vs the others", fontsize="medium")
-    ax_r.legend(loc="upper right", fontsize="small")
+    ax_r.legend(loc="upper center", ncols=2, fontsize="small")
     if title:
         fig.suptitle(title)
     return fig
