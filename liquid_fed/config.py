@@ -110,6 +110,7 @@ class SimulationConfig:
     num_gpus_per_client: float = 0.0
     object_store_mb: int = 256
     pull_interval: float = 0.001
+    dispatch_poll: float = 0.005  # longest wait of the engine's dispatch loop; 0 = Flower's 0.1 s
     threads_per_client: int = 1  # torch threads in each client; tiny experts run best on one
     timeout: float = 600.0  # seconds to wait for all replies of one round
 
@@ -195,6 +196,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "simulation.num_gpus_per_client": (0, None, True, True),
     "simulation.object_store_mb": (75, None, True, True),
     "simulation.pull_interval": (0, None, False, True),
+    "simulation.dispatch_poll": (0, 1, True, True),
     "simulation.threads_per_client": (1, None, True, True),
     "simulation.timeout": (0, None, False, True),
     "server.threads": (1, None, True, True),

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -517,7 +518,7 @@ class RunWriter:
     def write_bytes(self, name: str, data: bytes) -> Path:
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()

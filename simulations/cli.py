@@ -240,7 +240,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from clients.app import app as client_app
     from liquid_fed.protocol import RunWriter
     from server.app import make_server_app
+    from simulations.engine import install_dispatch_loop
 
+    fast_dispatch = install_dispatch_loop(cfg.simulation.dispatch_poll)
     progress = Progress(None, cfg.name, not args.quiet)
     times: dict[str, float] = {"start": time.perf_counter()}
 
@@ -272,6 +274,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         total = times["end"] - times["start"]
         startup = times["first_round"] - times["start"]
         summary["engine"] = {"total_seconds": total, "startup_seconds": startup,
+                             "dispatch_poll": cfg.simulation.dispatch_poll if fast_dispatch
+                             else 0.1,
                              "after_training_seconds": total - startup - summary["wall_seconds"]}
         RunWriter(args.run_dir).write_json("summary.json", summary)
     return 0
