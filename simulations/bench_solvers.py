@@ -19,14 +19,13 @@ Run: ``python -m simulations.bench_solvers [--quick] [--device cpu|cuda]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from liquid_fed.solvers import ELIMINATION_MAX_K, solve_power
+from simulations.timing import median_ms
 
 EPSILON = 0.01
 
@@ -50,30 +49,6 @@ def pinverse_sink_one(delegation: Tensor, epsilon: float = EPSILON) -> Tensor:
     x = (torch.linalg.pinv(m) @ rhs).squeeze(-1)  # (B, K+1)
     f, g = x[:, :k], x[:, k:]
     return (1 - epsilon) * keep * f + g / k
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], None], device: torch.device, budget_s: float, max_reps: int,
-              min_reps: int = 3, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in ms after warm-up; repeats until budget or max_reps."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (
-        len(times) < min_reps or time.perf_counter() - start < budget_s
-    ):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _delegation(b: int, k: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -101,11 +101,7 @@ def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 
         members = tree(proc.pid, marker) | {p for p in members if _stat(p) is not None}
         if not members:
             break
-        for pid in members:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        _signal(members, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if proc.poll() is None:
@@ -116,6 +112,15 @@ def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 
             time.sleep(0.05)
     proc.poll()
     return len(members)
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    """Send ``sig`` to each process that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _alive(pid: int) -> bool:
@@ -152,11 +157,7 @@ def kill_tagged(name: str, value: str, grace: float = 5.0) -> set[int]:
         members = tagged(name, value)
         if not members:
             return set()
-        for pid in members:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        _signal(members, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and tagged(name, value):
             time.sleep(0.1)
