@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,6 +92,28 @@ def make_plan(cfg: RunConfig, ds: Dataset) -> ViewPlan:
         raise ValueError(f"views: {exc}") from exc
 
 
+class IdIndex:
+    """Row positions of sample ids, vectorised (sorted ids + searchsorted)."""
+
+    def __init__(self, ids: np.ndarray, holder: str) -> None:
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted = np.asarray(ids)[self.order]
+        self.holder = holder
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids``; an unknown id is an error naming it."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.sorted.size == 0:
+            if ids.size:
+                raise ValueError(f"{self.holder} does not hold sample id {int(ids[0])}")
+            return ids
+        at = np.searchsorted(self.sorted, ids).clip(0, self.sorted.size - 1)
+        known = self.sorted[at] == ids
+        if not known.all():
+            raise ValueError(f"{self.holder} does not hold sample id {int(ids[~known][0])}")
+        return self.order[at]
+
+
 @dataclass
 class ClientView:
     """What one client holds: ids and its own (standardised) features, never labels."""
@@ -100,10 +122,9 @@ class ClientView:
     x: np.ndarray  # (N, *view_shape)
     present: np.ndarray  # (N,) bool: rows this view really has
     scaler: Standardizer | None = None
-    _pos: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._pos = {int(i): p for p, i in enumerate(self.ids)}
+        self._index = IdIndex(self.ids, "client")
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -111,10 +132,7 @@ class ClientView:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids``; an unknown id is an error naming it."""
-        try:
-            return np.fromiter((self._pos[int(i)] for i in ids), dtype=np.int64, count=len(ids))
-        except KeyError as exc:
-            raise ValueError(f"client does not hold sample id {exc.args[0]}") from None
+        return self._index.rows(ids)
 
 
 def load_client_view(cfg: RunConfig, index: int, train_ids: np.ndarray | None) -> ClientView:
@@ -145,23 +163,22 @@ class ServerData:
     splits: Splits
     informative: np.ndarray | None = None  # ground truth of synthetic tasks, for evaluation
     regions: np.ndarray | None = None
-    _pos: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._pos = {int(i): p for p, i in enumerate(self.ids)}
+        self._index = IdIndex(self.ids, "server")
 
     def labels_of(self, ids: np.ndarray) -> np.ndarray:
-        return self.labels[[self._pos[int(i)] for i in ids]]
+        return self.labels[self._index.rows(ids)]
 
     def informative_of(self, ids: np.ndarray) -> np.ndarray | None:
         if self.informative is None:
             return None
-        return self.informative[[self._pos[int(i)] for i in ids]]
+        return self.informative[self._index.rows(ids)]
 
     def regions_of(self, ids: np.ndarray) -> np.ndarray | None:
         if self.regions is None:
             return None
-        return self.regions[[self._pos[int(i)] for i in ids]]
+        return self.regions[self._index.rows(ids)]
 
 
 def load_server_data(cfg: RunConfig) -> ServerData:
@@ -214,25 +231,45 @@ def liquid_config(cfg: RunConfig, task: str) -> LiquidConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def state_to_arrays(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    prefix: str = "") -> Arrays:
-    """Expert parameters and optimizer state as flat numpy arrays."""
-    arrays = {f"{prefix}model/{k}": v.detach().cpu().numpy().copy()
+OPT_GROUPS = "optimizer/groups"
+
+
+def state_to_arrays(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Arrays:
+    """Expert parameters and optimizer state as flat numpy arrays (no pickling).
+
+    Tensors of the optimizer state become ``optimizer/<param>/<name>`` arrays; its param
+    groups and non-tensor entries travel as JSON text in ``optimizer/groups``.
+    """
+    arrays = {f"model/{k}": v.detach().cpu().numpy().copy()
               for k, v in module.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(optimizer.state_dict(), buf)
-    arrays[f"{prefix}optimizer"] = np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+    opt = optimizer.state_dict()
+    scalars: dict[str, Any] = {}
+    for idx, entries in opt["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, Tensor):
+                arrays[f"optimizer/{idx}/{name}"] = value.detach().cpu().numpy().copy()
+            else:
+                scalars[f"{idx}/{name}"] = value
+    text = json.dumps({"groups": opt["param_groups"], "scalars": scalars})
+    arrays[OPT_GROUPS] = np.frombuffer(text.encode(), dtype=np.uint8).copy()
     return arrays
 
 
 def arrays_to_state(arrays: Arrays, module: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, prefix: str = "") -> None:
+                    optimizer: torch.optim.Optimizer) -> None:
     """Load what :func:`state_to_arrays` wrote."""
-    model_keys = {k[len(prefix) + 6:]: v for k, v in arrays.items()
-                  if k.startswith(f"{prefix}model/")}
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model_keys.items()})
-    raw = arrays[f"{prefix}optimizer"].tobytes()
-    optimizer.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
+    module.load_state_dict({k[6:]: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                            if k.startswith("model/")})
+    meta = json.loads(arrays[OPT_GROUPS].tobytes().decode())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in arrays.items():
+        if key.startswith("optimizer/") and key != OPT_GROUPS:
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = torch.from_numpy(np.array(value))
+    for key, value in meta["scalars"].items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["groups"]})
 
 
 @dataclass
@@ -282,7 +319,7 @@ def _runtime(settings: dict[str, Any], state: Arrays) -> ClientRuntime:
     expert = build_client_expert(cfg, index, view.in_shape, out_dim)
     opt = make_optimizer(cfg.optim.name, expert.parameters(), cfg.optim.lr,
                          cfg.optim.weight_decay, cfg.optim.momentum)
-    if "optimizer" in state:
+    if OPT_GROUPS in state:
         arrays_to_state(state, expert, opt)
     return ClientRuntime(cfg, settings["config"], index, view, expert, opt, out_dim)
 
@@ -351,7 +388,7 @@ def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
     if kind == "setup":
         state = {"train_ids": np.asarray(arrays["train_ids"], dtype=np.int64)}
         for key, value in arrays.items():
-            if key.startswith("model/") or key == "optimizer":
+            if key.startswith(("model/", "optimizer/")):
                 state[key] = value
         settings_state = {k: settings[k] for k in ("config", "index", "out_dim")}
         rt = _runtime(settings_state, state)
