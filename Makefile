@@ -13,11 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+# A new run folder each time: earlier results are never overwritten.
 demo: $(STAMP)
-	$(PY) -m simulations.digits_centralized
+	$(VENV)/bin/liquid-fed run configs/quickstart.yaml --out runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
+# Ray/Flower tests share xdist groups (one cluster per group at a time); one torch thread
+# per process: these experts are tiny and 2 cores are shared by two workers.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m simulations.bench_solvers
