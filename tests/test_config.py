@@ -98,3 +98,17 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
         load_config(listy)
+
+
+def test_ensemble_section_mirrors_the_layer_config() -> None:
+    import dataclasses
+
+    from liquid_fed.config import EnsembleConfig
+    from liquid_fed.ensemble import LiquidConfig
+
+    section = {f.name: f.default for f in dataclasses.fields(EnsembleConfig)}
+    layer = {f.name: f.default for f in dataclasses.fields(LiquidConfig) if f.name != "task"}
+    assert set(section) == set(layer)
+    # The run config may choose other training defaults, but the solver's are the layer's.
+    for key in ("solver", "epsilon", "penalty", "backend", "mix", "load_temperature"):
+        assert section[key] == layer[key], key
