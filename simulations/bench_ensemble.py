@@ -9,13 +9,12 @@ Run: ``python -m simulations.bench_ensemble [--quick] [--device cpu|cuda]``.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 
 from liquid_fed import LiquidEnsemble, MLPExpert
-from simulations.timing import median_ms
+from simulations.timing import bench_arguments, median_ms
 
 
 def _step(ens: LiquidEnsemble, xs: list[torch.Tensor], y: torch.Tensor) -> Callable[[], None]:
@@ -50,18 +49,7 @@ def run(device: torch.device, ks: list[int], batches: list[int], in_features: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda "
-                        "too when present)")
-    args = parser.parse_args(argv)
-    if args.device is not None:
-        devices = [torch.device(args.device)]
-    else:
-        devices = [torch.device("cpu")]
-        if torch.cuda.is_available():
-            devices.append(torch.device("cuda"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    args, devices = bench_arguments(__doc__, argv)
     for device in devices:
         if args.quick:
             run(device, [2, 4], [8], 6, 8, 3, 0.01, 3)

@@ -18,14 +18,13 @@ Run: ``python -m simulations.bench_solvers [--quick] [--device cpu|cuda]``.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from liquid_fed.solvers import ELIMINATION_MAX_K, solve_power
-from simulations.timing import median_ms
+from simulations.timing import bench_arguments, median_ms
 
 EPSILON = 0.01
 
@@ -142,18 +141,7 @@ def crossover_table(device: torch.device, batch: int, ks: list[int], budget_s: f
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda "
-                        "too when present)")
-    args = parser.parse_args(argv)
-    if args.device is not None:
-        devices = [torch.device(args.device)]
-    else:
-        devices = [torch.device("cpu")]
-        if torch.cuda.is_available():
-            devices.append(torch.device("cuda"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    args, devices = bench_arguments(__doc__, argv)
     if args.quick:
         batch, ks, cross, budget, reps = 64, [4, 8], [16, 24], 0.02, 3
     else:
