@@ -282,19 +282,17 @@ class ClientRuntime:
     view: ClientView
     expert: Expert
     optimizer: torch.optim.Optimizer
-    out_dim: int
-
-
-@lru_cache(maxsize=64)
-def _cached_view(cfg_yaml: str, index: int, train_key: bytes) -> ClientView:
-    cfg = config_from_yaml_text(cfg_yaml)
-    train = np.frombuffer(train_key, dtype=np.int64) if train_key else None
-    return load_client_view(cfg, index, train)
 
 
 @lru_cache(maxsize=16)
 def _parse_config(text: str) -> RunConfig:
     return config_from_yaml_text(text)
+
+
+@lru_cache(maxsize=64)
+def _cached_view(cfg_yaml: str, index: int, train_key: bytes) -> ClientView:
+    train = np.frombuffer(train_key, dtype=np.int64) if train_key else None
+    return load_client_view(_parse_config(cfg_yaml), index, train)
 
 
 # Live runtimes of this process, reused only while their version matches the persisted
@@ -321,7 +319,7 @@ def _runtime(settings: dict[str, Any], state: Arrays) -> ClientRuntime:
                          cfg.optim.weight_decay, cfg.optim.momentum)
     if OPT_GROUPS in state:
         arrays_to_state(state, expert, opt)
-    return ClientRuntime(cfg, settings["config"], index, view, expert, opt, out_dim)
+    return ClientRuntime(cfg, settings["config"], index, view, expert, opt)
 
 
 def _persist(rt: ClientRuntime, state: Arrays) -> Arrays:
@@ -406,8 +404,8 @@ def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
     reply: Arrays = {}
     if kind in ("train", "evaluate") and "fwd_ids" in arrays:
         reply = _client_forward(rt, arrays["fwd_ids"], train=kind == "train")
-    elif kind == "checkpoint":
-        reply = state_to_arrays(rt.expert, rt.optimizer)
+    elif kind == "checkpoint":  # the persisted state is already the latest
+        reply = {k: v for k, v in state.items() if k.startswith(("model/", "optimizer/"))}
     elif kind not in ("train", "evaluate"):
         raise ValueError(f'unknown client message kind "{kind}" '
                          "(accepted: setup, train, evaluate, checkpoint)")
@@ -567,10 +565,11 @@ class RunWriter:
         return self.write_bytes(name, text.encode())
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return self.write_text(name, json.dumps(obj, indent=2, default=_json_default) + "\n")
+        text = json.dumps(_strict_json(obj), indent=2, allow_nan=False)
+        return self.write_text(name, text + "\n")
 
     def write_jsonl(self, name: str, rows: Sequence[dict]) -> Path:
-        text = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows)
+        text = "".join(json.dumps(_strict_json(r), allow_nan=False) + "\n" for r in rows)
         return self.write_text(name, text)
 
     def save_torch(self, name: str, obj: Any) -> Path:
@@ -579,14 +578,20 @@ class RunWriter:
         return self.write_bytes(name, buf.getvalue())
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
+def _strict_json(obj: Any) -> Any:
+    """Plain JSON values: numpy scalars and arrays as Python ones, NaN and inf as null (a
+    Kendall τ of a constant confidence, say); ``json.dumps`` would write a bare ``NaN``."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and math.isnan(obj):
+        return _strict_json(obj.tolist())
+    if isinstance(obj, (np.integer, np.floating)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+    return obj
 
 
 @dataclass

@@ -138,8 +138,10 @@ def test_id_mismatch_is_a_clear_error_or_intersected() -> None:
 def test_run_writer_replaces_files_whole(tmp_path: Path) -> None:
     writer = RunWriter(tmp_path)
     writer.write_json("summary.json", {"a": 1})
-    writer.write_json("summary.json", {"a": 2, "nan": float("nan")})
-    assert json.loads((tmp_path / "summary.json").read_text())["a"] == 2
+    writer.write_json("summary.json", {"a": 2, "nan": float("nan"), "np": np.float32(0.5)})
+    strict = json.loads((tmp_path / "summary.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"non-standard JSON: {c}"))
+    assert strict == {"a": 2, "nan": None, "np": 0.5}
     writer.save_torch("checkpoints/x.pt", {"t": torch.ones(2)})
     assert torch.load(tmp_path / "checkpoints" / "x.pt")["t"].sum() == 2
     leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]
