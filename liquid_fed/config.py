@@ -19,11 +19,9 @@ from typing import Any
 
 import yaml
 
+from liquid_fed.errors import ConfigError
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used."""
 
 
 @dataclass

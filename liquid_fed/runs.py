@@ -19,6 +19,7 @@ import torch
 
 from liquid_fed.config import RunConfig, config_from_yaml_text
 from liquid_fed.data import view_summary
+from liquid_fed.errors import RunFolderError
 from liquid_fed.protocol import (
     Federation,
     RoundInfo,
@@ -31,10 +32,6 @@ from liquid_fed.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used as asked (would overwrite results, or lacks them)."""
 
 
 def prepare_folder(cfg: RunConfig, path: str | Path, resume: bool, force: bool) -> RunWriter:

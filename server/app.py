@@ -22,15 +22,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from liquid_fed.codec import MESSAGE_TYPES, decode, encode
 from liquid_fed.config import RunConfig, load_config
+from liquid_fed.errors import ClientFailure
 from liquid_fed.protocol import RoundInfo
 from liquid_fed.runs import prepare_folder, run_federated
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml, configs/
-
-
-class ClientFailure(RuntimeError):
-    """A client replied with an error, or did not reply in time."""
 
 
 class GridTransport:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from liquid_fed.config import ConfigError, RunConfig, config_from_yaml_text, load_config
+from liquid_fed.config import RunConfig, config_from_yaml_text, load_config
+from liquid_fed.errors import LiquidFedError
 
 log = logging.getLogger("liquid_fed.cli")
 
@@ -340,14 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (LiquidFedError, ValueError, FileNotFoundError) as exc:
         print(f"liquid-fed: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ in ("RunFolderError", "ClientFailure"):
-            print(f"liquid-fed: error: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":
