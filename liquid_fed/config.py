@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,10 +117,24 @@ class SimulationConfig:
 
 @dataclass
 class ServerConfig:
-    """Where the server computes the solve and the loss."""
+    """Where the server computes the solve and the loss, and what replies it accepts."""
 
     device: str = "auto"
     threads: int = 1
+    reply_limit: float = 1e6  # largest |prediction| or |delegation| a client reply may carry
+
+
+@dataclass
+class PrivacyConfig:
+    """The defence on the gradients returned to clients (see :mod:`liquid_fed.privacy`).
+
+    ``clip`` bounds the L2 norm of each sample's own gradient row; ``noise`` is the standard
+    deviation of Gaussian noise added to every entry, in units of ``clip`` (absolute when
+    ``clip`` is 0). Both 0: the exact gradients (labels are recoverable from them).
+    """
+
+    clip: float = 0.0
+    noise: float = 0.0
 
 
 @dataclass
@@ -144,6 +160,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
     @property
@@ -198,6 +215,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "simulation.threads_per_client": (1, None, True, True),
     "simulation.timeout": (0, None, False, True),
     "server.threads": (1, None, True, True),
+    "server.reply_limit": (0, None, False, True),
+    "privacy.clip": (0, None, True, True),
+    "privacy.noise": (0, None, True, True),
 }
 
 
@@ -218,6 +238,10 @@ def _in_range(value: float, low, high, low_inc, high_inc) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+class _TypeMismatch(ConfigError):
+    """A value of the wrong type (a union tries its next member); other errors are final."""
+
+
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
     """Check (and gently coerce) ``value`` against a type annotation."""
     origin = typing.get_origin(annotation)
@@ -225,38 +249,39 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in args:
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{path}: got {value!r}, which is none of {_type_name(annotation)}")
+            except _TypeMismatch:
+                continue  # another member of the union may take it
+        raise _TypeMismatch(f"{path}: got {value!r}, which is none of {_type_name(annotation)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: got {value!r}; expected a list")
+            raise _TypeMismatch(f"{path}: got {value!r}; expected a list")
         return [_coerce(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: got {value!r}; expected a mapping")
+            raise _TypeMismatch(f"{path}: got {value!r}; expected a mapping")
         return dict(value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: got {value!r}; expected true or false")
+        raise _TypeMismatch(f"{path}: got {value!r}; expected true or false")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{path}: got {value!r}; expected an integer")
+            raise _TypeMismatch(f"{path}: got {value!r}; expected an integer")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: got {value!r}; expected a number")
+            raise _TypeMismatch(f"{path}: got {value!r}; expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: got {value!r}; expected a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: got {value!r}; expected a string")
+            raise _TypeMismatch(f"{path}: got {value!r}; expected a string")
         return value
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, path)
@@ -320,10 +345,34 @@ def _check(cfg: RunConfig) -> None:
                 f'unknown config key "experts.per_client[{i}].{unknown[0]}" '
                 "(accepted: kind, options)"
             )
-    if cfg.server.device != "auto" and not cfg.server.device.startswith(("cpu", "cuda")):
+    if not _DEVICE.fullmatch(cfg.server.device):
         raise ConfigError(
             f'server.device: got "{cfg.server.device}"; accepted: auto, cpu, cuda, cuda:N'
         )
+    if not _NAME.fullmatch(cfg.name):
+        raise ConfigError(
+            f"name: got {cfg.name!r}; a run name is one folder name inside `out`: letters, "
+            "digits, '.', '_' and '-', not starting with '.' (at most 128 characters)"
+        )
+    bad = _non_finite(cfg.to_dict())
+    if bad:
+        raise ConfigError(f"{bad[0][0]}: got {bad[0][1]!r}; numbers in a config must be finite")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _non_finite(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every NaN or infinite number, options included."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(path, value)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items()
+                for hit in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in _non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -337,6 +386,48 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+#: A config is small: larger files, or YAML whose aliases expand beyond this many nodes (a
+#: "billion laughs" bomb), are refused before anything walks them.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses oversized text and alias expansion beyond a budget.
+
+    Raises:
+        ConfigError: invalid YAML, too large, or aliases expanding beyond
+            :data:`MAX_YAML_NODES` nodes (also recursive aliases); names ``where``.
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is {len(text)} bytes; a config holds at most "
+                          f"{MAX_CONFIG_BYTES} bytes")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{where} nests too deeply") from exc
+    budget = [MAX_YAML_NODES]
+
+    def walk(node: Any, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 100:
+            raise ConfigError(f"{where}: its YAML aliases expand beyond {MAX_YAML_NODES} nodes "
+                              "or 100 levels (an alias bomb or a recursive alias); write the "
+                              "values out")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(k, depth + 1)
+                walk(v, depth + 1)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, depth + 1)
+
+    walk(data, 0)
+    return data
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
     if "=" not in text:
@@ -345,10 +436,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f'override "{text}" has an empty key part')
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f'override "{text}": value is not valid YAML ({exc})') from exc
+    value = safe_yaml(raw, f'override "{text}": value') if raw.strip() else ""
     return key.split("."), value
 
 
@@ -394,11 +482,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file)")
+        where = f"config file {str(path)!r}"
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{where} is {path.stat().st_size} bytes; a config holds at "
+                                  f"most {MAX_CONFIG_BYTES} bytes")
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where} cannot be read: {exc}") from exc
+        data = safe_yaml(text, where) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return build_config(data, overrides)
@@ -406,4 +499,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def config_from_yaml_text(text: str) -> RunConfig:
     """Rebuild a config sent as YAML text (as the server sends it to clients)."""
-    return build_config(yaml.safe_load(text) or {})
+    data = safe_yaml(text, "config text") or {}
+    if not isinstance(data, dict):
+        raise ConfigError("config text must hold a mapping at the top level")
+    return build_config(data)

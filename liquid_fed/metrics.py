@@ -62,6 +62,11 @@ def per_sample_error(out: EnsembleOutput, target: Tensor, task: str) -> Tensor:
     return (diff * diff).sum(-1)
 
 
+def primary_metric(metrics: dict[str, object]) -> str:
+    """The headline metric of a result: ``accuracy`` for classification, else ``rmse``."""
+    return "accuracy" if "accuracy" in metrics else "rmse"
+
+
 def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
     """Kendall's τ-b between two 1-D arrays (ties handled); NaN when either is constant."""
     from scipy.stats import kendalltau

@@ -23,19 +23,15 @@ any object with the :class:`Transport` methods.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
-import os
 import secrets
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -54,8 +50,18 @@ from liquid_fed.data import (
 )
 from liquid_fed.data.views import ViewPlan
 from liquid_fed.ensemble import LiquidConfig, combine, ensemble_loss
+from liquid_fed.errors import ClientFailure
 from liquid_fed.experts import Expert, build_expert
 from liquid_fed.metrics import evaluate_output, per_sample_error
+from liquid_fed.privacy import GradientDefence, LabelLeakage
+from liquid_fed.replies import (
+    check_prediction_reply,
+    check_setup_reply,
+    check_signals,
+    check_state_reply,
+    ids_digest,
+)
+from liquid_fed.rundir import METRICS_FILE, OUTPUTS_FILE, Checkpoint, RunDir
 from liquid_fed.train import batch_order, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -282,6 +288,7 @@ class ClientRuntime:
     view: ClientView
     expert: Expert
     optimizer: torch.optim.Optimizer
+    out_dim: int
 
 
 @lru_cache(maxsize=16)
@@ -319,7 +326,7 @@ def _runtime(settings: dict[str, Any], state: Arrays) -> ClientRuntime:
                          cfg.optim.weight_decay, cfg.optim.momentum)
     if OPT_GROUPS in state:
         arrays_to_state(state, expert, opt)
-    return ClientRuntime(cfg, settings["config"], index, view, expert, opt)
+    return ClientRuntime(cfg, settings["config"], index, view, expert, opt, out_dim)
 
 
 def _persist(rt: ClientRuntime, state: Arrays) -> Arrays:
@@ -340,13 +347,15 @@ def _client_forward(rt: ClientRuntime, ids: np.ndarray, train: bool) -> Arrays:
     with torch.no_grad():
         x = torch.from_numpy(rt.view.x[rows]).to(dtype)
         pred, dele = rt.expert(x)
-    return {"pred": pred.numpy(), "del": dele.numpy(), "present": rt.view.present[rows]}
+    return {"pred": pred.numpy(), "del": dele.numpy(), "present": rt.view.present[rows],
+            "ids_digest": ids_digest(ids)}
 
 
 def _client_backward(rt: ClientRuntime, ids: np.ndarray, g_pred: np.ndarray,
                      g_del: np.ndarray, round_index: int) -> None:
     """Back-propagate the server's signals through the expert over mini-batches of the chunk."""
     rows = rt.view.rows(ids)
+    check_signals({"g_pred": g_pred, "g_del": g_del}, len(rows), rt.out_dim, rt.cfg.n_clients)
     dtype = DTYPES[rt.cfg.train.dtype]
     train = rt.cfg.train
     keep = torch.from_numpy(rt.view.present[rows]).to(dtype).unsqueeze(-1)  # (n, 1)
@@ -424,8 +433,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class TrainStep(NamedTuple):
+    """A training round's result at the server."""
+
+    loss: float
+    signals: list[Arrays]  # per client: g_pred (n, C), g_del (n, K), as sent
+
+
+class Evaluation(NamedTuple):
+    """An evaluated split: metrics and the per-sample outputs behind them."""
+
+    metrics: dict[str, float]
+    details: Arrays  # ids, power (n, K), delegation (n, K, K), error (n,), labels, truth
+
+
 class ServerStep:
-    """Combines the clients' outputs, computes loss, signals and metrics on the server."""
+    """Combines the clients' outputs, computes loss, signals and metrics on the server.
+
+    The replies it is given have passed :func:`liquid_fed.replies.check_prediction_reply`.
+    """
 
     def __init__(self, cfg: RunConfig, data: ServerData) -> None:
         self.cfg = cfg
@@ -433,6 +459,7 @@ class ServerStep:
         self.liquid = liquid_config(cfg, data.task)
         self.device = resolve_device(cfg.server.device)
         self.dtype = DTYPES[cfg.train.dtype]
+        self.defence = GradientDefence(cfg.privacy.clip, cfg.privacy.noise, cfg.seed)
 
     def _target(self, ids: np.ndarray) -> Tensor:
         y = torch.from_numpy(np.asarray(self.data.labels_of(ids)))
@@ -449,8 +476,10 @@ class ServerStep:
         dels = dels.to(self.device, self.dtype).requires_grad_(grad)
         return preds, dels, present.to(self.device)
 
-    def train_step(self, ids: np.ndarray, replies: Sequence[Arrays]) -> tuple[float, list[Arrays]]:
-        """Loss on the chunk and each client's signals ``g_pred`` (n, C), ``g_del`` (n, K)."""
+    def train_step(self, ids: np.ndarray, replies: Sequence[Arrays],
+                   round_index: int = 0) -> TrainStep:
+        """Loss on the chunk and each client's signals ``g_pred`` (n, C), ``g_del`` (n, K),
+        after the configured defence (``privacy``)."""
         preds, dels, present = self._stack(replies, grad=True)
         mask = None if bool(present.all()) else present
         out = combine(preds, dels, self.liquid, mask)
@@ -458,12 +487,17 @@ class ServerStep:
         g_pred, g_del = torch.autograd.grad(loss, (preds, dels), allow_unused=True)
         if g_del is None:  # the uniform vote ignores delegations: nothing to learn there
             g_del = torch.zeros_like(dels)
+        if not (torch.isfinite(loss) and torch.isfinite(g_pred).all()
+                and torch.isfinite(g_del).all()):
+            raise ClientFailure(f"round {round_index}: the loss or its gradient is not finite "
+                                f"(loss {float(loss.detach()):.6g}) although every reply passed "
+                                "its checks; lower optim.lr or check the data")
         signals = [{"g_pred": g_pred[:, k].cpu().numpy(), "g_del": g_del[:, k].cpu().numpy()}
                    for k in range(len(replies))]
-        return float(loss.detach()), signals
+        return TrainStep(float(loss.detach()), self.defence.apply(signals, round_index))
 
     def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
-                 n_params: Sequence[int]) -> tuple[dict[str, float], Arrays]:
+                 n_params: Sequence[int]) -> Evaluation:
         """Loss and metrics of the ensemble on ``ids``, and the per-sample outputs behind them
         (ids, power (n, K), delegation (n, K, K), error (n,), labels, and the ground truth
         ``informative`` / ``regions`` where the data set has it)."""
@@ -487,7 +521,7 @@ class ServerStep:
                 details["informative"] = truth
             if self.data.regions is not None:
                 details["regions"] = self.data.regions_of(ids)
-        return metrics, details
+        return Evaluation(metrics, details)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +544,12 @@ class Transport(Protocol):
                  settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
         """Send one message per client (list index = client index); replies in that order."""
         ...
+
+
+def describe_client(transport: Transport, k: int) -> str:
+    """How errors name client ``k``: the transport's own words (e.g. with its node id)."""
+    describe = getattr(transport, "describe", None)
+    return describe(k) if describe is not None else f"client {k}"
 
 
 class LocalTransport:
@@ -543,57 +583,6 @@ class RoundInfo:
     metrics: dict[str, float] | None = None
 
 
-class RunWriter:
-    """The run's folder; every file is written whole to a temporary name, then renamed."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def write_bytes(self, name: str, data: bytes) -> Path:
-        target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        return target
-
-    def write_text(self, name: str, text: str) -> Path:
-        return self.write_bytes(name, text.encode())
-
-    def write_json(self, name: str, obj: Any) -> Path:
-        text = json.dumps(_strict_json(obj), indent=2, allow_nan=False)
-        return self.write_text(name, text + "\n")
-
-    def write_jsonl(self, name: str, rows: Sequence[dict]) -> Path:
-        text = "".join(json.dumps(_strict_json(r), allow_nan=False) + "\n" for r in rows)
-        return self.write_text(name, text)
-
-    def save_torch(self, name: str, obj: Any) -> Path:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        return self.write_bytes(name, buf.getvalue())
-
-
-def _strict_json(obj: Any) -> Any:
-    """Plain JSON values: numpy scalars and arrays as Python ones, NaN and inf as null (a
-    Kendall τ of a constant confidence, say); ``json.dumps`` would write a bare ``NaN``."""
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _strict_json(obj.tolist())
-    if isinstance(obj, (np.integer, np.floating)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 @dataclass
 class FederationResult:
     """What a finished federated run reports."""
@@ -606,18 +595,28 @@ class FederationResult:
     wall_seconds: float
     train_losses: list[float]
     n_params: list[int]
+    label_leakage: dict[str, Any]
 
 
 class Federation:
-    """The server's round loop over any :class:`Transport`."""
+    """The server's round loop over any :class:`Transport`.
 
-    def __init__(self, cfg: RunConfig, transport: Transport, writer: RunWriter | None = None,
-                 on_round: Callable[[RoundInfo], None] | None = None) -> None:
+    Args:
+        cfg: the resolved config.
+        transport: reaches the K clients.
+        run: the run folder to write (metrics, test outputs, checkpoints); None writes nothing.
+        on_round: progress callback.
+        data: the server's labels and splits (loaded from ``cfg`` when not given).
+    """
+
+    def __init__(self, cfg: RunConfig, transport: Transport, run: RunDir | None = None,
+                 on_round: Callable[[RoundInfo], None] | None = None,
+                 data: ServerData | None = None) -> None:
         self.cfg = cfg
         self.transport = transport
-        self.writer = writer
+        self.run_dir = run
         self.on_round = on_round
-        self.data = load_server_data(cfg)
+        self.data = data if data is not None else load_server_data(cfg)
         self.step = ServerStep(cfg, self.data)
         self.k = cfg.n_clients
         self.cfg_yaml = cfg.to_yaml()
@@ -629,6 +628,7 @@ class Federation:
         self.pending: list[Arrays] | None = None  # signals not yet applied by the clients
         self.pending_ids: np.ndarray | None = None
         self.pending_round = 0
+        self.leakage: LabelLeakage | None = None
 
     # -- messaging ---------------------------------------------------------------------------
 
@@ -636,6 +636,8 @@ class Federation:
                   settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
         self.bytes_down += sum(payload_bytes(a, s) for a, s in zip(arrays, settings, strict=True))
         replies = self.transport.exchange(kind, arrays, settings)
+        if len(replies) != self.k:
+            raise ClientFailure(f'"{kind}": {len(replies)} replies for {self.k} clients')
         self.bytes_up += sum(payload_bytes(r, i) for r, i in replies)
         return replies
 
@@ -649,11 +651,20 @@ class Federation:
         self.pending_ids = None
 
     def _send(self, kind: str, fwd_ids: np.ndarray | None) -> list[Arrays]:
+        """One exchange; with ``fwd_ids``, every reply is checked before it is used."""
         arrays: list[Arrays] = [{} if fwd_ids is None else {"fwd_ids": fwd_ids}
                                 for _ in range(self.k)]
         settings: list[dict[str, Any]] = [{} for _ in range(self.k)]
         self._with_pending(arrays, settings)
-        return [r for r, _ in self._exchange(kind, arrays, settings)]
+        replies = [r for r, _ in self._exchange(kind, arrays, settings)]
+        for k, r in enumerate(replies):
+            who = describe_client(self.transport, k)
+            if fwd_ids is not None:
+                check_prediction_reply(r, fwd_ids, self.data.n_outputs, self.k, who, kind,
+                                       self.cfg.server.reply_limit)
+            elif kind == "checkpoint":
+                check_state_reply(r, who)
+        return replies
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -663,12 +674,14 @@ class Federation:
         arrays = []
         for k in range(self.k):
             a = {"train_ids": self.data.splits.train}
-            if client_states is not None:
+            if client_states:
                 a.update(client_states[k])
             arrays.append(a)
         settings = [{"config": self.cfg_yaml, "index": k, "out_dim": out_dim}
                     for k in range(self.k)]
         replies = self._exchange("setup", arrays, settings)
+        for k, (reply, info) in enumerate(replies):
+            check_setup_reply(reply, info, describe_client(self.transport, k))
         self.n_params = [int(info["n_params"]) for _, info in replies]
         held = {f"client_{k}": r["ids"] for k, (r, _) in enumerate(replies)}
         labelled = np.concatenate([self.data.splits.train, self.data.splits.val,
@@ -684,6 +697,8 @@ class Federation:
         else:
             align_ids(labelled, held)
         self.data.splits = drop_unseen(self.data.splits, [r["absent"] for r, _ in replies])
+        train = self.data.splits.train
+        self.leakage = LabelLeakage(train, self.data.labels_of(train), self.data.task, self.k)
         log.info("setup: %d clients, %s parameters", self.k, self.n_params)
 
     def evaluate(self, splits: Sequence[str], round_index: int) -> list[dict[str, Any]]:
@@ -692,53 +707,55 @@ class Federation:
         replies = self._send("evaluate", np.concatenate(parts))
         rows, start = [], 0
         for split, ids in zip(splits, parts, strict=True):
-            sub = [{k: v[start:start + ids.size] for k, v in r.items()} for r in replies]
+            sub = [{k: v[start:start + ids.size] for k, v in r.items() if k != "ids_digest"}
+                   for r in replies]
             start += ids.size
             metrics, details = self.step.evaluate(ids, sub, self.n_params)
             row = {"round": round_index, "split": split, **metrics,
                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
             self.history.append(row)
             rows.append(row)
-            if self.writer is not None and split == "test":
-                buf = io.BytesIO()  # what the figures of delegation patterns are drawn from
-                np.savez_compressed(buf, **details)
-                self.writer.write_bytes("test_outputs.npz", buf.getvalue())
-        if self.writer is not None:
-            self.writer.write_jsonl("metrics.jsonl", self.history)
+            if self.run_dir is not None and split == "test":
+                # what the figures of delegation patterns are drawn from
+                self.run_dir.write_npz(OUTPUTS_FILE, details)
+        if self.run_dir is not None:
+            self.run_dir.write_jsonl(METRICS_FILE, self.history)
         return rows
 
     def checkpoint(self, round_index: int, elapsed: float) -> list[Arrays]:
-        """Flush pending signals, collect every client's state, write them atomically."""
+        """Flush pending signals, collect every client's state, write one generation."""
         states = self._send("checkpoint", None)
-        if self.writer is not None:
-            for k, s in enumerate(states):
-                self.writer.save_torch(f"checkpoints/client_{k}.pt", s)
-            self.writer.save_torch("checkpoints/server.pt", {
-                "round": round_index, "history": self.history, "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "train_losses": self.train_losses,
-                "elapsed": elapsed, "config": self.cfg_yaml,
-            })
+        if self.run_dir is not None:
+            server = {"history": self.history, "bytes_up": self.bytes_up,
+                      "bytes_down": self.bytes_down, "train_losses": self.train_losses,
+                      "elapsed": elapsed, "config": self.cfg_yaml}
+            leak = self.leakage.state() if self.leakage is not None else {}
+            self.run_dir.save_checkpoint(Checkpoint(round_index, server, leak, list(states)))
         return states
 
     def rounds_per_epoch(self) -> int:
         return math.ceil(self.data.splits.train.size / self.cfg.train.chunk_size)
 
-    def run(self, resume: dict[str, Any] | None = None,
-            client_states: Sequence[Arrays] | None = None,
+    def run(self, resume: Checkpoint | None = None,
             stop_after: int | None = None) -> FederationResult | None:
         """Train for ``train.epochs`` epochs, evaluating and checkpointing on schedule.
 
-        ``stop_after`` ends the run after that many rounds as an interruption would, leaving a
-        checkpoint there to resume from; it then returns None.
+        Args:
+            resume: a checkpoint to continue from (see :func:`liquid_fed.rundir.load_checkpoint`).
+            stop_after: end the run after that many rounds as an interruption would, leaving a
+                checkpoint there to resume from; the run then returns None.
         """
         start_round, elapsed0 = 0, 0.0
         if resume is not None:
-            start_round = int(resume["round"])
-            self.history = list(resume["history"])
-            self.bytes_up, self.bytes_down = resume["bytes_up"], resume["bytes_down"]
-            self.train_losses = list(resume["train_losses"])
-            elapsed0 = float(resume["elapsed"])
-        self.setup(client_states)
+            start_round = resume.round
+            self.history = list(resume.server["history"])
+            self.bytes_up = int(resume.server["bytes_up"])
+            self.bytes_down = int(resume.server["bytes_down"])
+            self.train_losses = [float(v) for v in resume.server["train_losses"]]
+            elapsed0 = float(resume.server["elapsed"])
+        self.setup(resume.clients if resume is not None else None)
+        if resume is not None and self.leakage is not None:
+            self.leakage.load(resume.server_arrays)
         t0 = time.perf_counter() - elapsed0
         train_ids = self.data.splits.train
         per_epoch = self.rounds_per_epoch()
@@ -752,7 +769,8 @@ class Federation:
                                                   self.cfg.seed))}
             ids = train_ids[chunks[epoch][j]]
             replies = self._send("train", ids)
-            loss, signals = self.step.train_step(ids, replies)
+            loss, signals = self.step.train_step(ids, replies, r)
+            self.leakage.observe(ids, signals, [rep["pred"] for rep in replies])
             self.pending, self.pending_ids, self.pending_round = signals, ids, r
             self.train_losses.append(loss)
             metrics = None
@@ -772,20 +790,4 @@ class Federation:
         wall = time.perf_counter() - t0
         self.checkpoint(total, wall)
         return FederationResult(self.history, test, total, self.bytes_up, self.bytes_down,
-                                wall, self.train_losses, self.n_params)
-
-
-def load_checkpoint(run_dir: str | Path, n_clients: int) -> tuple[dict[str, Any], list[Arrays]]:
-    """Server state and every client's state from a run folder's ``checkpoints/``."""
-    ck = Path(run_dir) / "checkpoints"
-    server_file = ck / "server.pt"
-    if not server_file.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from: {server_file} does not exist")
-    server = torch.load(server_file, weights_only=False)
-    clients = []
-    for k in range(n_clients):
-        f = ck / f"client_{k}.pt"
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint {ck} lacks client_{k}.pt")
-        clients.append(torch.load(f, weights_only=False))
-    return server, clients
+                                wall, self.train_losses, self.n_params, self.leakage.report())

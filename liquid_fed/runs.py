@@ -1,15 +1,14 @@
 """A whole run: its folder, the federated training, the references and the summary.
 
-The run folder holds ``config.yaml`` (fully resolved), ``views.json`` (the view plan and a probe
-score per view), ``metrics.jsonl`` (one line per evaluation), ``summary.json`` and
-``checkpoints/`` (server state and every client's expert and optimizer) from which a run
-resumes. Every file is written whole and renamed into place, so an interrupted run never
-leaves a half-written file, and nothing already written is overwritten unless asked for.
+The run folder's files and how they are written are :mod:`liquid_fed.rundir`'s: every file is
+written whole and renamed into place, checkpoints are data in consistent generations, and
+nothing already written is overwritten unless asked for.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,77 +16,87 @@ from typing import Any
 
 import torch
 
-from liquid_fed.config import RunConfig, config_from_yaml_text
+from liquid_fed.config import RunConfig
 from liquid_fed.data import view_summary
-from liquid_fed.errors import RunFolderError
+from liquid_fed.errors import ConfigError
 from liquid_fed.protocol import (
+    DTYPES,
     Federation,
     RoundInfo,
-    RunWriter,
     Transport,
-    load_checkpoint,
+    build_client_expert,
     load_data,
     load_server_data,
     make_plan,
 )
+from liquid_fed.rundir import VIEWS_FILE, RunDir
 
 log = logging.getLogger(__name__)
 
 
-def prepare_folder(cfg: RunConfig, path: str | Path, resume: bool, force: bool) -> RunWriter:
-    """Check the folder against the request; write ``config.yaml`` for a new run."""
-    path = Path(path)
-    has_results = (path / "summary.json").exists() or (path / "checkpoints").exists()
-    if resume:
-        saved = path / "config.yaml"
-        if not saved.is_file():
-            raise RunFolderError(f"cannot resume: {saved} does not exist")
-        old = config_from_yaml_text(saved.read_text())
-        if _without_io(old) != _without_io(cfg):
-            raise RunFolderError(
-                f"cannot resume: the config differs from the one saved in {saved} "
-                "(resume with that config, or start a new run folder)"
-            )
-        return RunWriter(path)
-    if has_results and not force:
-        raise RunFolderError(
-            f"run folder {path} already holds results; pass --resume to continue it, --force "
-            "to overwrite it, or choose another --out"
-        )
-    writer = RunWriter(path)
-    writer.write_text("config.yaml", cfg.to_yaml())
-    return writer
-
-
 def check_run(cfg: RunConfig) -> None:
-    """Load the data, cut the views and build every expert once, so mistakes surface before
-    any process starts; errors name the config key (``data``, ``views``, ``experts``)."""
-    from liquid_fed.protocol import build_client_expert
+    """Everything that can be checked before any process starts, so mistakes surface in
+    seconds with the config key they come from instead of minutes later inside Ray.
 
+    Loads the data and splits it, cuts every view, builds every expert and runs one forward
+    and backward pass of it on a few training rows of its own view, and checks that the
+    server's device and the simulation's resources exist on this machine.
+
+    Raises:
+        ConfigError: naming the key (``data``, ``views``, ``experts``, ``server.device``,
+            ``simulation.*``), the value and what is accepted.
+    """
+    _check_resources(cfg)
     ds = load_data(cfg)
     plan = make_plan(cfg, ds)
+    splits = load_server_data(cfg).splits
+    rows = splits.train[: min(4, splits.train.size)]
+    dtype = DTYPES[cfg.train.dtype]
     for k in range(cfg.n_clients):
         shape = plan.view_shape(k, ds.features.shape)
-        build_client_expert(cfg, k, shape, ds.n_outputs)
+        expert = build_client_expert(cfg, k, shape, ds.n_outputs)
+        x = torch.from_numpy(plan.apply(ds, k, rows)).to(dtype)
+        where = f"experts (client {k}: {type(expert).__name__} on a view of shape {shape})"
+        try:
+            pred, dele = expert(x)
+            (pred.sum() + dele.sum()).backward()
+        except Exception as exc:  # any failure of a user-chosen expert on this view
+            raise ConfigError(f"{where}: a forward and backward pass on {len(rows)} training "
+                              f"rows failed: {type(exc).__name__}: {exc}") from exc
+        want = ((len(rows), ds.n_outputs), (len(rows), cfg.n_clients))
+        if (tuple(pred.shape), tuple(dele.shape)) != want:
+            raise ConfigError(f"{where}: returned outputs of shapes {tuple(pred.shape)} and "
+                              f"{tuple(dele.shape)}; expected {want[0]} and {want[1]}")
 
 
-def _without_io(cfg: RunConfig) -> dict[str, Any]:
-    """The parts of a config that change results (not where they are written)."""
-    d = cfg.to_dict()
-    d.pop("out", None)
-    d.pop("name", None)
-    d["train"].pop("checkpoint_every", None)
-    d["train"].pop("eval_every", None)
-    return d
+def _check_resources(cfg: RunConfig) -> None:
+    """The server's device and the simulation's CPU/GPU requests exist on this machine."""
+    device = cfg.server.device
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= n_gpus:
+            have = f"{n_gpus} CUDA device(s)" if n_gpus else "no CUDA device"
+            raise ConfigError(f'server.device: got "{device}"; this machine has {have} '
+                              "(accepted here: auto, cpu" + (", cuda" if n_gpus else "") + ")")
+    if cfg.simulation.num_gpus_per_client > 0 and n_gpus == 0:
+        raise ConfigError(f"simulation.num_gpus_per_client: got "
+                          f"{cfg.simulation.num_gpus_per_client}; this machine has no CUDA "
+                          "device, so no client could ever be scheduled (use 0)")
+    cpus = os.cpu_count() or 1
+    if cfg.simulation.num_cpus_per_client > cpus:
+        raise ConfigError(f"simulation.num_cpus_per_client: got "
+                          f"{cfg.simulation.num_cpus_per_client}; this machine has {cpus} CPUs, "
+                          "so no client could ever be scheduled")
 
 
-def write_views(cfg: RunConfig, writer: RunWriter) -> list[dict]:
+def write_views(cfg: RunConfig, run: RunDir) -> list[dict]:
     """The view plan and a quick linear probe per view (how partial each view is)."""
     ds = load_data(cfg)
     plan = make_plan(cfg, ds)
     splits = load_server_data(cfg).splits
     summary = view_summary(ds, plan, splits, seed=cfg.seed)
-    writer.write_json("views.json", {"plan": plan.to_dict(), "summary": summary})
+    run.write_json(VIEWS_FILE, {"plan": plan.to_dict(), "summary": summary})
     return summary
 
 
@@ -105,8 +114,8 @@ def run_federated(
     Args:
         cfg: the resolved config.
         transport: reaches the K clients (Flower's Grid in practice).
-        run_dir: the run folder (already prepared by :func:`prepare_folder`).
-        resume: continue from ``run_dir/checkpoints``.
+        run_dir: the run folder (already prepared by :func:`liquid_fed.rundir.prepare`).
+        resume: continue from the folder's newest complete checkpoint.
         stop_after: stop after this many rounds, leaving a checkpoint (returns None).
         on_round: progress callback.
         extra: more fields for ``summary.json`` (e.g. the engine's start-up seconds).
@@ -115,15 +124,16 @@ def run_federated(
         The summary written to ``summary.json``, or None when stopped early.
     """
     torch.set_num_threads(cfg.server.threads)
-    writer = RunWriter(run_dir)
-    server_state = client_states = None
+    run = RunDir(run_dir)
+    checkpoint = None
     if resume:
-        server_state, client_states = load_checkpoint(run_dir, cfg.n_clients)
-        log.info("resuming from round %d", server_state["round"])
+        checkpoint = run.load_checkpoint(cfg.n_clients)
+        log.info("resuming from round %d (checkpoint %s)", checkpoint.round,
+                 checkpoint.generation)
     else:
-        write_views(cfg, writer)
-    fed = Federation(cfg, transport, writer, on_round)
-    result = fed.run(server_state, client_states, stop_after)
+        write_views(cfg, run)
+    fed = Federation(cfg, transport, run, on_round)
+    result = fed.run(checkpoint, stop_after)
     if result is None:
         return None
     t0 = time.perf_counter()
@@ -144,9 +154,11 @@ def run_federated(
         "bytes_down": result.bytes_down,
         "bytes_per_round": (result.bytes_up + result.bytes_down) / max(result.rounds, 1),
         "n_params": result.n_params,
+        "label_leakage": result.label_leakage,
+        "privacy": {"clip": cfg.privacy.clip, "noise": cfg.privacy.noise},
         "references": {"centralized_" + k: v for k, v in refs.items()},
         "references_seconds": time.perf_counter() - t0,
         **(extra or {}),
     }
-    writer.write_json("summary.json", summary)
+    run.write_summary(summary)
     return summary

@@ -20,11 +20,13 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from liquid_fed import rundir
 from liquid_fed.codec import MESSAGE_TYPES, decode, encode
 from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import ClientFailure
 from liquid_fed.protocol import RoundInfo
-from liquid_fed.runs import prepare_folder, run_federated
+from liquid_fed.rundir import RunLock
+from liquid_fed.runs import run_federated
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml, configs/
@@ -34,10 +36,13 @@ class GridTransport:
     """The protocol's exchanges over a Flower Grid; client index = node's partition-id."""
 
     def __init__(self, grid: Grid, n_clients: int, timeout: float, threads: int = 1,
-                 wait: float = 120.0) -> None:
+                 wait: float = 120.0, poll: float = 0.15,
+                 health: Callable[[], str | None] | None = None) -> None:
         self.grid = grid
         self.timeout = timeout
         self.threads = threads
+        self.poll = poll
+        self.health = health
         self.round = 0
         deadline = time.monotonic() + wait
         nodes = sorted(grid.get_node_ids())
@@ -81,21 +86,25 @@ class GridTransport:
                                 f"({len(missing)} client indices unassigned)")
         return [by_partition[k] for k in range(n_clients)]
 
+    def describe(self, k: int) -> str:
+        """How errors name client ``k``."""
+        return f"client {k} (node {self.nodes[k]})" if hasattr(self, "nodes") else f"client {k}"
+
     def _send_raw(self, kind: str, nodes: Sequence[int], arrays: Sequence[dict],
                   settings: Sequence[dict]) -> list[tuple[dict, dict]]:
         self.round += 1
         msgs = [Message(encode(a, s), dst_node_id=node, message_type=MESSAGE_TYPES[kind],
                         group_id=str(self.round))
                 for node, a, s in zip(nodes, arrays, settings, strict=True)]
-        replies = {r.metadata.src_node_id: r
-                   for r in self.grid.send_and_receive(msgs, timeout=self.timeout)}
+        replies, waited = exchange_messages(self.grid, msgs, self.timeout, self.poll,
+                                            self.health, kind)
         out = []
         for k, node in enumerate(nodes):
             reply = replies.get(node)
             if reply is None:
                 raise ClientFailure(
-                    f'client {k} (node {node}) sent no reply to "{kind}" within '
-                    f"{self.timeout:.0f} s (simulation.timeout)"
+                    f'client {k} (node {node}) sent no reply to "{kind}" within {waited:.0f} s '
+                    f"(simulation.timeout = {self.timeout:g} s)"
                 )
             if reply.has_error():
                 raise ClientFailure(
@@ -111,27 +120,60 @@ class GridTransport:
         return self._send_raw(kind, self.nodes, arrays, settings)
 
 
+def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll: float,
+                      health: Callable[[], str | None] | None = None,
+                      kind: str = "") -> tuple[dict[int, Message], float]:
+    """Push ``msgs``, then pull their replies every ``poll`` seconds until all have come,
+    ``timeout`` seconds have passed, or ``health()`` names a reason to stop (the simulation
+    runtime crashed): that ends the wait at once with the runtime's reason.
+
+    Returns:
+        Replies by source node id, and the seconds waited.
+    """
+    t0 = time.monotonic()
+    pending = set(grid.push_messages(msgs))
+    replies: dict[int, Message] = {}
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            replies[reply.metadata.src_node_id] = reply
+            pending.discard(reply.metadata.reply_to_message_id)
+        if not pending:
+            break
+        waited = time.monotonic() - t0
+        reason = health() if health is not None else None
+        if reason:
+            raise ClientFailure(f'the simulation runtime stopped while the server waited '
+                                f'{waited:.1f} s for replies to "{kind}": {reason}')
+        if waited >= timeout:
+            break
+        time.sleep(poll)
+    return replies, time.monotonic() - t0
+
+
 def serve(grid: Grid, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
           stop_after: int | None = None, on_round: Callable[[RoundInfo], None] | None = None,
-          extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+          extra: dict[str, Any] | None = None,
+          health: Callable[[], str | None] | None = None) -> dict[str, Any] | None:
     """Run the whole federation on ``grid``."""
-    if hasattr(grid, "pull_interval"):  # the simulation Grid polls replies every 0.1 s
-        grid.pull_interval = cfg.simulation.pull_interval
+    # The simulation Grid lives in this process: poll it often. A deployment's SuperLink is
+    # reached over HTTP: every 0.15 s instead of Flower's fixed 3 s.
+    poll = cfg.simulation.pull_interval if hasattr(grid, "pull_interval") else 0.15
     transport = GridTransport(grid, cfg.n_clients, cfg.simulation.timeout,
-                              cfg.simulation.threads_per_client)
+                              cfg.simulation.threads_per_client, poll=poll, health=health)
     return run_federated(cfg, transport, run_dir, resume, stop_after, on_round, extra)
 
 
 def make_server_app(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                     stop_after: int | None = None,
                     on_round: Callable[[RoundInfo], None] | None = None,
-                    extra: dict[str, Any] | None = None) -> ServerApp:
+                    extra: dict[str, Any] | None = None,
+                    health: Callable[[], str | None] | None = None) -> ServerApp:
     """A ServerApp bound to a resolved config (what ``liquid-fed run`` launches)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, run_dir, resume, stop_after, on_round, extra)
+        serve(grid, cfg, run_dir, resume, stop_after, on_round, extra, health)
 
     return app
 
@@ -164,5 +206,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
     resume = bool(context.run_config.get("resume", False))
     run_dir = Path(cfg.out) / cfg.name
-    prepare_folder(cfg, run_dir, resume=resume, force=False)
-    serve(grid, cfg, run_dir, resume)
+    with RunLock(run_dir).acquire("flwr run (ServerApp)"):
+        rundir.prepare(cfg, run_dir, resume=resume)
+        serve(grid, cfg, run_dir, resume)

@@ -1,51 +1,32 @@
 """``liquid-fed``: run, check and compare federated Liquid Ensembles from one YAML config.
 
     liquid-fed run CONFIG.yaml [--set key=value ...] [--out DIR] [--resume] [--force]
-    liquid-fed centralized CONFIG.yaml [--set key=value ...] [--out DIR]
+    liquid-fed centralized CONFIG.yaml [--set key=value ...] [--out DIR] [--force]
     liquid-fed validate CONFIG.yaml [--set key=value ...]
     liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
 
 ``run`` starts Flower's simulation engine on Ray in a child process that leads its own
-session; whatever happens (success, error, Ctrl-C), every process of that session and every
-Ray process of the run is gone when the command returns.
+session (:mod:`simulations.simulate`); whatever happens (success, error, Ctrl-C, SIGTERM,
+SIGHUP), every process of that session and every Ray process of the run is gone when the
+command returns, and a launcher killed outright takes its child down with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from liquid_fed.config import RunConfig, config_from_yaml_text, load_config
+from liquid_fed import rundir
+from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import LiquidFedError
+from liquid_fed.metrics import primary_metric
+from liquid_fed.rundir import RunLock
 
 log = logging.getLogger("liquid_fed.cli")
-
-#: Keeps Ray small and quiet on a laptop-sized machine (see the README).
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_LOG_LEVEL": "ERROR",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_memory_monitor_refresh_ms": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_DISABLE_IMPORT_WARNING": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "PYTHONUNBUFFERED": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-CONFIG_ENV = "LIQUID_FED_CONFIG_YAML"
-
 
 # --------------------------------------------------------------------------------------------
 # Progress display
@@ -66,7 +47,7 @@ class Progress:
         if self.bar.total is None:
             self.bar.total = info.total_rounds
         if info.metrics:
-            key = "accuracy" if "accuracy" in info.metrics else "rmse"
+            key = primary_metric(info.metrics)
             self.metric = f"{info.metrics[key]:.3f}"
         postfix = {"epoch": f"{info.epoch:.1f}", "loss": f"{info.loss:.4f}",
                    "elapsed": f"{info.elapsed:.1f}s"}
@@ -106,84 +87,51 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     import torch
 
     from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
-    from liquid_fed.protocol import RunWriter
 
     cfg = _config(args)
     torch.set_num_threads(cfg.server.threads)
     run_dir = Path(args.out) if args.out else Path(cfg.out) / f"{cfg.name}-centralized"
-    writer = RunWriter(run_dir)
-    writer.write_text("config.yaml", cfg.to_yaml())
-    data = central_data(cfg)
-    ensemble = build_ensemble(cfg, data)
-    bar = Progress(cfg.train.epochs, "centralized", not args.quiet)
-    t0 = time.perf_counter()
+    with RunLock(run_dir).acquire(f"liquid-fed centralized {args.config}"):
+        run = rundir.prepare(cfg, run_dir, resume=False, force=args.force)
+        data = central_data(cfg)
+        ensemble = build_ensemble(cfg, data)
+        bar = Progress(cfg.train.epochs, "centralized", not args.quiet)
+        t0 = time.perf_counter()
 
-    def on_epoch(epoch: int, loss: float) -> None:
-        bar.bar.set_postfix({"loss": f"{loss:.4f}", "elapsed": f"{time.perf_counter() - t0:.1f}s"},
-                            refresh=False)
-        bar.bar.update(1)
+        def on_epoch(epoch: int, loss: float) -> None:
+            bar.bar.set_postfix({"loss": f"{loss:.4f}",
+                                 "elapsed": f"{time.perf_counter() - t0:.1f}s"}, refresh=False)
+            bar.bar.update(1)
 
-    result = train_ensemble(cfg, data, ensemble, on_epoch=on_epoch)
-    bar.close()
-    writer.write_json("summary.json", {"name": cfg.name, "mode": "centralized", **result})
-    metric = "accuracy" if "accuracy" in result["test"] else "rmse"
+        result = train_ensemble(cfg, data, ensemble, on_epoch=on_epoch)
+        bar.close()
+        run.write_summary({"name": cfg.name, "mode": "centralized", **result})
+    metric = primary_metric(result["test"])
     print(f"centralized {cfg.name}: test {metric} {result['test'][metric]:.4f} "
           f"({result['wall_seconds']:.1f} s) -> {run_dir}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from liquid_fed.runs import prepare_folder
-    from simulations import procs
+    from simulations.simulate import launch
 
     cfg = _config(args)
     run_dir = _run_dir(cfg, args.out)
-    prepare_folder(cfg, run_dir, args.resume, args.force)
-    ray_tmp = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")  # short: Ray's socket paths
-    env = {**os.environ, **QUIET_ENV, CONFIG_ENV: cfg.to_yaml(), "RAY_TMPDIR": ray_tmp,
-           "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(cfg.simulation.object_store_mb
-                                                            << 20)}
-    env.setdefault("FLWR_HOME", str(Path(ray_tmp) / "flwr"))
-    cmd = [sys.executable, "-m", "simulations.cli", "_simulate", str(run_dir)]
-    if args.resume:
-        cmd.append("--resume")
-    if args.stop_after is not None:
-        cmd += ["--stop-after", str(args.stop_after)]
-    if args.quiet:
-        cmd.append("--quiet")
-    proc = procs.start_session(cmd, env)
-    memory = procs.PeakMemory(proc.pid, marker=ray_tmp)
-    memory.start()
-    interrupted = False
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        interrupted = True
-        rc = 130
-        print("\ninterrupted: stopping the simulation ...", file=sys.stderr)
-    finally:
-        peak = memory.stop()
-        procs.terminate(proc, marker=ray_tmp)
-        left = procs.leftovers(proc.pid, ray_tmp)
-        if left:
-            log.warning("processes still alive after cleanup: %s", sorted(left))
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    if interrupted:
-        print(f"the last checkpoint in {run_dir} is intact; continue with --resume",
-              file=sys.stderr)
-        return rc
-    if rc != 0:
-        print(f"liquid-fed run failed (exit {rc}); see the messages above", file=sys.stderr)
-        return rc
-    summary_file = run_dir / "summary.json"
-    if not summary_file.exists():  # stopped early on purpose
-        print(f"stopped after round {args.stop_after}; checkpoint in {run_dir}/checkpoints")
-        return 0
-    from liquid_fed.protocol import RunWriter
-
-    summary = json.loads(summary_file.read_text())
-    summary["peak_memory_bytes"] = peak
-    RunWriter(run_dir).write_json("summary.json", summary)
+    with RunLock(run_dir).acquire(f"liquid-fed run {args.config}") as lock:
+        run = rundir.prepare(cfg, run_dir, args.resume, args.force)
+        result = launch(cfg, run_dir, args.resume, args.stop_after, args.quiet, lock.fd)
+        if result.signal_name is not None:
+            print(f"the last checkpoint in {run_dir} is intact; continue with --resume",
+                  file=sys.stderr)
+            return result.returncode
+        if result.returncode != 0:
+            print(f"liquid-fed run failed (exit {result.returncode}); see the messages above",
+                  file=sys.stderr)
+            return result.returncode
+        if not run.finished:  # stopped early on purpose
+            print(f"stopped after round {args.stop_after}; checkpoint in {run_dir}/checkpoints")
+            return 0
+        summary = run.update_summary(peak_memory_bytes=result.peak_memory_bytes)
     print(format_summary(summary, run_dir))
     return 0
 
@@ -204,6 +152,11 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         else:
             label = key.replace("centralized_", "") + " (centralized)"
             lines.append(f"  {label:<34} {value:.4f}")
+    leak = summary.get("label_leakage") or {}
+    if leak.get("max") is not None:
+        lines.append(f"  label leakage: a client recovers {100 * leak['max']:.1f} % of the "
+                     "training labels from the gradients it is sent (chance "
+                     f"{100 * leak['chance']:.1f} %)")
     lines.append(f"  outputs: {run_dir}")
     return "\n".join(lines)
 
@@ -224,61 +177,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
         written.append(plot_comparison(args.run_dirs, out / "comparison.png"))
     for path in written:
         print(path)
-    return 0
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """The child of ``run``: Flower's simulation engine on Ray, in this process."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    cfg = config_from_yaml_text(os.environ[CONFIG_ENV])
-    # Flower has its own console handler (FLWR_LOG_LEVEL); don't echo its records twice.
-    logging.getLogger("flwr").propagate = False
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-    from liquid_fed.protocol import RunWriter
-    from server.app import make_server_app
-    from simulations.engine import install_dispatch_loop
-
-    fast_dispatch = install_dispatch_loop(cfg.simulation.dispatch_poll)
-    progress = Progress(None, cfg.name, not args.quiet)
-    times: dict[str, float] = {"start": time.perf_counter()}
-
-    def on_round(info: Any) -> None:
-        times.setdefault("first_round", time.perf_counter() - info.elapsed)
-        progress.round(info)
-
-    app = make_server_app(cfg, args.run_dir, args.resume, args.stop_after, on_round)
-    backend = {
-        "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client,
-                             "num_gpus": cfg.simulation.num_gpus_per_client},
-        "init_args": {"num_cpus": os.cpu_count() or 1,
-                      "object_store_memory": cfg.simulation.object_store_mb << 20,
-                      "logging_level": "ERROR", "log_to_driver": False},
-    }
-    try:
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.n_clients,
-                       backend_config=backend)
-    finally:
-        progress.close()
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    times["end"] = time.perf_counter()
-    summary_file = Path(args.run_dir) / "summary.json"
-    if summary_file.exists() and "first_round" in times:
-        summary = json.loads(summary_file.read_text())
-        total = times["end"] - times["start"]
-        startup = times["first_round"] - times["start"]
-        summary["engine"] = {"total_seconds": total, "startup_seconds": startup,
-                             "dispatch_poll": cfg.simulation.dispatch_poll if fast_dispatch
-                             else 0.1,
-                             "after_training_seconds": total - startup - summary["wall_seconds"]}
-        RunWriter(args.run_dir).write_json("summary.json", summary)
     return 0
 
 
@@ -311,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("centralized", help="train the same experts centrally (reference)")
     common(p)
     p.add_argument("--out", help="output folder (default: <out>/<name>-centralized)")
+    p.add_argument("--force", action="store_true", help="overwrite a folder holding results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_centralized)
 
@@ -326,12 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
                                  "run's own figures going to RUN_DIR/figures")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("_simulate")  # internal: the child process of `run`
-    p.add_argument("run_dir")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--stop-after", type=int)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_simulate)
     return parser
 
 

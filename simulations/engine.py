@@ -1,24 +1,75 @@
-"""A faster dispatch loop for Flower's simulation engine (flwr 1.41).
+"""Two guarded patches of Flower's simulation engine (flwr 1.41.0).
 
-Flower's simulation engine moves the server's messages to the Ray actors in
-``vce_api.add_messages_to_queue``, which checks for new messages every 0.1 s: on average 50 ms
-of dead time per round, most of a round's cost for small experts
-(``simulations/bench_federation.py`` measures it). :func:`install_dispatch_loop` swaps in the
-same loop with a short poll that backs off while idle. It is applied only when Flower's
-function has exactly the signature it replaces; otherwise Flower's own loop stays.
+1. A faster dispatch loop. Flower moves the server's messages to the Ray actors in
+   ``vce_api.add_messages_to_queue``, which checks for new messages every 0.1 s: on average
+   50 ms of dead time per round, most of a round's cost for small experts
+   (``simulations/bench_federation.py`` measures it). :func:`install_dispatch_loop` swaps in the
+   same loop with a short poll that backs off while idle.
+2. A watch on the simulation runtime. When ``vce_api.run_api`` fails (the Ray backend cannot be
+   built, a thread of the runtime dies), Flower sets its stop event but the ServerApp thread
+   keeps waiting for replies until its own timeout. :func:`install_runtime_watch` wraps
+   ``run_api`` to record the failure, so the server's wait ends within one poll with the
+   runtime's own reason (:data:`WATCH`).
+
+Each patch replaces a Flower function only when the installed Flower is the version it was
+written for *and* the function's source is byte-for-byte the one it was written against
+(SHA-256 below); otherwise it logs a warning and Flower's own function stays, so an upstream
+change can cost speed but never silently drop an upstream fix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import threading
+from collections.abc import Callable
 from queue import Queue
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_EXPECTED = ["state", "queue", "nodes_mapping", "f_stop"]
+FLOWER_VERSION = "1.41.0"
+#: SHA-256 of the source of each Flower function a patch replaces (flwr 1.41.0).
+SOURCE_SHA256 = {
+    "add_messages_to_queue": "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a",
+    "run_api": "f85c0cd6e902752f455c00ab9c7212c1cd94a8c681fa9bf294ba967463390898",
+}
+
+
+def source_sha256(fn: Callable[..., Any]) -> str:
+    """SHA-256 of a function's source text."""
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+
+
+def _vce_api() -> Any | None:
+    try:
+        import flwr
+        from flwr.server.superlink.fleet.vce import vce_api
+    except ImportError:
+        log.warning("Flower's simulation engine module moved; keeping Flower's own functions")
+        return None
+    if flwr.__version__ != FLOWER_VERSION:
+        log.warning("Flower %s is installed; the engine patches were written for %s: keeping "
+                    "Flower's own functions", flwr.__version__, FLOWER_VERSION)
+        return None
+    return vce_api
+
+
+def guarded_original(module: Any, name: str) -> Callable[..., Any] | None:
+    """``module.name`` when its source matches :data:`SOURCE_SHA256`; else None (warned)."""
+    original = getattr(module, name, None)
+    if original is None or getattr(original, "_liquid_fed_patch", False):
+        return None
+    try:
+        digest = source_sha256(original)
+    except (OSError, TypeError):
+        digest = ""
+    if digest != SOURCE_SHA256[name]:
+        log.warning("Flower's %s changed (source hash %s...); keeping Flower's own function",
+                    name, digest[:12])
+        return None
+    return original
 
 
 def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
@@ -36,6 +87,7 @@ def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
             wait = min_wait if found else min(wait * 2, max_wait)
             f_stop.wait(wait)
 
+    add_messages_to_queue._liquid_fed_patch = True  # type: ignore[attr-defined]
     return add_messages_to_queue
 
 
@@ -43,14 +95,53 @@ def install_dispatch_loop(max_wait: float) -> bool:
     """Replace Flower's dispatch loop; False (and Flower's loop kept) when it does not fit."""
     if max_wait <= 0:
         return False
-    try:
-        from flwr.server.superlink.fleet.vce import vce_api
-    except ImportError:
-        log.warning("Flower's simulation engine module moved; keeping its dispatch loop")
-        return False
-    original = getattr(vce_api, "add_messages_to_queue", None)
-    if original is None or list(inspect.signature(original).parameters) != _EXPECTED:
-        log.warning("Flower's dispatch loop changed; keeping it (0.1 s poll)")
+    vce_api = _vce_api()
+    if vce_api is None or guarded_original(vce_api, "add_messages_to_queue") is None:
         return False
     vce_api.add_messages_to_queue = make_dispatch_loop(max_wait)
+    return True
+
+
+class RuntimeWatch:
+    """What the wrapped ``run_api`` saw: the runtime's stop event and the error that ended it."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.stop: threading.Event | None = None
+        self.done = False
+
+    def reason(self) -> str | None:
+        """Why the runtime stopped, or None while it runs (or before it started)."""
+        if self.error is not None:
+            return self.error
+        if self.done or (self.stop is not None and self.stop.is_set()):
+            return "the runtime stopped (its stop event is set)"
+        return None
+
+
+#: The watch of this process's simulation runtime (one per process: one simulation per child).
+WATCH = RuntimeWatch()
+
+
+def install_runtime_watch(watch: RuntimeWatch = WATCH) -> bool:
+    """Wrap Flower's ``run_api`` so that ``watch`` learns when and why the runtime ended."""
+    vce_api = _vce_api()
+    original = None if vce_api is None else guarded_original(vce_api, "run_api")
+    if original is None:
+        return False
+
+    def run_api(*args: Any, **kwargs: Any) -> None:
+        stop = kwargs.get("f_stop", args[5] if len(args) > 5 else None)
+        watch.stop = stop if isinstance(stop, threading.Event) else None
+        try:
+            original(*args, **kwargs)
+        except BaseException as exc:
+            cause = exc.__cause__ or exc
+            watch.error = f"{type(cause).__name__}: {cause}"
+            raise
+        finally:
+            watch.done = True
+
+    run_api._liquid_fed_patch = True  # type: ignore[attr-defined]
+    vce_api.run_api = run_api
     return True

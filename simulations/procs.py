@@ -88,9 +88,43 @@ class PeakMemory(threading.Thread):
         return self.peak
 
 
-def start_session(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """Start ``cmd`` as the leader of a new session (its own process group)."""
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux prctl).
+
+    Run in the child (e.g. as ``preexec_fn``): a launcher killed with SIGKILL then still
+    takes its child down, and the child's handler for ``sig`` cleans up after itself.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def start_session(cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = (),
+                  parent_death_signal: int | None = signal.SIGTERM) -> subprocess.Popen:
+    """Start ``cmd`` as the leader of a new session (its own process group).
+
+    Args:
+        cmd: the command.
+        env: its environment.
+        pass_fds: descriptors the child inherits (e.g. the run folder's lock).
+        parent_death_signal: sent to the child when this process dies, however it dies
+            (None: not asked for).
+    """
+    parent = os.getpid()
+
+    def prepare() -> None:
+        if parent_death_signal is not None:
+            die_with_parent(parent_death_signal)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os.kill(os.getpid(), parent_death_signal)
+
+    return subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=pass_fds,
+                            preexec_fn=prepare)
 
 
 def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 10.0) -> int:

@@ -112,3 +112,68 @@ def test_ensemble_section_mirrors_the_layer_config() -> None:
     # The run config may choose other training defaults, but the solver's are the layer's.
     for key in ("solver", "epsilon", "penalty", "backend", "mix", "load_temperature"):
         assert section[key] == layer[key], key
+
+
+FLOAT_KEYS = ["ensemble.epsilon", "ensemble.penalty", "optim.lr", "simulation.timeout",
+              "views.overlap", "data.val", "data.test", "ensemble.load_weight",
+              "optim.weight_decay", "privacy.noise", "server.reply_limit", "views.noise"]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused_everywhere(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: got -?(nan|inf); expected a finite number"):
+        build_config({}, [f"{key}={value}"])
+
+
+def test_non_finite_numbers_inside_options_are_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"data.options.noise: got nan; numbers in a config "
+                                          r"must be finite"):
+        build_config({}, ["data.options={noise: .nan}"])
+    with pytest.raises(ConfigError, match=r"experts.options.widths\[1\]: got inf"):
+        build_config({}, ["experts.options={widths: [1, .inf]}"])
+
+
+@pytest.mark.parametrize("device", ["cudaXYZ", "cuda:x", "gpu", "cuda:-1", "cpu0"])
+def test_device_names_are_checked(device: str) -> None:
+    with pytest.raises(ConfigError, match=f'server.device: got "{device}"; accepted: auto, cpu'):
+        build_config({}, [f"server.device={device}"])
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "", "x" * 129, "/abs"])
+def test_run_names_stay_inside_out(name: str) -> None:
+    with pytest.raises(ConfigError, match="name: got .* a run name is one folder name"):
+        build_config({"name": name})
+
+
+def test_yaml_alias_bombs_are_refused_quickly(tmp_path: Path) -> None:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 9):  # 9**9 ~ 3.9e8 leaves once expanded, in a ~600-byte file
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nname: bomb\n")
+    assert bomb.stat().st_size < 700
+    with pytest.raises(ConfigError, match="aliases expand beyond 100000 nodes"):
+        load_config(bomb)
+    (tmp_path / "loop.yaml").write_text("data: &x {options: {x: *x}}\n")
+    with pytest.raises(ConfigError, match="alias bomb or a recursive alias"):
+        load_config(tmp_path / "loop.yaml")
+    parts = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        parts.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 9)}]")
+    with pytest.raises(ConfigError, match="override .* aliases expand beyond"):
+        build_config({}, ["views.options={" + ", ".join(parts) + "}"])
+
+
+def test_config_files_that_are_no_text_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path)  # a directory
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(binary)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfname: bom\n")
+    assert load_config(bom).name == "bom"

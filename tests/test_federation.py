@@ -18,17 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
 from liquid_fed.config import load_config
+from liquid_fed.rundir import has_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
-OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "views.json",
-           "checkpoints/server.pt")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "views.json")
 
 
 def tagged_env() -> tuple[dict[str, str], str]:
@@ -87,11 +86,11 @@ def test_federated_run_reproduces_centralized_training_exactly(tmp_path: Path) -
     losses: list[float] = []
     central = train_ensemble(cfg, data, ensemble, on_step=lambda _, loss: losses.append(loss))
 
-    server = torch.load(run / "checkpoints" / "server.pt", weights_only=False)
-    assert len(server["train_losses"]) == len(losses) > 15
-    np.testing.assert_allclose(server["train_losses"], losses, rtol=0, atol=1e-6)
+    checkpoint = load_checkpoint(run, cfg.n_clients)
+    assert len(checkpoint.server["train_losses"]) == len(losses) > 15
+    np.testing.assert_allclose(checkpoint.server["train_losses"], losses, rtol=0, atol=1e-6)
     for k, expert in enumerate(ensemble.experts):
-        state = torch.load(run / "checkpoints" / f"client_{k}.pt", weights_only=False)
+        state = checkpoint.clients[k]
         for name, value in expert.state_dict().items():
             np.testing.assert_allclose(state[f"model/{name}"], value.numpy(), rtol=0, atol=1e-6)
     assert summary(run)["test"]["accuracy"] == pytest.approx(central["test"]["accuracy"])
@@ -101,8 +100,9 @@ def test_quickstart_end_to_end_then_interrupted_and_resumed(tmp_path: Path) -> N
     short = ["--set", "train.epochs=4", "--set", "train.eval_every=10"]
     whole = tmp_path / "whole"
     proc = ok(liquid_fed("run", str(QUICKSTART), *short, "--out", str(whole)))
-    for name in OUTPUTS + tuple(f"checkpoints/client_{k}.pt" for k in range(4)):
+    for name in OUTPUTS:
         assert (whole / name).is_file(), name
+    assert len(load_checkpoint(whole, 4).clients) == 4
     result = summary(whole)
     assert result["rounds"] == 20 and result["epochs"] == 4
     assert 0.0 < result["test"]["accuracy"] <= 1.0
@@ -176,10 +176,10 @@ def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> Non
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 180
-    while not (run / "checkpoints" / "server.pt").exists() and time.monotonic() < deadline:
+    while not has_checkpoint(run) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    assert (run / "checkpoints" / "server.pt").exists()
+    assert has_checkpoint(run)
     seen_during = live_processes(tag)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -187,8 +187,8 @@ def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> Non
     assert "continue with --resume" in err
     assert any("raylet" in p for p in seen_during), "the tag did not reach Ray's processes"
     assert live_processes(tag) == []
-    server = torch.load(run / "checkpoints" / "server.pt", weights_only=False)
-    assert server["round"] % 5 == 0 and server["round"] > 0
+    checkpoint = load_checkpoint(run, 4)
+    assert checkpoint.round % 5 == 0 and checkpoint.round > 0
     assert not list(run.rglob("*.tmp-*"))
 
 

@@ -252,13 +252,14 @@ def test_missing_or_broken_outputs_say_what_to_do(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def regions_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
     from liquid_fed.config import load_config
-    from liquid_fed.protocol import Federation, LocalTransport, RunWriter
+    from liquid_fed.protocol import Federation, LocalTransport
+    from liquid_fed.rundir import RunDir
 
     cfg = load_config(CONFIGS / "regions.yaml", [
         "train.epochs=2", "train.eval_every=0", "data.options.n_samples=1200",
         "baselines.uniform=false", "baselines.independent=false"])
     run_dir = tmp_path_factory.mktemp("runs") / "shared"
-    writer = RunWriter(run_dir)
+    writer = RunDir(run_dir)
     writer.write_text("config.yaml", cfg.to_yaml())
     result = Federation(cfg, LocalTransport(cfg.n_clients), writer).run()
     return run_dir, result.test

@@ -7,19 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from liquid_fed import protocol
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
 from liquid_fed.config import build_config
+from liquid_fed.errors import RunFolderError
 from liquid_fed.protocol import (
     Federation,
     LocalTransport,
-    RunWriter,
     handle_client_message,
     payload_bytes,
 )
-from liquid_fed.runs import RunFolderError, prepare_folder
+from liquid_fed.rundir import RunDir, load_checkpoint, prepare
 
 EXACT = {
     "train": {"epochs": 1, "chunk_size": 48, "batch_size": 48, "dtype": "float64",
@@ -136,14 +135,15 @@ def test_id_mismatch_is_a_clear_error_or_intersected() -> None:
 
 
 def test_run_writer_replaces_files_whole(tmp_path: Path) -> None:
-    writer = RunWriter(tmp_path)
+    writer = RunDir(tmp_path)
     writer.write_json("summary.json", {"a": 1})
     writer.write_json("summary.json", {"a": 2, "nan": float("nan"), "np": np.float32(0.5)})
     strict = json.loads((tmp_path / "summary.json").read_text(),
                         parse_constant=lambda c: pytest.fail(f"non-standard JSON: {c}"))
     assert strict == {"a": 2, "nan": None, "np": 0.5}
-    writer.save_torch("checkpoints/x.pt", {"t": torch.ones(2)})
-    assert torch.load(tmp_path / "checkpoints" / "x.pt")["t"].sum() == 2
+    writer.write_npz("checkpoints/x.npz", {"t": np.ones(2)})
+    with np.load(tmp_path / "checkpoints" / "x.npz", allow_pickle=False) as z:
+        assert z["t"].sum() == 2
     leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
 
@@ -151,29 +151,30 @@ def test_run_writer_replaces_files_whole(tmp_path: Path) -> None:
 def test_run_folder_is_never_silently_overwritten(tmp_path: Path) -> None:
     cfg = build_config(EXACT)
     run = tmp_path / "run"
-    prepare_folder(cfg, run, resume=False, force=False)
+    prepare(cfg, run, resume=False, force=False)
     (run / "summary.json").write_text('{"keep": true}')
     with pytest.raises(RunFolderError, match="already holds results; pass --resume"):
-        prepare_folder(cfg, run, resume=False, force=False)
+        prepare(cfg, run, resume=False, force=False)
     assert json.loads((run / "summary.json").read_text()) == {"keep": True}
     other = build_config(EXACT, ["seed=5"])
     with pytest.raises(RunFolderError, match="config differs"):
-        prepare_folder(other, run, resume=True, force=False)
+        prepare(other, run, resume=True, force=False)
     with pytest.raises(RunFolderError, match="cannot resume"):
-        prepare_folder(cfg, tmp_path / "empty", resume=True, force=False)
-    prepare_folder(cfg, run, resume=True, force=False)  # same config: fine
+        prepare(cfg, tmp_path / "empty", resume=True, force=False)
+    with pytest.raises(RunFolderError, match="already finished"):  # nothing left to continue
+        prepare(cfg, run, resume=True, force=False)
 
 
 def test_stop_and_resume_in_process_gives_the_same_result(tmp_path: Path) -> None:
     cfg = build_config(EXACT, ["train.epochs=2", "train.chunk_size=128", "train.batch_size=32",
                                "optim.name=adam", "optim.lr=0.01"])
     whole = Federation(cfg, LocalTransport(cfg.n_clients)).run()
-    writer = RunWriter(tmp_path)
+    writer = RunDir(tmp_path)
     stopped = Federation(cfg, LocalTransport(cfg.n_clients), writer).run(stop_after=7)
     assert stopped is None
-    server, clients = protocol.load_checkpoint(tmp_path, cfg.n_clients)
-    assert server["round"] == 7
-    resumed = Federation(cfg, LocalTransport(cfg.n_clients), writer).run(server, clients)
+    checkpoint = load_checkpoint(tmp_path, cfg.n_clients)
+    assert checkpoint.round == 7
+    resumed = Federation(cfg, LocalTransport(cfg.n_clients), writer).run(checkpoint)
     np.testing.assert_array_equal(resumed.train_losses, whole.train_losses)
     traffic = ("bytes_up", "bytes_down")
     assert ({k: v for k, v in resumed.test.items() if k not in traffic}

@@ -1,0 +1,257 @@
+"""One run on Flower's simulation engine (Ray): the supervisor and the child it starts.
+
+``liquid-fed run`` calls :func:`launch`, which starts ``python -m simulations.simulate`` as the
+leader of a new session and watches it. Whatever ends the run — success, an error, Ctrl-C,
+SIGTERM or SIGHUP to the launcher, or the launcher being killed outright — every process of the
+run (Ray's daemons and workers included) and the run's temporary folder are gone afterwards:
+
+- the launcher treats SIGTERM and SIGHUP as Ctrl-C: it stops the child's tree (SIGINT, then
+  SIGTERM, then SIGKILL), sweeps up every process carrying the run's environment tag and removes
+  the temporary folder;
+- the child asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so a
+  launcher killed with SIGKILL still takes the child down; on SIGTERM, SIGHUP or SIGINT the child
+  kills every process carrying the run's tag, removes the temporary folder and exits at once
+  (no training thread outlives it to keep writing; checkpoints are whole generations, so the
+  last complete one stays usable).
+
+Ray is private to the run: token authentication with a random token per run
+(``RAY_AUTH_MODE=token``; the token lives in the run's temporary folder, mode 0600), so no other
+process can join the cluster or submit work to it. Ray 2.55 binds its gRPC servers to every
+interface and resolves a loopback node address to the machine's own address, so it cannot be
+kept on 127.0.0.1; the token is what keeps it private.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from liquid_fed.config import RunConfig, config_from_yaml_text
+from liquid_fed.errors import LiquidFedError
+from liquid_fed.rundir import RunDir
+from simulations import procs
+
+log = logging.getLogger("liquid_fed.simulate")
+
+#: Keeps Ray small and quiet on a laptop-sized machine (see the README).
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_LOG_LEVEL": "ERROR",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_memory_monitor_refresh_ms": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_DISABLE_IMPORT_WARNING": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+CONFIG_ENV = "LIQUID_FED_CONFIG_YAML"
+RUN_TAG_ENV = "LIQUID_FED_RUN_TAG"  # inherited by every process of the run, Ray's included
+TMP_ENV = "LIQUID_FED_RUN_TMP"
+SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@dataclass
+class LaunchResult:
+    """How the child ended."""
+
+    returncode: int
+    signal_name: str | None  # the signal that interrupted the run (SIGINT for Ctrl-C)
+    peak_memory_bytes: int
+    leftovers: int  # processes of the run still alive after cleanup (normally 0)
+
+
+def ray_environment(cfg: RunConfig, tmp: Path) -> dict[str, str]:
+    """The environment of a private, quiet, bounded Ray cluster living in ``tmp``."""
+    token = tmp / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    return {**QUIET_ENV, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+            "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(cfg.simulation.object_store_mb
+                                                             << 20)}
+
+
+def launch(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_after: int | None = None,
+           quiet: bool = False, lock_fd: int | None = None) -> LaunchResult:
+    """Run the simulation in a child session and clean up after it, whatever happens.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: the prepared run folder.
+        resume: continue from its newest checkpoint.
+        stop_after: stop after that many rounds, leaving a checkpoint.
+        quiet: no progress bar.
+        lock_fd: the run folder's lock, handed to the child so it holds while either lives.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="lfray-", dir="/tmp"))  # short: Ray's socket paths
+    tag = f"lf-run-{uuid.uuid4().hex}"
+    env = {**os.environ, **ray_environment(cfg, tmp), CONFIG_ENV: cfg.to_yaml(),
+           RUN_TAG_ENV: tag, TMP_ENV: str(tmp)}
+    env.setdefault("FLWR_HOME", str(tmp / "flwr"))
+    cmd = [sys.executable, "-m", "simulations.simulate", str(run_dir)]
+    cmd += ["--resume"] if resume else []
+    cmd += ["--stop-after", str(stop_after)] if stop_after is not None else []
+    cmd += ["--quiet"] if quiet else []
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in SIGNALS}
+    proc = memory = None
+    signal_name = None
+    rc = 1
+    try:
+        proc = procs.start_session(cmd, env, pass_fds=() if lock_fd is None else (lock_fd,))
+        memory = procs.PeakMemory(proc.pid, marker=str(tmp))
+        memory.start()
+        rc = proc.wait()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP via Interrupted
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        signal_name = signal.Signals(signum).name
+        rc = 128 + signum
+        print(f"\n{signal_name}: stopping the simulation ...", file=sys.stderr)
+    finally:
+        for sig in (*SIGNALS, signal.SIGINT):  # cleanup is bounded: let it finish
+            signal.signal(sig, signal.SIG_IGN)
+        peak = memory.stop() if memory is not None else 0
+        left = set()
+        if proc is not None:
+            procs.terminate(proc, marker=str(tmp))
+            left = procs.leftovers(proc.pid, str(tmp)) | procs.kill_tagged(RUN_TAG_ENV, tag)
+            if left:
+                log.warning("processes still alive after cleanup: %s", sorted(left))
+        shutil.rmtree(tmp, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return LaunchResult(rc, signal_name, peak, len(left))
+
+
+# --------------------------------------------------------------------------------------------
+# The child
+# --------------------------------------------------------------------------------------------
+
+
+def _die(signum: int, frame: Any) -> None:
+    """Kill every process of the run, remove its temporary folder, exit now."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    tag = os.environ.get(RUN_TAG_ENV)
+    if tag:
+        procs.kill_tagged(RUN_TAG_ENV, tag, grace=3.0)
+    tmp = os.environ.get(TMP_ENV)
+    if tmp and Path(tmp).name.startswith("lfray-"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    os._exit(128 + signum)
+
+
+def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
+              progress: Callable[[int | None, str, bool], Any]) -> int:
+    """Flower's simulation engine on Ray, in this process."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    cfg = config_from_yaml_text(os.environ[CONFIG_ENV])
+    # Flower has its own console handler (FLWR_LOG_LEVEL); don't echo its records twice.
+    logging.getLogger("flwr").propagate = False
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+    from simulations import engine
+
+    fast_dispatch = engine.install_dispatch_loop(cfg.simulation.dispatch_poll)
+    watched = engine.install_runtime_watch()
+    bar = progress(None, cfg.name, not quiet)
+    times: dict[str, float] = {"start": time.perf_counter()}
+
+    def on_round(info: Any) -> None:
+        times.setdefault("first_round", time.perf_counter() - info.elapsed)
+        bar.round(info)
+
+    app = make_server_app(cfg, run_dir, resume, stop_after, on_round,
+                          health=engine.WATCH.reason if watched else None)
+    backend = {
+        "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client,
+                             "num_gpus": cfg.simulation.num_gpus_per_client},
+        "init_args": {"num_cpus": os.cpu_count() or 1,
+                      "object_store_memory": cfg.simulation.object_store_mb << 20,
+                      "logging_level": "ERROR", "log_to_driver": False},
+    }
+    try:
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.n_clients,
+                       backend_config=backend)
+    finally:
+        bar.close()
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    times["end"] = time.perf_counter()
+    run = RunDir(run_dir)
+    if run.finished and "first_round" in times:
+        total = times["end"] - times["start"]
+        startup = times["first_round"] - times["start"]
+        wall = float(run.read_summary()["wall_seconds"])
+        run.update_summary(engine={
+            "total_seconds": total, "startup_seconds": startup,
+            "dispatch_poll": cfg.simulation.dispatch_poll if fast_dispatch else 0.1,
+            "after_training_seconds": total - startup - wall})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the child (``python -m simulations.simulate RUN_DIR ...``)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _die)
+    parser = argparse.ArgumentParser(prog="simulations.simulate")
+    parser.add_argument("run_dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from simulations.cli import Progress
+
+    try:
+        return _simulate(args.run_dir, args.resume, args.stop_after, args.quiet, Progress)
+    except LiquidFedError as exc:
+        print(f"liquid-fed: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # Flower wraps what failed in its threads
+        cause = exc.__cause__
+        if isinstance(cause, LiquidFedError):
+            print(f"liquid-fed: error: {cause}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
