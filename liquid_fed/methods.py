@@ -54,9 +54,13 @@ Presence masks (``views.missing``): a party that lacks a sample contributes noth
 the present parties only (the gate's softmax runs over present parties). ``aggvfl``: absent
 parties add nothing to the sum. ``splitnn``: an absent party's embedding is zeros. ``central``:
 the absent view's features are 0, its training mean after standardisation (mean imputation).
-``local`` and the experts of ``averaged``/``oracle`` train and score only on the samples their
-view holds; ``oracle`` falls back to the average of the present experts where the informative
-view is absent. No party ever receives a gradient from a sample it lacks.
+``local`` and the experts of ``averaged``/``oracle`` train (batches of
+:func:`~liquid_fed.train.batch_order` over those rows) and score only on the samples their view
+holds; ``oracle`` falls back to the average of the present experts where the informative view
+is absent. No party ever receives a gradient from a sample it lacks.
+
+``train_seconds`` is the wall time of training; ``averaged``, ``local`` and ``oracle`` report
+the time to train all K experts alone (shared by ``run_methods``, so count it once).
 
 Metrics of every method and split: ``accuracy`` and ``nll`` (classification) or ``rmse`` and
 ``mse`` (regression), and ``loss`` (the method's training objective). Methods with an
