@@ -105,3 +105,5 @@ def test_natural_views_need_groups_and_their_number() -> None:
         make_views(iris, "natural", 3)
     with pytest.raises(ValueError, match="'digits_flat' has none"):
         make_views(load_dataset("digits_flat"), "natural", 4)
+    cancer = load_dataset("breast_cancer")
+    assert make_views(cancer, "natural", 3).columns == make_views(cancer, "groups", 3).columns
