@@ -675,12 +675,7 @@ def oracle(ctx: MethodContext) -> MethodResult:
         ConfigError: when the data has no ground truth of the informative view.
     """
     cfg, data = ctx.cfg, ctx.data
-    if data.server.informative is None:
-        raise ConfigError(
-            f'method "oracle" needs the ground truth of which view is informative per sample: '
-            f'data set "synthetic_regions" with views.kind: groups and no views.options; got '
-            f'data.name "{cfg.data.name}", views.kind "{cfg.views.kind}"'
-            + (f", views.options {cfg.views.options}" if cfg.views.options else ""))
+    check_methods(["oracle"], cfg, data)
 
     def weight_of(split: str, present: Tensor) -> tuple[Tensor, None]:
         dtype = data.inputs[split][0].dtype
@@ -747,6 +742,25 @@ METHODS: dict[str, MethodFn] = {
 }
 
 
+def check_methods(names: Sequence[str], cfg: RunConfig, data: CentralData) -> None:
+    """Check, without training, that every method exists and applies to this data.
+
+    Raises:
+        ConfigError: an unknown method, or ``oracle`` where the data has no ground truth of
+            the informative view, naming what arrived and what is accepted.
+    """
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ConfigError(f'methods: unknown method "{unknown[0]}"; accepted: '
+                          f'{", ".join(METHODS)}')
+    if "oracle" in names and data.server.informative is None:
+        raise ConfigError(
+            f'method "oracle" needs the ground truth of which view is informative per sample: '
+            f'data set "synthetic_regions" with views.kind: groups and no views.options; got '
+            f'data.name "{cfg.data.name}", views.kind "{cfg.views.kind}"'
+            + (f", views.options {cfg.views.options}" if cfg.views.options else ""))
+
+
 def run_method(name: str, cfg: RunConfig, data: CentralData,
                options: MethodOptions | dict[str, Any] | None = None,
                context: MethodContext | None = None) -> MethodResult:
@@ -766,8 +780,7 @@ def run_method(name: str, cfg: RunConfig, data: CentralData,
     Raises:
         ConfigError: an unknown method or option; ``oracle`` on data without ground truth.
     """
-    if name not in METHODS:
-        raise ConfigError(f'methods: unknown method "{name}"; accepted: {", ".join(METHODS)}')
+    check_methods([name], cfg, data)
     if context is None:
         if not isinstance(options, MethodOptions):
             options = MethodOptions.from_dict(options)
@@ -784,12 +797,9 @@ def run_methods(names: Sequence[str], cfg: RunConfig, data: CentralData,
     """Several methods on the same data; the experts trained alone are trained once.
 
     Raises:
-        ConfigError: an unknown method (before anything trains) or option.
+        ConfigError: an unknown or inapplicable method (before anything trains) or option.
     """
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise ConfigError(f'methods: unknown method "{unknown[0]}"; accepted: '
-                          f'{", ".join(METHODS)}')
+    check_methods(names, cfg, data)
     if not isinstance(options, MethodOptions):
         options = MethodOptions.from_dict(options)
     context = MethodContext(cfg, data, options)
@@ -797,5 +807,5 @@ def run_methods(names: Sequence[str], cfg: RunConfig, data: CentralData,
 
 
 __all__ = ["METHODS", "AggVFL", "JointOutput", "MethodContext", "MethodOptions",
-           "MethodResult", "MixtureOfParties", "PartyNet", "SplitNN", "build_joint", "mixture",
-           "predict_joint", "run_method", "run_methods"]
+           "MethodResult", "MixtureOfParties", "PartyNet", "SplitNN", "build_joint",
+           "check_methods", "mixture", "predict_joint", "run_method", "run_methods"]

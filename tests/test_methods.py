@@ -222,11 +222,21 @@ def test_oracle_predicts_with_the_informative_expert(missing: float) -> None:
     assert result.test["accuracy"] == pytest.approx(accuracy, abs=1e-12)
 
 
-def test_oracle_without_ground_truth_is_a_clear_error() -> None:
+def test_oracle_without_ground_truth_is_a_clear_error_before_training() -> None:
     cfg = _cfg(kind="blocks")
-    with pytest.raises(ConfigError, match=r'method "oracle" needs the ground truth.*'
-                                          r'views.kind "blocks"'):
-        run_method("oracle", cfg, central_data(cfg))
+    data = central_data(cfg)
+    match = r'method "oracle" needs the ground truth.*views.kind "blocks"'
+    with pytest.raises(ConfigError, match=match):
+        run_method("oracle", cfg, data)
+    trained: list[str] = []
+    original = METHODS["liquid"]
+    METHODS["liquid"] = lambda ctx: trained.append("liquid")  # would record any training
+    try:
+        with pytest.raises(ConfigError, match=match):
+            run_methods(["liquid", "oracle"], cfg, data)
+    finally:
+        METHODS["liquid"] = original
+    assert trained == []
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
