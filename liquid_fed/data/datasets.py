@@ -261,7 +261,7 @@ def load_iris() -> Dataset:
 
 
 # Loaders live in sibling modules that import `Dataset` from here, so they are imported last.
-from liquid_fed.data import files, synthetic  # noqa: E402
+from liquid_fed.data import files, mfeat, synthetic  # noqa: E402
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits_image,
@@ -275,6 +275,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits_rows": load_digits_rows,
     "csv": files.load_csv,
     "npz": files.load_npz,
+    "mfeat": mfeat.load_mfeat,
 }
 
 

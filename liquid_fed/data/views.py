@@ -275,6 +275,24 @@ def groups(ds: Dataset, n_views: int, seed: int, groups: list | None = None) -> 
                                                        for e in spec]})
 
 
+def natural(ds: Dataset, n_views: int, seed: int) -> ViewPlan:
+    """The data set's own views: one per named feature group, all of them, in their order.
+
+    The same partition as "groups" without options, for data whose groups are genuine views
+    (e.g. mfeat's six feature sets); n_views must equal the number of groups.
+    """
+    if not ds.groups:
+        raise ValueError(f"views: kind 'natural' needs a data set with natural views (named "
+                         f"feature groups), and data set {ds.name!r} has none")
+    if n_views != len(ds.groups):
+        raise ValueError(f"views: data set {ds.name!r} has {len(ds.groups)} natural views "
+                         f"({', '.join(ds.groups)}); set views.n_views to {len(ds.groups)}, "
+                         f"got {n_views}")
+    plan = groups(ds, n_views, seed)
+    plan.kind = "natural"
+    return plan
+
+
 def patches(ds: Dataset, n_views: int, seed: int, grid: Sequence[int] | None = None) -> ViewPlan:
     """Image patches on a grid (rows x columns of patches), e.g. (2, 2) quadrants.
 
@@ -463,6 +481,7 @@ PARTITIONERS: dict[str, Callable[..., ViewPlan]] = {
     "blocks": blocks,
     "random": random,
     "groups": groups,
+    "natural": natural,
     "patches": patches,
     "channels": channels,
     "importance": importance,
@@ -519,6 +538,7 @@ def make_views(
         ds: the data set.
         kind: a key of `PARTITIONERS`: "explicit" (columns=[[names or indices], ...]),
             "blocks", "random", "groups" (groups=[...], default all of the data set's),
+            "natural" (every group of the data set, one view each),
             "patches" (grid=(rows, cols)), "channels" (channels=[[...], ...], default
             contiguous), "importance" (weights=[...], alpha=1.0), "correlation" (beta=0.5).
         n_views: number of views K.

@@ -41,7 +41,8 @@ def test_loads_offline_with_shapes(name):
 
 
 def test_every_registry_entry_is_covered():
-    assert set(DATASETS) == set(EXPECTED) | {"csv", "npz"}
+    # mfeat needs optional files: tested in test_data_mfeat.py with and without them
+    assert set(DATASETS) == set(EXPECTED) | {"csv", "npz", "mfeat"}
 
 
 def test_feature_names_per_layout():

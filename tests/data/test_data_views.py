@@ -219,8 +219,9 @@ def test_make_views_rejects_impossible_specs(kind, n_views, options, match):
 
 
 def test_every_partitioner_is_tested():
+    # "natural" is tested in test_data_mfeat.py, beside the data set it was made for
     assert set(PARTITIONERS) == {"explicit", "blocks", "random", "groups", "patches", "channels",
-                                 "importance", "correlation"}
+                                 "importance", "correlation", "natural"}
 
 
 # ---- modifiers ---------------------------------------------------------------------------------

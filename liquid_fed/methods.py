@@ -1,0 +1,811 @@
+"""Every method of a study, trained centrally on the same data, splits, views and batches.
+
+``run_method(name, cfg, data)`` trains one method of :data:`METHODS` on a
+:class:`~liquid_fed.centralized.CentralData` and returns a :class:`MethodResult`;
+``run_methods`` trains several and shares what they have in common (the experts trained alone
+serve ``averaged``, ``local`` and ``oracle``). Every method uses the run's optimiser
+(``cfg.optim``), epochs, batch size and batch order (:func:`liquid_fed.train.fit`, hence
+:func:`~liquid_fed.train.batch_order` with ``cfg.seed``), and every party's network is the
+run's expert (``cfg.experts``, per client), built by
+:func:`~liquid_fed.protocol.build_client_expert` from the same seed. Differences between
+methods come from the method, not from initialisation or data order.
+
+Dimension letters: ``B`` batch, ``K`` parties, ``C`` outputs, ``H`` a party's trunk width (the
+input of its expert's prediction head: the hidden width of an ``mlp``, the channels of a
+``cnn``, the units of ``esn``/``ltc``; the flattened view for an ``mlp`` without hidden layers).
+
+Methods:
+
+``liquid``
+    The Liquid Ensemble (:func:`~liquid_fed.centralized.build_ensemble`), with the run's
+    solver. Test outputs per sample: power (n, K), delegation (n, K, K), error (n,).
+``uniform``
+    The same experts trained jointly, every vote kept (``solver=uniform``, majority vote).
+``averaged``
+    Each expert trained alone on its own view and the labels, then their class probabilities
+    (outputs) averaged with equal weights.
+``local``
+    Each party alone: ``per_party`` holds every expert's validation and test metrics on the
+    samples its view holds; the headline metrics are those of the best party on validation.
+``splitnn``
+    Vertical split learning: each party's bottom model is its expert's trunk (everything
+    before the prediction head) and sends its embedding (B, H); the server concatenates the K
+    embeddings into a top MLP (``MethodOptions.top_hidden``) -> (B, C). Trained end to end.
+``aggvfl``
+    Aggregate VFL: each party's expert outputs C logits (outputs); the server sums them.
+``moe``
+    A mixture of the parties' experts: a server-side gate (an MLP with
+    ``MethodOptions.gate_hidden``, softmax over K) reads the concatenated trunk embeddings and
+    weighs the parties' own heads (each expert's prediction head on its own embedding). The
+    output mixes class probabilities (classification) or outputs (regression).
+    ``party_weight`` is the mean gate per party, the counterpart of LE's power share.
+``central``
+    One model on all features concatenated (the upper bound): the run's expert kind when it
+    can read the concatenation (``mlp``; ``esn``/``ltc`` on sequences of one length, channels
+    concatenated), else an ``mlp`` with the default width ``[128]``.
+``oracle``
+    Where the data has ground truth of the informative view (``synthetic_regions`` with
+    ``views.kind: groups`` and no ``views.options``): every sample is predicted by the
+    informative party's expert trained alone (the experts of ``local``).
+
+Presence masks (``views.missing``): a party that lacks a sample contributes nothing to it.
+``liquid``/``uniform``: absent experts pass their vote on and get no power
+(:func:`~liquid_fed.ensemble.combine`). ``averaged``, ``moe``: the weights are spread over
+the present parties only (the gate's softmax runs over present parties). ``aggvfl``: absent
+parties add nothing to the sum. ``splitnn``: an absent party's embedding is zeros. ``central``:
+the absent view's features are 0, its training mean after standardisation (mean imputation).
+``local`` and the experts of ``averaged``/``oracle`` train (batches of
+:func:`~liquid_fed.train.batch_order` over those rows) and score only on the samples their view
+holds; ``oracle`` falls back to the average of the present experts where the informative view
+is absent. No party ever receives a gradient from a sample it lacks.
+
+``train_seconds`` is the wall time of training; ``averaged``, ``local`` and ``oracle`` report
+the time to train all K experts alone (shared by ``run_methods``, so count it once).
+
+Metrics of every method and split: ``accuracy`` and ``nll`` (classification) or ``rmse`` and
+``mse`` (regression), and ``loss`` (the method's training objective). Methods with an
+ensemble-shaped output (``liquid``, ``uniform``, ``averaged``, ``moe``, ``oracle``) add what
+:func:`~liquid_fed.metrics.evaluate_output` gives (Kendall τ of each confidence, power and
+speaker entropy, mean power per party); ``moe`` counts its gate as the power share
+(power = K · gate, every party's delegation row = the gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from liquid_fed.centralized import CentralData, build_ensemble
+from liquid_fed.config import RunConfig
+from liquid_fed.ensemble import EnsembleOutput, task_loss
+from liquid_fed.errors import ConfigError
+from liquid_fed.experts import Expert, build_expert
+from liquid_fed.metrics import confidences, evaluate_output
+from liquid_fed.protocol import DTYPES, build_client_expert
+from liquid_fed.train import fit, predict
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Options, results and the shared context
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodOptions:
+    """Settings of the server-side models of the baselines (widths of hidden layers)."""
+
+    top_hidden: list[int] = field(default_factory=lambda: [64])  # splitnn's top MLP
+    gate_hidden: list[int] = field(default_factory=list)  # moe's gate; [] = linear gate
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "method_options"
+                  ) -> MethodOptions:
+        """Options from a plain mapping; unknown keys and bad widths name their dotted key.
+
+        Raises:
+            ConfigError: an unknown key or a width that is not a positive integer.
+        """
+        data = dict(data or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ConfigError(f'unknown key "{where}.{unknown[0]}" (accepted: '
+                              f"{', '.join(names)})")
+        for key, value in data.items():
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
+                raise ConfigError(f"{where}.{key}: got {value!r}; expected a list of positive "
+                                  "integers (hidden widths)")
+            data[key] = [int(h) for h in value]
+        return cls(**data)
+
+
+@dataclass
+class MethodResult:
+    """What one method gives on one run config.
+
+    ``val``/``test``: metric dicts (see the module docstring). ``per_party``: for ``local``,
+    one dict per party with its ``val`` and ``test`` metrics and ``present`` (share of test
+    samples its view holds). ``party_weight``: mean share of the say per party (power / K for
+    the ensembles, the gate for ``moe``), summing to 1. ``arrays``: per-sample test arrays for
+    figures (``ids`` (n,), ``error`` (n,), ``output`` (n, C), and where the method has them
+    ``power`` (n, K), ``delegation`` (n, K, K), ``gate`` (n, K), ``conf_<measure>`` (n,)).
+    ``model``: the trained module (not serialised).
+    """
+
+    method: str
+    val: dict[str, float]
+    test: dict[str, float]
+    train_seconds: float
+    epoch_losses: list[float] = field(default_factory=list)
+    per_party: list[dict[str, Any]] | None = None
+    party_weight: list[float] | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able part: everything but the arrays and the model."""
+        return {"method": self.method, "val": self.val, "test": self.test,
+                "train_seconds": self.train_seconds, "epoch_losses": self.epoch_losses,
+                "per_party": self.per_party, "party_weight": self.party_weight}
+
+
+@dataclass
+class _Solos:
+    experts: list[Expert]
+    seconds: float
+    losses: list[list[float]]
+
+
+class MethodContext:
+    """Options and what several methods of one (config, data) pair share (experts trained
+    alone), so that ``averaged``, ``local`` and ``oracle`` train them once."""
+
+    def __init__(self, cfg: RunConfig, data: CentralData,
+                 options: MethodOptions | None = None) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.options = options or MethodOptions()
+        self._solos: _Solos | None = None
+
+    def solos(self) -> _Solos:
+        if self._solos is None:
+            self._solos = _train_solos(self.cfg, self.data)
+        return self._solos
+
+
+MethodFn = Callable[[MethodContext], MethodResult]
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class JointOutput(NamedTuple):
+    """What a jointly trained baseline returns for a batch."""
+
+    output: Tensor  # (B, C) log-probabilities (classification) or predictions
+    predictions: Tensor | None = None  # (B, K, C) each party's head, where there is one
+    gate: Tensor | None = None  # (B, K) weights over parties, where there are some
+    present: Tensor | None = None  # (B, K)
+
+
+class PartyNet(nn.Module):
+    """One party's expert read as a bottom model: ``(trunk embedding (B, H), head (B, C))``.
+
+    The embedding is the input of the expert's prediction head ``expert.head`` (every kind of
+    :data:`~liquid_fed.experts.EXPERTS` has one), taken with a forward pre-hook so that the
+    expert runs exactly as it does in the Liquid Ensemble. The delegation head is computed
+    and ignored: it gets no gradient, so the optimisers leave it untouched.
+    """
+
+    def __init__(self, expert: Expert) -> None:
+        super().__init__()
+        if not isinstance(getattr(expert, "head", None), nn.Module):
+            raise ValueError(f"{type(expert).__name__} has no prediction head `head`; a "
+                             "bottom model needs one")
+        self.expert = expert
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        seen: list[Tensor] = []
+        handle = self.expert.head.register_forward_pre_hook(
+            lambda _module, args: seen.append(args[0]))
+        try:
+            pred, _ = self.expert(x)
+        finally:
+            handle.remove()
+        return seen[0], pred
+
+
+def mlp(widths: Sequence[int]) -> nn.Sequential:
+    """Linear layers of the given widths (input first) with ReLU between them."""
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _final(logits: Tensor, task: str) -> Tensor:
+    return torch.log_softmax(logits, dim=-1) if task == "classification" else logits
+
+
+def _mask(x: Tensor, present: Tensor | None, k: int) -> Tensor:
+    """Party k's tensor with the rows it lacks set to zero (no value, no gradient)."""
+    if present is None:
+        return x
+    keep = present[:, k].reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def mixture(predictions: Tensor, log_weight: Tensor, task: str) -> Tensor:
+    """Weighted mixture of the parties' outputs: ``log Σ_k w_k softmax(y_k)`` (classification)
+    or ``Σ_k w_k y_k``; ``log_weight`` (B, K) may hold ``-inf`` for parties that weigh 0."""
+    if task == "classification":
+        return torch.logsumexp(log_weight.unsqueeze(-1) + torch.log_softmax(predictions, -1), 1)
+    weight = log_weight.exp().unsqueeze(-1)  # (B, K, 1)
+    return (weight * predictions).sum(1)
+
+
+class _Joint(nn.Module):
+    """Base of the jointly trained baselines: K party networks, a task, the loss."""
+
+    def __init__(self, parties: Sequence[nn.Module], task: str) -> None:
+        super().__init__()
+        self.parties = nn.ModuleList(parties)
+        self.task = task
+
+    @property
+    def n_parties(self) -> int:
+        return len(self.parties)
+
+    def _run(self, inputs: Sequence[Tensor], present: Tensor | None
+             ) -> tuple[list[Tensor], list[Tensor]]:
+        if len(inputs) != self.n_parties:
+            raise ValueError(f"expected {self.n_parties} inputs (one per party), "
+                             f"got {len(inputs)}")
+        embeds, preds = [], []
+        for k, (party, x) in enumerate(zip(self.parties, inputs, strict=True)):
+            h, y = party(x)
+            embeds.append(_mask(h, present, k))
+            preds.append(_mask(y, present, k))
+        return embeds, preds
+
+    def loss(self, out: JointOutput, target: Tensor) -> Tensor:
+        """The task loss of the output (NLL of log-probabilities, or mean squared error)."""
+        return task_loss(out.output, target, self.task)
+
+
+class AggVFL(_Joint):
+    """Aggregate VFL: the server sums the parties' outputs, ``Σ_k y_k`` (logits or values)."""
+
+    def forward(self, inputs: Sequence[Tensor], present: Tensor | None = None) -> JointOutput:
+        _, preds = self._run(inputs, present)
+        stacked = torch.stack(preds, 1)  # (B, K, C)
+        return JointOutput(_final(stacked.sum(1), self.task), stacked, None, present)
+
+
+class SplitNN(_Joint):
+    """Split learning: concatenated party embeddings (B, K·H) -> top model -> (B, C)."""
+
+    def __init__(self, parties: Sequence[nn.Module], top: nn.Module, task: str) -> None:
+        super().__init__(parties, task)
+        self.top = top
+
+    def forward(self, inputs: Sequence[Tensor], present: Tensor | None = None) -> JointOutput:
+        embeds, _ = self._run(inputs, present)
+        return JointOutput(_final(self.top(torch.cat(embeds, -1)), self.task), None, None,
+                           present)
+
+
+class MixtureOfParties(_Joint):
+    """Mixture of experts over parties: a server gate on the concatenated embeddings weighs
+    each party's own head; absent parties get weight 0."""
+
+    def __init__(self, parties: Sequence[nn.Module], gate: nn.Module, task: str) -> None:
+        super().__init__(parties, task)
+        self.gate = gate
+
+    def forward(self, inputs: Sequence[Tensor], present: Tensor | None = None) -> JointOutput:
+        embeds, preds = self._run(inputs, present)
+        logits = self.gate(torch.cat(embeds, -1))  # (B, K)
+        if present is not None:
+            logits = torch.where(present, logits, torch.full_like(logits, -math.inf))
+        log_gate = torch.log_softmax(logits, -1)  # (B, K)
+        stacked = torch.stack(preds, 1)  # (B, K, C)
+        return JointOutput(mixture(stacked, log_gate, self.task), stacked, log_gate.exp(),
+                           present)
+
+
+def _seeded(cfg: RunConfig, index: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """A module built from the seed ``build_client_expert`` would use for client ``index``:
+    server-side modules take index K (the first after the clients)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 100_003 + index)
+        module = build()
+    return module.to(DTYPES[cfg.train.dtype])
+
+
+def _parties(cfg: RunConfig, data: CentralData) -> list[PartyNet]:
+    return [PartyNet(build_client_expert(cfg, k, data.views[k].in_shape, data.server.n_outputs))
+            for k in range(cfg.n_clients)]
+
+
+def _embed_width(party: PartyNet, x: Tensor) -> int:
+    with torch.no_grad():
+        h, _ = party(x[:1])
+    return int(h.shape[-1])
+
+
+def build_joint(name: str, cfg: RunConfig, data: CentralData,
+                options: MethodOptions | None = None) -> _Joint:
+    """The untrained model of a jointly trained baseline (``aggvfl``, ``splitnn``, ``moe``,
+    ``central``), built exactly as :func:`run_method` builds it.
+
+    Raises:
+        ValueError: for a name that is not one of these four.
+    """
+    options = options or MethodOptions()
+    task, c, k = data.server.task, data.server.n_outputs, cfg.n_clients
+    if name == "central":
+        return _central_model(cfg, data)
+    if name not in ("aggvfl", "splitnn", "moe"):
+        raise ValueError(f'build_joint: name must be one of aggvfl, splitnn, moe, central, '
+                         f'got "{name}"')
+    parties = _parties(cfg, data)
+    if name == "aggvfl":
+        return AggVFL(parties, task)
+    width = sum(_embed_width(p, x) for p, x in zip(parties, data.inputs["train"], strict=True))
+    if name == "splitnn":
+        top = _seeded(cfg, k, lambda: mlp([width, *options.top_hidden, c]))
+        return SplitNN(parties, top, task)
+    gate = _seeded(cfg, k, lambda: mlp([width, *options.gate_hidden, k]))
+    return MixtureOfParties(parties, gate, task)
+
+
+def _central_spec(cfg: RunConfig, data: CentralData) -> tuple[str, dict[str, Any], bool]:
+    """(kind, options, concatenate channels) of the central model."""
+    spec = cfg.experts.per_client[0] if cfg.experts.per_client else {}
+    kind = spec.get("kind", cfg.experts.kind)
+    options = {**(cfg.experts.options if "kind" not in spec else {}), **spec.get("options", {})}
+    shapes = [v.in_shape for v in data.views]
+    if kind in ("esn", "ltc") and all(len(s) == 2 and s[0] == shapes[0][0] for s in shapes):
+        return kind, options, True
+    if kind == "mlp":
+        return kind, options, False
+    return "mlp", {"hidden": [128]}, False
+
+
+def _central_inputs(cfg: RunConfig, data: CentralData, split: str) -> list[Tensor]:
+    xs = data.inputs[split]
+    if _central_spec(cfg, data)[2]:
+        return [torch.cat(xs, -1)]  # (n, T, Σ D_k)
+    return [torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)]  # (n, Σ F_k)
+
+
+def _central_model(cfg: RunConfig, data: CentralData) -> AggVFL:
+    kind, options, _ = _central_spec(cfg, data)
+    shape = tuple(_central_inputs(cfg, data, "train")[0].shape[1:])
+    expert = _seeded(cfg, cfg.n_clients, lambda: build_expert(
+        kind, shape, data.server.n_outputs, 1, 0, **options))
+    return AggVFL([PartyNet(expert)], data.server.task)
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _fit(cfg: RunConfig, model: nn.Module, inputs: Sequence[Tensor], target: Tensor,
+         present: Tensor | None) -> tuple[list[float], float]:
+    """:func:`liquid_fed.train.fit` with the run's settings (as ``train_ensemble`` calls it)."""
+    t0 = time.perf_counter()
+    losses = fit(model, inputs, target, epochs=cfg.train.epochs,
+                 batch_size=cfg.train.batch_size, lr=cfg.optim.lr, optimizer=cfg.optim.name,
+                 weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                 seed=cfg.seed, present=present)
+    return losses, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def predict_joint(model: _Joint, inputs: Sequence[Tensor], present: Tensor | None = None,
+                  batch_size: int = EVAL_BATCH) -> JointOutput:
+    """Evaluate a jointly trained baseline on all rows, in batches."""
+    was_training = model.training
+    model.eval()
+    n = inputs[0].shape[0]
+    parts = []
+    for start in range(0, n, batch_size):
+        rows = slice(start, min(n, start + batch_size))
+        parts.append(model([x[rows] for x in inputs], None if present is None else present[rows]))
+    model.train(was_training)
+    return JointOutput(*(None if getattr(parts[0], f) is None
+                         else torch.cat([getattr(p, f) for p in parts])
+                         for f in JointOutput._fields))
+
+
+def _basic_metrics(output: Tensor, target: Tensor, task: str) -> dict[str, float]:
+    """accuracy and nll (classification) or rmse and mse (regression)."""
+    if task == "classification":
+        return {"accuracy": float((output.argmax(-1) == target).double().mean()),
+                "nll": float(F.nll_loss(output, target))}
+    mse = float(F.mse_loss(output, target.reshape(output.shape).to(output.dtype)))
+    return {"rmse": math.sqrt(mse), "mse": mse}
+
+
+def _per_sample_error(output: Tensor, target: Tensor, task: str) -> Tensor:
+    """0/1 error or squared error summed over outputs, per sample (as the ensemble's)."""
+    if task == "classification":
+        return (output.argmax(-1) != target).to(output.dtype)
+    return ((output - target.reshape(output.shape).to(output.dtype)) ** 2).sum(-1)
+
+
+def _ensemble_metrics(out: EnsembleOutput, target: Tensor, task: str,
+                      n_params: Sequence[int] | None = None) -> dict[str, float]:
+    metrics = _basic_metrics(out.output, target, task)
+    metrics.update(evaluate_output(out, target, task, n_params=n_params))
+    return metrics
+
+
+def _as_ensemble(predictions: Tensor, weight: Tensor, output: Tensor,
+                 present: Tensor | None, delegation: Tensor | None = None) -> EnsembleOutput:
+    """An ensemble-shaped record of a weighted combination: power = K · weight; by default
+    every party's delegation row is the weight (all hand their say to the combination)."""
+    k = weight.shape[-1]
+    if delegation is None:
+        delegation = weight.unsqueeze(1).expand(-1, k, -1)
+    return EnsembleOutput(output, k * weight, delegation, predictions,
+                          output.new_zeros(()), present)
+
+
+def _arrays(data: CentralData, out_output: Tensor, target: Tensor, task: str,
+            ens: EnsembleOutput | None = None, **extra: Tensor) -> dict[str, np.ndarray]:
+    err = _per_sample_error(out_output, target, task)
+    arrays = {"ids": np.asarray(data.server.splits.test), "error": err.numpy(),
+              "output": out_output.numpy()}
+    if ens is not None:
+        arrays["power"] = ens.power.numpy()
+        arrays["delegation"] = ens.delegation.numpy()
+        for name, conf in confidences(ens, task).items():
+            arrays[f"conf_{name}"] = conf.numpy()
+    arrays.update({k: v.numpy() for k, v in extra.items()})
+    return arrays
+
+
+def _weights(ens: EnsembleOutput) -> list[float]:
+    return (ens.power.mean(0) / ens.power.shape[-1]).tolist()
+
+
+def _best(scores: Sequence[float], task: str) -> int:
+    values = np.asarray(scores, dtype=np.float64)
+    values = np.where(np.isnan(values), -np.inf if task == "classification" else np.inf, values)
+    return int(np.argmax(values) if task == "classification" else np.argmin(values))
+
+
+def _score(metrics: dict[str, float]) -> float:
+    return metrics["accuracy"] if "accuracy" in metrics else metrics["rmse"]
+
+
+# --------------------------------------------------------------------------------------------
+# The methods
+# --------------------------------------------------------------------------------------------
+
+
+def _ensemble_method(ctx: MethodContext, name: str, **overrides: Any) -> MethodResult:
+    cfg, data = ctx.cfg, ctx.data
+    task = data.server.task
+    ens = build_ensemble(cfg, data, **overrides)
+    losses, seconds = _fit(cfg, ens, data.inputs["train"], data.targets["train"],
+                           data.present["train"])
+    n_params = [sum(p.numel() for p in e.parameters()) for e in ens.experts]
+    metrics, outs = {}, {}
+    for split in ("val", "test"):
+        out = predict(ens, data.inputs[split], present=data.present[split])
+        metrics[split] = _ensemble_metrics(out, data.targets[split], task, n_params)
+        metrics[split]["loss"] = float(ens.loss(out, data.targets[split]))
+        outs[split] = out
+    test = outs["test"]
+    return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
+                        party_weight=_weights(test),
+                        arrays=_arrays(data, test.output, data.targets["test"], task, test),
+                        model=ens)
+
+
+def liquid(ctx: MethodContext) -> MethodResult:
+    """The Liquid Ensemble with the run's solver."""
+    return _ensemble_method(ctx, "liquid")
+
+
+def uniform(ctx: MethodContext) -> MethodResult:
+    """The same experts trained jointly with every vote kept (majority vote)."""
+    return _ensemble_method(ctx, "uniform", solver="uniform")
+
+
+def _joint_method(ctx: MethodContext, name: str) -> MethodResult:
+    cfg, data = ctx.cfg, ctx.data
+    task = data.server.task
+    model = build_joint(name, cfg, data, ctx.options)
+
+    def inputs(split: str) -> list[Tensor]:
+        return _central_inputs(cfg, data, split) if name == "central" else data.inputs[split]
+
+    def present(split: str) -> Tensor | None:
+        # the central model reads every view; an absent one is its (standardised) mean, 0
+        return None if name == "central" else data.present[split]
+    losses, seconds = _fit(cfg, model, inputs("train"), data.targets["train"],
+                           present("train"))
+    metrics, outs = {}, {}
+    for split in ("val", "test"):
+        out = predict_joint(model, inputs(split), present(split))
+        target = data.targets[split]
+        if out.gate is not None:
+            ens = _as_ensemble(out.predictions, out.gate, out.output, out.present)
+            metrics[split] = _ensemble_metrics(ens, target, task)
+            outs[split] = ens
+        else:
+            metrics[split] = _basic_metrics(out.output, target, task)
+            outs[split] = out
+        metrics[split]["loss"] = float(model.loss(out, target))
+    test = outs["test"]
+    if isinstance(test, EnsembleOutput):
+        return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
+                            party_weight=_weights(test),
+                            arrays=_arrays(data, test.output, data.targets["test"], task, test,
+                                           gate=test.power / test.power.shape[-1]),
+                            model=model)
+    return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
+                        arrays=_arrays(data, test.output, data.targets["test"], task),
+                        model=model)
+
+
+def splitnn(ctx: MethodContext) -> MethodResult:
+    """Vertical split learning: party trunks -> concatenated embeddings -> top MLP."""
+    return _joint_method(ctx, "splitnn")
+
+
+def aggvfl(ctx: MethodContext) -> MethodResult:
+    """Aggregate VFL: the parties' outputs summed, trained jointly."""
+    return _joint_method(ctx, "aggvfl")
+
+
+def moe(ctx: MethodContext) -> MethodResult:
+    """A server-side gate over the parties' embeddings mixing the parties' heads."""
+    return _joint_method(ctx, "moe")
+
+
+def central(ctx: MethodContext) -> MethodResult:
+    """One model on all features concatenated."""
+    return _joint_method(ctx, "central")
+
+
+def _train_solos(cfg: RunConfig, data: CentralData) -> _Solos:
+    """Every party's expert trained alone on the training samples its view holds."""
+    experts, losses, seconds = [], [], 0.0
+    for k in range(cfg.n_clients):
+        expert = build_client_expert(cfg, k, data.views[k].in_shape, data.server.n_outputs)
+        model = AggVFL([PartyNet(expert)], data.server.task)
+        x, y = data.inputs["train"][k], data.targets["train"]
+        mask = data.present["train"]
+        if mask is not None:
+            rows = torch.nonzero(mask[:, k]).squeeze(1)
+            x, y = x[rows], y[rows]
+        epoch_losses, secs = _fit(cfg, model, [x], y, None)
+        experts.append(expert)
+        losses.append(epoch_losses)
+        seconds += secs
+    return _Solos(experts, seconds, losses)
+
+
+@torch.no_grad()
+def _solo_predictions(experts: Sequence[Expert], inputs: Sequence[Tensor]) -> Tensor:
+    """(n, K, C) every expert's raw output (rows a view lacks are computed, never used)."""
+    preds = []
+    for expert, x in zip(experts, inputs, strict=True):
+        was = expert.training
+        expert.eval()
+        preds.append(torch.cat([expert(x[i:i + EVAL_BATCH])[0]
+                                for i in range(0, x.shape[0], EVAL_BATCH)]))
+        expert.train(was)
+    return torch.stack(preds, 1)
+
+
+def _combined_method(ctx: MethodContext, name: str,
+                     weight_of: Callable[[str, Tensor], tuple[Tensor, Tensor | None]]
+                     ) -> MethodResult:
+    """A fixed combination of the experts trained alone; ``weight_of(split, present)`` gives
+    the (n, K) weights and optionally the delegation rows."""
+    data, task = ctx.data, ctx.data.server.task
+    solos = ctx.solos()
+    metrics, outs = {}, {}
+    for split in ("val", "test"):
+        preds = _solo_predictions(solos.experts, data.inputs[split])
+        mask = data.present[split]
+        present = mask if mask is not None else torch.ones(preds.shape[:2], dtype=torch.bool)
+        weight, delegation = weight_of(split, present)
+        output = mixture(preds, torch.log(weight), task)  # log 0 = -inf: no say
+        ens = _as_ensemble(preds, weight, output, mask, delegation)
+        metrics[split] = _ensemble_metrics(ens, data.targets[split], task)
+        metrics[split]["loss"] = float(task_loss(output, data.targets[split], task))
+        outs[split] = ens
+    test = outs["test"]
+    return MethodResult(name, metrics["val"], metrics["test"], solos.seconds,
+                        [float(np.mean(e)) for e in zip(*solos.losses, strict=True)],
+                        party_weight=_weights(test),
+                        arrays=_arrays(data, test.output, data.targets["test"], task, test),
+                        model=nn.ModuleList(solos.experts))
+
+
+def _even(present: Tensor, dtype: torch.dtype) -> Tensor:
+    """(n, K) equal weights over the present parties."""
+    w = present.to(dtype)
+    return w / w.sum(-1, keepdim=True)
+
+
+def averaged(ctx: MethodContext) -> MethodResult:
+    """Experts trained alone, their probabilities (outputs) averaged over present parties."""
+
+    def weight_of(split: str, present: Tensor) -> tuple[Tensor, Tensor]:
+        w = _even(present, ctx.data.inputs[split][0].dtype)
+        eye = torch.eye(present.shape[1], dtype=w.dtype).expand(present.shape[0], -1, -1)
+        return w, eye  # each party keeps its own vote
+
+    return _combined_method(ctx, "averaged", weight_of)
+
+
+def oracle(ctx: MethodContext) -> MethodResult:
+    """Each sample predicted by the expert of its informative view (trained alone).
+
+    Raises:
+        ConfigError: when the data has no ground truth of the informative view.
+    """
+    cfg, data = ctx.cfg, ctx.data
+    check_methods(["oracle"], cfg, data)
+
+    def weight_of(split: str, present: Tensor) -> tuple[Tensor, None]:
+        dtype = data.inputs[split][0].dtype
+        inf = torch.as_tensor(data.server.informative_of(getattr(data.server.splits, split)))
+        onehot = F.one_hot(inf, present.shape[1]).to(torch.bool)  # (n, K)
+        held = (onehot & present).any(-1, keepdim=True)
+        return torch.where(held, onehot.to(dtype), _even(present, dtype)), None
+
+    return _combined_method(ctx, "oracle", weight_of)
+
+
+def local(ctx: MethodContext) -> MethodResult:
+    """Each party alone, scored on the samples its view holds; the headline is the best party
+    on validation."""
+    data, task = ctx.data, ctx.data.server.task
+    solos = ctx.solos()
+    per_party: list[dict[str, Any]] = []
+    test_outputs: list[tuple[Tensor, Tensor]] = []
+    for k, expert in enumerate(solos.experts):
+        entry: dict[str, Any] = {"party": k}
+        for split in ("val", "test"):
+            preds = _solo_predictions([expert], data.inputs[split][k:k + 1])[:, 0]  # (n, C)
+            mask = data.present[split]
+            rows = (torch.arange(preds.shape[0]) if mask is None
+                    else torch.nonzero(mask[:, k]).squeeze(1))
+            output = _final(preds, task)
+            target = data.targets[split]
+            entry["present" if split == "test" else "present_val"] = (
+                rows.numel() / max(preds.shape[0], 1))
+            if rows.numel() == 0:
+                entry[split] = {("accuracy" if task == "classification" else "rmse"): math.nan}
+            else:
+                entry[split] = _basic_metrics(output[rows], target[rows], task)
+                entry[split]["loss"] = float(task_loss(output[rows], target[rows], task))
+            if split == "test":
+                test_outputs.append((output, rows))
+        per_party.append(entry)
+    best = _best([_score(p["val"]) for p in per_party], task)
+    output, rows = test_outputs[best]
+    arrays = _arrays(data, output, data.targets["test"], task)
+    held = np.zeros(output.shape[0], dtype=bool)
+    held[rows.numpy()] = True
+    arrays["error"] = np.where(held, arrays["error"], np.nan)
+    arrays["held"] = held
+    val = {**per_party[best]["val"], "best_party": float(best)}
+    test = {**per_party[best]["test"], "best_party": float(best)}
+    return MethodResult("local", val, test, solos.seconds,
+                        [float(np.mean(e)) for e in zip(*solos.losses, strict=True)],
+                        per_party=per_party, arrays=arrays,
+                        model=nn.ModuleList(solos.experts))
+
+
+#: Every method of a study by name.
+METHODS: dict[str, MethodFn] = {
+    "liquid": liquid,
+    "uniform": uniform,
+    "averaged": averaged,
+    "local": local,
+    "splitnn": splitnn,
+    "aggvfl": aggvfl,
+    "moe": moe,
+    "central": central,
+    "oracle": oracle,
+}
+
+
+def check_methods(names: Sequence[str], cfg: RunConfig, data: CentralData) -> None:
+    """Check, without training, that every method exists and applies to this data.
+
+    Raises:
+        ConfigError: an unknown method, or ``oracle`` where the data has no ground truth of
+            the informative view, naming what arrived and what is accepted.
+    """
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ConfigError(f'methods: unknown method "{unknown[0]}"; accepted: '
+                          f'{", ".join(METHODS)}')
+    if "oracle" in names and data.server.informative is None:
+        raise ConfigError(
+            f'method "oracle" needs the ground truth of which view is informative per sample: '
+            f'data set "synthetic_regions" with views.kind: groups and no views.options; got '
+            f'data.name "{cfg.data.name}", views.kind "{cfg.views.kind}"'
+            + (f", views.options {cfg.views.options}" if cfg.views.options else ""))
+
+
+def run_method(name: str, cfg: RunConfig, data: CentralData,
+               options: MethodOptions | dict[str, Any] | None = None,
+               context: MethodContext | None = None) -> MethodResult:
+    """Train and evaluate one method on a run's data.
+
+    Args:
+        name: a key of :data:`METHODS`.
+        cfg: the run config (optimiser, epochs, batches, experts, seed, ensemble).
+        data: the run's :class:`~liquid_fed.centralized.CentralData` (``central_data(cfg)``).
+        options: :class:`MethodOptions` or a mapping of them (server-side model widths).
+        context: a :class:`MethodContext` shared with other methods of the same cfg and data
+            (``run_methods`` passes one); ``options`` is then ignored.
+
+    Returns:
+        The :class:`MethodResult`.
+
+    Raises:
+        ConfigError: an unknown method or option; ``oracle`` on data without ground truth.
+    """
+    check_methods([name], cfg, data)
+    if context is None:
+        if not isinstance(options, MethodOptions):
+            options = MethodOptions.from_dict(options)
+        context = MethodContext(cfg, data, options)
+    elif context.cfg is not cfg or context.data is not data:
+        raise ValueError("run_method: the context was made for another config or data")
+    log.debug("method %s on %s (seed %d)", name, cfg.name, cfg.seed)
+    return METHODS[name](context)
+
+
+def run_methods(names: Sequence[str], cfg: RunConfig, data: CentralData,
+                options: MethodOptions | dict[str, Any] | None = None
+                ) -> dict[str, MethodResult]:
+    """Several methods on the same data; the experts trained alone are trained once.
+
+    Raises:
+        ConfigError: an unknown or inapplicable method (before anything trains) or option.
+    """
+    check_methods(names, cfg, data)
+    if not isinstance(options, MethodOptions):
+        options = MethodOptions.from_dict(options)
+    context = MethodContext(cfg, data, options)
+    return {n: run_method(n, cfg, data, context=context) for n in names}
+
+
+__all__ = ["METHODS", "AggVFL", "JointOutput", "MethodContext", "MethodOptions",
+           "MethodResult", "MixtureOfParties", "PartyNet", "SplitNN", "build_joint",
+           "check_methods", "mixture", "predict_joint", "run_method", "run_methods"]
