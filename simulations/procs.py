@@ -184,10 +184,13 @@ def tagged(name: str, value: str) -> set[int]:
     return found
 
 
-def kill_tagged(name: str, value: str, grace: float = 5.0) -> set[int]:
-    """SIGTERM every process tagged ``name=value``, SIGKILL what outlives ``grace`` seconds;
-    returns those still alive afterwards (normally none)."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+def kill_tagged(name: str, value: str, grace: float = 5.0, gentle: bool = True) -> set[int]:
+    """Stop every process tagged ``name=value`` (but this one): SIGTERM, then SIGKILL what
+    outlives ``grace`` seconds (``gentle=False``: SIGKILL at once); returns those still alive
+    afterwards (normally none)."""
+    steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)) if gentle else (
+        (signal.SIGKILL, 2.0),)
+    for sig, wait in steps:
         members = tagged(name, value)
         if not members:
             return set()

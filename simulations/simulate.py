@@ -9,10 +9,11 @@ run (Ray's daemons and workers included) and the run's temporary folder are gone
   SIGTERM, then SIGKILL), sweeps up every process carrying the run's environment tag and removes
   the temporary folder;
 - the child asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so a
-  launcher killed with SIGKILL still takes the child down; on SIGTERM, SIGHUP or SIGINT the child
-  kills every process carrying the run's tag, removes the temporary folder and exits at once
-  (no training thread outlives it to keep writing; checkpoints are whole generations, so the
-  last complete one stays usable).
+  launcher killed with SIGKILL still takes the child down (a thread watching the parent's pid
+  backs this up); on SIGTERM, SIGHUP or SIGINT the child kills every process carrying the run's
+  tag, removes the temporary folder and exits at once (no training thread outlives it to keep
+  writing; checkpoints are whole generations, so the last complete one stays usable). Ray's
+  driver would replace the SIGTERM handler with a plain ``sys.exit``; the child keeps its own.
 
 Ray is private to the run: token authentication with a random token per run
 (``RAY_AUTH_MODE=token``; the token lives in the run's temporary folder, mode 0600), so no other
@@ -24,6 +25,7 @@ kept on 127.0.0.1; the token is what keeps it private.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -31,6 +33,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -96,6 +99,8 @@ def ray_environment(cfg: RunConfig, tmp: Path) -> dict[str, str]:
     token.chmod(0o600)
     return {**QUIET_ENV, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
+            # A one-machine cluster cannot survive its GCS: give up after 15 s, not Ray's 60.
+            "RAY_gcs_rpc_server_reconnect_timeout_s": "15",
             "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(cfg.simulation.object_store_mb
                                                              << 20)}
 
@@ -157,17 +162,43 @@ def launch(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_after: int 
 # --------------------------------------------------------------------------------------------
 
 
-def _die(signum: int, frame: Any) -> None:
-    """Kill every process of the run, remove its temporary folder, exit now."""
+def _cleanup_and_exit(signum: int) -> None:
+    """Kill every process of the run, remove its temporary folder, exit now (no thread of
+    this process outlives it to keep training or writing)."""
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    tag = os.environ.get(RUN_TAG_ENV)
-    if tag:
-        procs.kill_tagged(RUN_TAG_ENV, tag, grace=3.0)
+        with contextlib.suppress(ValueError):  # only the main thread may change handlers
+            signal.signal(sig, signal.SIG_IGN)
+    # The folder first: once Ray's daemons die, Ray's core in this process may end it at once.
     tmp = os.environ.get(TMP_ENV)
     if tmp and Path(tmp).name.startswith("lfray-"):
         shutil.rmtree(tmp, ignore_errors=True)
+    tag = os.environ.get(RUN_TAG_ENV)
+    if tag:  # the run is being abandoned: nothing of Ray's needs a graceful end
+        procs.kill_tagged(RUN_TAG_ENV, tag, gentle=False)
     os._exit(128 + signum)
+
+
+def _die(signum: int, frame: Any) -> None:
+    _cleanup_and_exit(signum)
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    """Belt and braces for ``PR_SET_PDEATHSIG``: when the launcher is gone, go too."""
+    while True:
+        if os.getppid() != parent:
+            _cleanup_and_exit(signal.SIGTERM)
+        time.sleep(interval)
+
+
+def _keep_our_sigterm_handler() -> None:
+    """``ray.init`` installs its own SIGTERM handler in the driver (``sys.exit``), which would
+    leave the ServerApp thread training on; keep ours, which takes the whole run down."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
+        return
+    if hasattr(ray_utils, "set_sigterm_handler"):
+        ray_utils.set_sigterm_handler = lambda handler: None
 
 
 def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
@@ -186,6 +217,7 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
     from server.app import make_server_app
     from simulations import engine
 
+    _keep_our_sigterm_handler()
     fast_dispatch = engine.install_dispatch_loop(cfg.simulation.dispatch_poll)
     watched = engine.install_runtime_watch()
     bar = progress(None, cfg.name, not quiet)
@@ -230,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the child (``python -m simulations.simulate RUN_DIR ...``)."""
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _die)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True,
+                     name="watch-parent").start()
     parser = argparse.ArgumentParser(prog="simulations.simulate")
     parser.add_argument("run_dir")
     parser.add_argument("--resume", action="store_true")

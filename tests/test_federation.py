@@ -21,7 +21,7 @@ import pytest
 
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
 from liquid_fed.config import load_config
-from liquid_fed.rundir import has_checkpoint, load_checkpoint
+from liquid_fed.rundir import RunLock, has_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -168,11 +168,11 @@ def test_heterogeneous_experts_in_one_federation(tmp_path: Path) -> None:
     assert result["test"]["accuracy"] > 0.5
 
 
-def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> None:
-    run = tmp_path / "interrupt"
+def start_live_run(run: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A long `liquid-fed run`, returned once it has written its first checkpoint."""
     cmd = [sys.executable, "-m", "simulations.cli", "run", str(QUICKSTART), "--out", str(run),
-           "--quiet", "--set", "train.checkpoint_every=5", "--set", "train.epochs=200"]
-    env, tag = tagged_env()
+           "--quiet", "--set", "train.checkpoint_every=5", "--set", "train.epochs=200",
+           "--set", "baselines.uniform=false", "--set", "baselines.independent=false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 180
@@ -180,6 +180,26 @@ def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> Non
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     assert has_checkpoint(run)
+    return proc
+
+
+def run_environment(tag: str) -> dict[str, str]:
+    """The environment of the run's simulation child (found by the test's tag)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"simulations.simulate" in cmd and tag.encode() in env:
+            return dict(item.split("=", 1) for item in env.decode().split("\0") if "=" in item)
+    raise AssertionError("no simulation child found")
+
+
+def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "interrupt"
+    env, tag = tagged_env()
+    proc = start_live_run(run, env)
     seen_during = live_processes(tag)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -190,6 +210,70 @@ def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> Non
     checkpoint = load_checkpoint(run, 4)
     assert checkpoint.round % 5 == 0 and checkpoint.round > 0
     assert not list(run.rglob("*.tmp-*"))
+
+
+_JOIN = """
+import ray
+ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
+@ray.remote
+def f():
+    return 42
+print("JOINED", ray.get(f.remote(), timeout=30))
+"""
+
+
+def test_a_live_run_is_private_locked_and_stops_on_sigterm(tmp_path: Path) -> None:
+    run = tmp_path / "private"
+    env, tag = tagged_env()
+    proc = start_live_run(run, env)
+    try:
+        # A second run into the same folder is refused while the first one holds it.
+        second = liquid_fed("run", str(QUICKSTART), "--out", str(run), "--quiet")
+        assert second.returncode == 2
+        assert f"is in use by another liquid-fed process (pid {proc.pid}" in second.stderr
+        # Ray is private to the run: a process without the run's token cannot join it.
+        child = run_environment(tag)
+        token = Path(child["RAY_AUTH_TOKEN_PATH"])
+        assert child["RAY_AUTH_MODE"] == "token" and token.stat().st_mode & 0o777 == 0o600
+        raylet = next(p for p in live_processes(tag) if "raylet/raylet" in p)
+        pid = int(raylet.split(":")[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        address = next(a.split("=", 1)[1] for a in cmdline if a.startswith("--gcs-address="))
+        outsider = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        outsider["RAY_gcs_rpc_server_connect_timeout_s"] = "5"
+        joined = subprocess.run([sys.executable, "-c", _JOIN.replace("ADDRESS", repr(address))],
+                                capture_output=True, text=True, timeout=120, env=outsider,
+                                cwd=tmp_path)
+        assert joined.returncode != 0 and "JOINED" not in joined.stdout
+        tmp = Path(child["LIQUID_FED_RUN_TMP"])
+        assert tmp.is_dir()
+    finally:
+        proc.send_signal(signal.SIGTERM)  # handled like Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: stopping the simulation" in err and "continue with --resume" in err
+    assert live_processes(tag) == []
+    assert not tmp.exists()
+    assert load_checkpoint(run, 4).round > 0
+
+
+def test_a_killed_launcher_takes_its_run_down(tmp_path: Path) -> None:
+    run = tmp_path / "orphan"
+    env, tag = tagged_env()
+    proc = start_live_run(run, env)
+    tmp = Path(run_environment(tag)["LIQUID_FED_RUN_TMP"])
+    proc.kill()  # SIGKILL: the launcher cannot clean up; its child must see to it
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while live_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_processes(tag) == []
+    assert not tmp.exists()
+    generations = sorted(p.name for p in (run / "checkpoints").iterdir())
+    time.sleep(2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == generations  # no writer
+    RunLock(run).acquire().release()  # the kernel dropped the dead run's lock
+    assert load_checkpoint(run, 4).round > 0
 
 
 def test_bad_config_fails_before_anything_starts(tmp_path: Path) -> None:
