@@ -60,17 +60,17 @@ def _open_regular(path: Path, kind: str) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise DataFileNotFoundError(f"{path}: no such file (expected a {kind} file)") from None
+        raise DataFileNotFoundError(f"{path}: no such file (expected {kind} file)") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
     except ValueError as exc:  # e.g. a NUL character in the path
-        raise DataError(f"{path!r}: not a usable path ({exc})") from None
+        raise DataError(f"{str(path)!r}: not a usable path ({exc})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         what = ("a directory" if stat.S_ISDIR(mode)
                 else "not a regular file (a FIFO, device or socket)")
-        raise DataError(f"{path}: is {what}; expected a {kind} file")
+        raise DataError(f"{path}: is {what}; expected {kind} file")
     return os.fdopen(fd, "rb")
 
 
@@ -306,8 +306,8 @@ def _csv_records(fh: BinaryIO, path: Path, delimiter: str) -> tuple[list[list[st
     reader = csv.reader(lines(), delimiter=delimiter, strict=True)
     records: list[list[str]] = []
     starts: list[int] = []
+    end = 0  # the line the last complete record ended on
     try:
-        end = 0
         for record in reader:
             records.append(record)
             starts.append(end + 1)
@@ -317,7 +317,10 @@ def _csv_records(fh: BinaryIO, path: Path, delimiter: str) -> tuple[list[list[st
             raise DataError(f"{path}: line {reader.line_num} has a field longer than "
                             f"{csv.field_size_limit()} characters (csv's field size limit); "
                             "is data.delimiter right, or is a quote left open?") from None
-        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
+        opened = ("" if end + 1 >= reader.line_num
+                  else f" in the record that starts on line {end + 1}")
+        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc}){opened}; "
+                        "check the quotes") from None
     return records, starts
 
 
@@ -359,7 +362,7 @@ def load_csv(
     if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in "\r\n\"":
         raise DataError(f"data.delimiter must be one character other than a quote or a "
                         f"newline, got {delimiter!r}")
-    with _open_regular(path, "CSV") as fh:
+    with _open_regular(path, "a CSV") as fh:
         rows, starts = _csv_records(fh, path, delimiter)
     if not rows:
         raise DataError(f"{path}: the file is empty (expected a header row)")
@@ -499,10 +502,50 @@ def _read_member(zf: zipfile.ZipFile, member: str, path: Path, key: str) -> np.n
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
+def _check_directory(zf: zipfile.ZipFile, fh: BinaryIO, path: Path) -> None:
+    """Check the archive's directory against its members, reading no array data.
+
+    No checksum covers the directory, so one damaged byte there can rename "ids.npy" or (through
+    a comment length) hide the entries after it, and an optional key would silently disappear.
+    So every member's local header must agree with its directory entry (zipfile compares the
+    names on opening), and the members must tile the file from byte 0 to the directory, leaving
+    no bytes that no entry accounts for. Members written with data descriptors (sizes after the
+    data; numpy never writes them) are not tiled. Other refusals (encryption, an unknown
+    compression) are left to the members actually read, so an unused key never blocks loading.
+    """
+    for info in zf.infolist():
+        try:
+            with zf.open(info):
+                pass
+        except zipfile.BadZipFile as exc:
+            raise DataError(f"{path}: the archive is damaged at member {info.filename!r} "
+                            f"({_why(exc)})") from None
+        except _ZIP_ERRORS:
+            pass
+    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+    if any(i.flag_bits & 0x08 for i in infos):
+        return
+    pos = 0
+    for info in infos:
+        if info.header_offset != pos:
+            break
+        fh.seek(pos)
+        local = fh.read(30)
+        if len(local) < 30:
+            break
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        pos = info.header_offset + 30 + name_len + extra_len + info.compress_size
+    else:
+        if pos == getattr(zf, "start_dir", pos):
+            return
+    raise DataError(f"{path}: the archive is damaged: its directory does not account for every "
+                    f"byte before it (at byte {pos}); entries may be missing from the directory")
+
+
 def _npz_arrays(path: Path, required: Sequence[str], optional: Sequence[str]
                 ) -> dict[str, np.ndarray]:
     """The arrays under `required` and (where present) `optional` keys; no other key is read."""
-    with _open_regular(path, "NPZ") as fh:
+    with _open_regular(path, "an NPZ") as fh:
         head = fh.read(6)
         if not head:
             raise DataError(f"{path}: the file is empty (expected an .npz archive written by "
@@ -514,9 +557,10 @@ def _npz_arrays(path: Path, required: Sequence[str], optional: Sequence[str]
         try:
             zf = zipfile.ZipFile(fh)
         except _ZIP_ERRORS as exc:
-            raise DataError(f"{path}: not a readable .npz archive ({_why(exc)}); write it with "
-                            "numpy.savez") from None
+            raise DataError(f"{path}: not a readable .npz archive ({_why(exc)}); is it "
+                            "truncated or damaged? write it with numpy.savez") from None
         with zf:
+            _check_directory(zf, fh, path)
             # numpy.savez stores array "x" as member "x.npy"; np.load lists it as "x"
             members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
             for key in required:
