@@ -84,9 +84,10 @@ def split_ids(ds: Dataset, val: float = 0.15, test: float = 0.2, seed: int = 0) 
         in_train = [c for c, t in zip(classes.tolist(), parts["train"], strict=True) if t.size]
         if len(in_train) == 1:
             only = _class_name(ds, in_train[0])
+            others = ("the other class is" if classes.size == 2
+                      else f"the other {classes.size - 1} classes are")
             detail = ("the data holds no other class" if classes.size == 1 else
-                      f"the other {classes.size - 1} classes are too small to keep a training "
-                      f"sample with {shares}")
+                      f"{others} too small to keep a training sample with {shares}")
             raise DataError(f"split: the training split ({n_train} samples) holds a single "
                             f"class {only!r}; {detail}; classification needs at least 2")
         if len(in_train) < classes.size:
