@@ -36,6 +36,9 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # longer text (and anything that cast rejects) is parsed value by value.
 _FAST_ID_WIDTH = 32
 _CHUNK = 1 << 24  # bytes read from an NPZ member at a time
+# Deflate expands at most about 1032-fold, so no more room than this is set aside up front for a
+# member's data; other compressions grow the room as their data actually arrives.
+_MAX_EXPANSION = 1032
 # What the zip and zlib layers raise on a damaged archive (bad CRC, truncated stream, ...).
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
                struct.error, NotImplementedError, RuntimeError, ValueError, OverflowError)
@@ -447,7 +450,8 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _read_member(zf: zipfile.ZipFile, member: str, path: Path, key: str) -> np.ndarray:
+def _read_member(zf: zipfile.ZipFile, member: str, path: Path, key: str, archive_size: int
+                 ) -> np.ndarray:
     """One .npy member of an archive, checked against its header before any data is kept.
 
     The header's shape and dtype must account for exactly the member's stored bytes, and the
@@ -485,20 +489,28 @@ def _read_member(zf: zipfile.ZipFile, member: str, path: Path, key: str) -> np.n
                 raise DataError(f"{where} declares shape {shape} of dtype {dtype} "
                                 f"({nbytes} bytes), but the archive holds {stored} bytes for "
                                 "it; the file is damaged or was not written by numpy")
-            buf = bytearray()
-            while len(buf) < nbytes:
-                chunk = f.read(min(_CHUNK, nbytes - len(buf)))
+            # room for what the archive's own bytes could hold, grown only as data arrives
+            room = min(nbytes, min(info.compress_size, archive_size) * _MAX_EXPANSION)
+            buf = np.empty(room, dtype=np.uint8)
+            got = 0
+            while got < nbytes:
+                chunk = f.read(min(_CHUNK, nbytes - got))
                 if not chunk:
                     break
-                buf += chunk
-            if len(buf) != nbytes or f.read(1):
-                raise DataError(f"{where}: the archive holds {len(buf)} bytes of data where "
+                if got + len(chunk) > buf.size:
+                    grown = np.empty(min(nbytes, max(2 * buf.size, got + len(chunk))), np.uint8)
+                    grown[:got] = buf[:got]
+                    buf = grown
+                buf[got:got + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                got += len(chunk)
+            if got != nbytes or f.read(1):
+                raise DataError(f"{where}: the archive holds {got} bytes of data where "
                                 f"its header declares {nbytes}; the file is damaged")
     except DataError:
         raise
     except _ZIP_ERRORS as exc:
         raise DataError(f"{where}: the archive is damaged ({_why(exc)})") from None
-    flat = np.frombuffer(buf, dtype=dtype)
+    flat = buf.view(dtype)
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
@@ -567,7 +579,8 @@ def _npz_arrays(path: Path, required: Sequence[str], optional: Sequence[str]
                 if key not in members:
                     raise DataError(f"{path}: no array {key!r} in the file (arrays: "
                                     f"{', '.join(sorted(members)) or 'none'})")
-            return {k: _read_member(zf, members[k], path, k)
+            size = os.fstat(fh.fileno()).st_size
+            return {k: _read_member(zf, members[k], path, k, size)
                     for k in [*required, *optional] if k in members}
 
 
