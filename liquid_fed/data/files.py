@@ -80,26 +80,29 @@ def _open_regular(path: Path, kind: str) -> BinaryIO:
 # ---- exact integers from text ----------------------------------------------------------------
 
 
+def _integral(text: str) -> Decimal | None:
+    """Text as a Decimal if it names a finite integer ("12", "12.0", "1e3", "1e999"), else None."""
+    try:
+        d = Decimal(text.strip())
+    except (InvalidOperation, ValueError):
+        return None
+    return d if d.is_finite() and d == d.to_integral_value() else None
+
+
 def _exact_int(text: str) -> int | None:
     """An integer written as text ("12", " -3", "12.0", "1e3"), exactly; None if it is not one.
 
     Integral decimals are accepted because spreadsheets and pandas write integer columns with
-    missing values as "12.0". Values far outside int64 come back as a number just as far out
-    (never as a million-digit int), so range checks still refuse them.
+    missing values as "12.0". Integers of over 4300 digits (Python's own limit for int(str))
+    are None too: they are no id or class anyone means, and "1e999999999" must not become a
+    billion-digit int.
     """
     try:
         return int(text)
     except ValueError:
         pass
-    try:
-        d = Decimal(text.strip())
-    except (InvalidOperation, ValueError):
-        return None
-    if not d.is_finite() or d != d.to_integral_value():
-        return None
-    if d.adjusted() > 40:
-        return (1 if d > 0 else -1) * 10**41
-    return int(d)
+    d = _integral(text)
+    return None if d is None or d.adjusted() >= 4300 else int(d)
 
 
 def _exact_ints(values: Sequence[str]) -> tuple[np.ndarray | list[int] | None, int]:
@@ -127,8 +130,11 @@ def _ids_from_text(values: Sequence[str], where: str, row_name: Callable[[int], 
     """Id text as exact int64 ids; a non-integer or out-of-range id names its row."""
     ints, bad_at = _exact_ints(values)
     if ints is None:
-        raise DataError(f"{where} has a non-integer id {_shown(values[bad_at].strip())} at "
-                        f"{row_name(bad_at)}")
+        bad = values[bad_at].strip()
+        if _integral(bad) is not None:  # an integer, just a vast one
+            raise DataError(f"{where} has id {bad[:40]} at {row_name(bad_at)}, outside the "
+                            f"int64 range [{_INT64_MIN}, {_INT64_MAX}]")
+        raise DataError(f"{where} has a non-integer id {_shown(bad)} at {row_name(bad_at)}")
     if isinstance(ints, list):
         for i, k in enumerate(ints):
             if not _INT64_MIN <= k <= _INT64_MAX:
