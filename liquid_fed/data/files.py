@@ -11,6 +11,7 @@ routed through float64.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -290,27 +291,43 @@ def _numeric(values: Sequence[str], where: str, row_name: Callable[[int], str],
 # ---- CSV --------------------------------------------------------------------------------------
 
 
+def _not_utf8(fh: BinaryIO, path: Path) -> DataError:
+    """The error for a file that is not UTF-8, naming the first bad byte's line as csv counts.
+
+    Lines end at "\n", "\r\n" or a lone "\r" (the newline="" convention csv reads with).
+    Only run once decoding has failed, so the fast path never pays for it.
+    """
+    fh.seek(0)
+    lineno = 1
+    for raw in fh:  # pieces ending in b"\n"; lone b"\r" inside them end lines too
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            before = raw[:exc.start]
+            line = lineno + before.count(b"\r") - before.count(b"\r\n")
+            col = exc.start - max(before.rfind(b"\r"), before.rfind(b"\n")) - 1
+            return DataError(f"{path}: line {line} is not UTF-8 text (byte "
+                             f"0x{raw[exc.start]:02x} at byte {col + 1} of the line); save "
+                             "the file as UTF-8")
+        lineno += 1 + raw.count(b"\r") - raw.count(b"\r\n")
+    return DataError(f"{path}: is not UTF-8 text (it ends inside a character); save the file "
+                     "as UTF-8")
+
+
 def _csv_records(fh: BinaryIO, path: Path, delimiter: str) -> tuple[list[list[str]], list[int]]:
     """Every record of a CSV file, and the line each record starts on (1-based).
 
-    Lines are decoded one by one so that bytes that are not UTF-8, and NUL bytes, are named by
-    their line; a UTF-8 byte order mark is dropped. `strict` parsing refuses an unclosed quote
-    rather than letting it swallow the rest of the file into one field.
+    The text is strict UTF-8 (a byte order mark is dropped); bytes that are not, and NUL
+    bytes, are named by their line. `strict` parsing refuses an unclosed quote rather than
+    letting it swallow the rest of the file into one field.
     """
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="strict", newline="")
 
     def lines() -> Iterator[str]:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: line {lineno} is not UTF-8 text (byte "
-                                f"0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
-                                "save the file as UTF-8") from None
-            if lineno == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            if "\x00" in text:
+        for lineno, line in enumerate(text, start=1):
+            if "\x00" in line:
                 raise DataError(f"{path}: line {lineno} holds a NUL byte; a CSV file is text")
-            yield text
+            yield line
 
     reader = csv.reader(lines(), delimiter=delimiter, strict=True)
     records: list[list[str]] = []
@@ -321,6 +338,8 @@ def _csv_records(fh: BinaryIO, path: Path, delimiter: str) -> tuple[list[list[st
             records.append(record)
             starts.append(end + 1)
             end = reader.line_num
+    except UnicodeDecodeError:
+        raise _not_utf8(fh, path) from None
     except csv.Error as exc:
         if "field larger than field limit" in str(exc):
             raise DataError(f"{path}: line {reader.line_num} has a field longer than "
@@ -330,6 +349,8 @@ def _csv_records(fh: BinaryIO, path: Path, delimiter: str) -> tuple[list[list[st
                   else f" in the record that starts on line {end + 1}")
         raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc}){opened}; "
                         "check the quotes") from None
+    finally:
+        text.detach()  # the caller owns and closes the file
     return records, starts
 
 

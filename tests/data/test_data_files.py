@@ -259,6 +259,8 @@ def test_csv_utf8_bom_is_stripped(tmp_path):
     ("a,y\n1,p\n2,café\n".encode("latin-1"),
      r"data.csv: line 3 is not UTF-8 text \(byte 0xe9 at byte 6 of the line\)"),
     ("a,y\n1,p\n".encode("utf-16"), r"data.csv: line 1 is not UTF-8 text \(byte 0xff"),
+    (b"a,y\r1,p\r\n2,p\r3,caf\xe9\r", r"data.csv: line 4 is not UTF-8 text \(byte 0xe9 at byte 6"),
+    (b"a,y\n1,p\n2,\xc3", r"data.csv: line 3 is not UTF-8 text \(byte 0xc3 at byte 3"),
     (b"a,y\n1,p\n2,q\x00\n3,r\n", r"data.csv: line 3 holds a NUL byte"),
     (b"a,y\n1,p\n2," + b"x" * 200_000 + b"\n3,q\n",
      r"data.csv: line 3 has a field longer than 131072 characters \(csv's field size limit\)"),
@@ -271,6 +273,18 @@ def test_csv_bytes_that_are_not_a_text_table_name_the_line(tmp_path, data, match
     path.write_bytes(data)
     with pytest.raises(DataError, match=match):
         load_dataset("csv", path=path, label="y")
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"], ids=["crlf", "cr"])
+def test_csv_windows_and_old_mac_line_endings_load_like_unix(tmp_path, newline):
+    unix = load_dataset("csv", path=_csv(tmp_path, GOOD, "unix.csv"), label="label",
+                        id_column="id")
+    path = tmp_path / "other.csv"
+    path.write_bytes(GOOD.encode().replace(b"\n", newline))
+    ds = load_dataset("csv", path=path, label="label", id_column="id")
+    assert ds.ids.tolist() == unix.ids.tolist() and ds.class_names == unix.class_names
+    np.testing.assert_array_equal(ds.features, unix.features)
+    np.testing.assert_array_equal(ds.labels, unix.labels)
 
 
 def test_csv_rows_name_their_line_after_a_multiline_field(tmp_path):
