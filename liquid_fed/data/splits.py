@@ -10,6 +10,7 @@ from functools import reduce
 import numpy as np
 
 from liquid_fed.data.datasets import LAYOUTS, Dataset, _check_choice, _check_float, _first
+from liquid_fed.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,27 @@ def split_ids(ds: Dataset, val: float = 0.15, test: float = 0.2, seed: int = 0) 
         `Splits` of sorted int64 id arrays that together hold every id exactly once.
 
     Raises:
-        ValueError: shares out of range, or a training split left empty.
+        ValueError: shares out of range.
+        DataError: data too small to split: fewer than 2 samples, fewer than 2 training
+            samples, a classification training split holding a single class, or a validation
+            or test split left empty although its share is > 0; the message gives the counts
+            and the config keys (``data.val``, ``data.test``) to change.
     """
     val = _check_float("split.val", val, 0.0, 1.0, high_open=True)
     test = _check_float("split.test", test, 0.0, 1.0, high_open=True)
     if val + test >= 1.0:
         raise ValueError(f"split.val + split.test must be < 1, got {val} + {test}")
+    n = ds.n_samples
+    if n < 2:
+        raise DataError(f"split: data set {ds.name!r} has {n} sample{'s' * (n != 1)}; at least "
+                        "2 are needed to train")
     rng = np.random.default_rng(seed)
     if ds.task == "classification":
-        strata = [np.flatnonzero(ds.labels == c) for c in np.unique(ds.labels)]
+        classes = np.unique(ds.labels)
+        strata = [np.flatnonzero(ds.labels == c) for c in classes]
     else:
-        strata = [np.arange(ds.n_samples)]
+        classes = np.zeros(0, dtype=np.int64)
+        strata = [np.arange(n)]
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for rows in strata:
         rows = rng.permutation(rows)
@@ -63,12 +74,40 @@ def split_ids(ds: Dataset, val: float = 0.15, test: float = 0.2, seed: int = 0) 
         parts["val"].append(rows[n_test:n_test + n_val])
         parts["train"].append(rows[n_test + n_val:])
     out = {k: np.sort(ds.ids[np.concatenate(v)]).astype(np.int64) for k, v in parts.items()}
-    if out["train"].size == 0:
-        raise ValueError(f"split: no training samples left from {ds.n_samples} with "
-                         f"val={val}, test={test}")
+    shares = f"data.val={val}, data.test={test}"
+    n_train = out["train"].size
+    if n_train < 2:
+        raise DataError(f"split: {n_train} training sample{'s' * (n_train != 1)} left from {n} "
+                        f"with {shares}; at least 2 are needed (lower data.val or data.test, "
+                        "or add rows)")
+    if ds.task == "classification":
+        in_train = [c for c, t in zip(classes.tolist(), parts["train"], strict=True) if t.size]
+        if len(in_train) == 1:
+            only = _class_name(ds, in_train[0])
+            others = ("the other class is" if classes.size == 2
+                      else f"the other {classes.size - 1} classes are")
+            detail = ("the data holds no other class" if classes.size == 1 else
+                      f"{others} too small to keep a training sample with {shares}")
+            raise DataError(f"split: the training split ({n_train} samples) holds a single "
+                            f"class {only!r}; {detail}; classification needs at least 2")
+        if len(in_train) < classes.size:
+            missing = [_class_name(ds, c) for c in classes.tolist() if c not in in_train]
+            logger.warning("split: classes %s have no training sample with %s", missing, shares)
+    for key, share, part, what in (("data.val", val, "val", "validation"),
+                                   ("data.test", test, "test", "test")):
+        if share > 0 and out[part].size == 0:
+            per = (f" in {classes.size} classes, each too small for a {what} sample"
+                   if ds.task == "classification" else "")
+            raise DataError(f"split: {key}={share} leaves the {what} split empty: {n} "
+                            f"samples{per}; raise {key}, set it to 0, or add rows")
     logger.debug("split %s: train %d, val %d, test %d", ds.name, out["train"].size,
                  out["val"].size, out["test"].size)
     return Splits(**out)
+
+
+def _class_name(ds: Dataset, code: int) -> str:
+    """A class as the data names it (its original label), else its code."""
+    return ds.class_names[code] if code < len(ds.class_names) else str(code)
 
 
 class Standardizer:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from liquid_fed.data import (
+    Dataset,
     Splits,
     Standardizer,
     align_ids,
@@ -14,6 +15,7 @@ from liquid_fed.data import (
     split_ids,
     standardize,
 )
+from liquid_fed.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +131,68 @@ def test_align_ids_rejects_repeats_and_non_integers():
 def test_splits_dataclass_fields():
     sp = Splits(train=np.array([1]), val=np.array([2]), test=np.array([3]))
     assert sp.to_dict() == {"train": [1], "val": [2], "test": [3]}
+
+
+# ---- data too small to split: clear errors naming the counts and data.val / data.test ---------
+
+
+def _tiny(labels, task="classification"):
+    """A data set of len(labels) rows with the given labels (codes for classification)."""
+    labels = np.asarray(labels)
+    n_out = int(labels.max()) + 1 if task == "classification" else 1
+    names = [f"c{k}" for k in range(n_out)] if task == "classification" else []
+    return Dataset("tiny", np.arange(len(labels)) * 10, np.zeros((len(labels), 2)), labels,
+                   task, "tabular", ["a", "b"], n_out, class_names=names)
+
+
+@pytest.mark.parametrize("labels, task", [([0], "classification"), ([0.5], "regression"),
+                                          ([], "regression")])
+def test_split_needs_two_samples(labels, task):
+    n = len(labels)
+    with pytest.raises(DataError, match=rf"split: data set 'tiny' has {n} samples?; at least 2"):
+        split_ids(_tiny(labels, task), val=0.0, test=0.0)
+
+
+def test_split_needs_two_training_samples():
+    ds = _tiny([0.1, 0.2, 0.3], "regression")  # test round(1.2) = 1, val round(0.9) = 1
+    with pytest.raises(DataError, match=r"split: 1 training sample left from 3 with data.val=0.3, "
+                                        r"data.test=0.4; at least 2 are needed"):
+        split_ids(ds, val=0.3, test=0.4)
+    assert split_ids(ds, val=0.0, test=0.0).train.tolist() == [0, 10, 20]
+
+
+def test_split_training_split_needs_two_classes():
+    # c0: 2 test, 2 validation, 2 train rows; c1: 1 test, 1 validation, none to train on
+    ds = _tiny([0, 0, 0, 0, 0, 0, 1, 1])
+    with pytest.raises(DataError, match=r"split: the training split \(2 samples\) holds a single "
+                                        r"class 'c0'; the other class is too small to keep a "
+                                        r"training sample with data.val=0.3, data.test=0.3"):
+        split_ids(ds, val=0.3, test=0.3)
+    with pytest.raises(DataError, match=r"holds a single class 'c0'; the data holds no other"):
+        split_ids(_tiny([0, 0, 0]), val=0.0, test=0.0)
+
+
+@pytest.mark.parametrize("val, test, match", [
+    (0.1, 0.3, r"split: data.val=0.1 leaves the validation split empty: 6 samples in 3 classes, "
+               r"each too small for a validation sample; raise data.val, set it to 0"),
+    (0.3, 0.1, r"split: data.test=0.1 leaves the test split empty: 6 samples in 3 classes"),
+])
+def test_split_refuses_an_empty_split_with_a_share(val, test, match):
+    ds = _tiny([0, 0, 1, 1, 2, 2])  # round(2 * 0.1) = 0 rows per class
+    with pytest.raises(DataError, match=match):
+        split_ids(ds, val=val, test=test)
+
+
+def test_split_regression_empty_test_split_is_named():
+    ds = _tiny(np.linspace(0, 1, 4), "regression")  # round(4 * 0.1) = 0
+    with pytest.raises(DataError, match=r"split: data.test=0.1 leaves the test split empty: 4 "
+                                        r"samples; raise data.test"):
+        split_ids(ds, val=0.0, test=0.1)
+
+
+def test_split_smallest_valid_data_splits():
+    sp = split_ids(_tiny([0, 0, 1, 1]), val=0.0, test=0.0)
+    assert sp.train.tolist() == [0, 10, 20, 30] and sp.val.size == 0 and sp.test.size == 0
+    sp = split_ids(_tiny([0, 0, 0, 1, 1, 1]), val=0.0, test=0.34)  # round(3 * 0.34) = 1
+    assert sorted(sp.train.tolist() + sp.test.tolist()) == [0, 10, 20, 30, 40, 50]
+    assert len(sp.test) == 2 and len(sp.train) == 4
