@@ -50,7 +50,7 @@ from liquid_fed.data import (
 )
 from liquid_fed.data.views import ViewPlan
 from liquid_fed.ensemble import LiquidConfig, combine, ensemble_loss
-from liquid_fed.errors import ClientFailure
+from liquid_fed.errors import ClientFailure, ConfigError, DataError, LiquidFedError
 from liquid_fed.experts import Expert, build_expert
 from liquid_fed.metrics import evaluate_output, per_sample_error
 from liquid_fed.privacy import GradientDefence, LabelLeakage
@@ -85,7 +85,9 @@ def load_data(cfg: RunConfig) -> Dataset:
     try:
         return _dataset(cfg.data.name, json.dumps(cfg.data.options, sort_keys=True))
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"data: {exc}") from exc
+        if isinstance(exc, LiquidFedError) and str(exc).startswith("data"):
+            raise
+        raise DataError(f"data: {exc}") from exc
 
 
 def make_plan(cfg: RunConfig, ds: Dataset) -> ViewPlan:
@@ -95,7 +97,7 @@ def make_plan(cfg: RunConfig, ds: Dataset) -> ViewPlan:
         return make_views(ds, v.kind, v.n_views, seed=cfg.seed, overlap=v.overlap,
                           noise=v.noise, missing=v.missing, **v.options)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"views: {exc}") from exc
+        raise ConfigError(f"views: {exc}") from exc
 
 
 class IdIndex:
@@ -192,7 +194,8 @@ def load_server_data(cfg: RunConfig) -> ServerData:
     ds = load_data(cfg)
     splits = split_ids(ds, cfg.data.val, cfg.data.test, cfg.seed)
     informative = None
-    if ds.informative_view is not None and cfg.views.kind == "groups" and not cfg.views.options:
+    natural = cfg.views.kind == "natural" or (cfg.views.kind == "groups" and not cfg.views.options)
+    if ds.informative_view is not None and natural:
         informative = ds.informative_view.copy()  # view k is group k
     regions = None if ds.regions is None else ds.regions.copy()
     return ServerData(ds.ids.copy(), ds.labels.copy(), ds.task, ds.n_outputs, splits,
@@ -223,7 +226,7 @@ def build_client_expert(cfg: RunConfig, index: int, in_shape: Sequence[int],
             expert = build_expert(kind, in_shape, out_dim, cfg.n_clients, index, **options)
         except (ValueError, TypeError) as exc:
             where = f"experts.per_client[{index}]" if spec else "experts"
-            raise ValueError(f"{where}: {exc}") from exc
+            raise ConfigError(f"{where}: {exc}") from exc
     return expert.to(DTYPES[cfg.train.dtype])
 
 
