@@ -20,10 +20,10 @@ How the Flower numbers are split:
   exchanges, up to the first training round.
 * *shutdown* splits ``engine.after_training_seconds`` (the end of the training loop's clock
   to the end of ``run_simulation`` and ``ray.shutdown``) by two files' modification times:
-  ``metrics.jsonl`` is written after the final test evaluation, ``checkpoints/server.pt``
-  after the final checkpoint exchange. *final ckpt* is the time between them; *teardown* is
-  the rest: writing ``summary.json`` (milliseconds without references) and Flower's and
-  Ray's shutdown.
+  ``metrics.jsonl`` is written after the final test evaluation, the newest checkpoint
+  generation's ``manifest.json`` after the final checkpoint exchange. *final ckpt* is the
+  time between them; *teardown* is the rest: writing ``summary.json`` (milliseconds without
+  references) and Flower's and Ray's shutdown.
 * *peak memory* is the CLI's PSS peak of the whole process tree (``peak_memory_bytes``).
 
 Run: ``python -m simulations.bench_federation [--quick] [--clients 4,16,64] [--epochs N]``.
@@ -144,7 +144,7 @@ def run_cli(overrides: list[str], out: Path) -> dict[str, Any]:
         raise RuntimeError(f"liquid-fed run failed (exit {proc.returncode}): {' '.join(cmd)}")
     summary = json.loads((out / "summary.json").read_text())
     t_test = (out / "metrics.jsonl").stat().st_mtime
-    t_ckpt = (out / "checkpoints" / "server.pt").stat().st_mtime
+    t_ckpt = max(p.stat().st_mtime for p in (out / "checkpoints").glob("gen-*/manifest.json"))
     final_ckpt = t_ckpt - t_test
     summary["bench"] = {"command_seconds": command_s, "final_checkpoint_seconds": final_ckpt,
                         "teardown_seconds": summary["engine"]["after_training_seconds"]

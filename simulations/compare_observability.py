@@ -25,7 +25,7 @@ from pathlib import Path
 
 from liquid_fed.config import ConfigError, RunConfig, config_from_yaml_text, load_config
 from liquid_fed.plots import delegation_summary, load_run, plot_comparison, plot_run
-from liquid_fed.protocol import RunWriter
+from liquid_fed.rundir import RunDir
 
 log = logging.getLogger("simulations.compare_observability")
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
              for r in rows]
-    RunWriter(out).write_json("table.json", clean)
+    RunDir(out).write_json("table.json", clean)
     print(format_table(rows))
     print(f"comparison figure: {figure}")
     return 0

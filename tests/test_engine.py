@@ -40,7 +40,7 @@ def test_loop_forwards_every_message_quickly_and_backs_off_when_idle() -> None:
     stop.set()
     worker.join(timeout=2)
     assert sorted(got) == ["a", "b", "c"]
-    assert latency < 0.1  # Flower's own loop waits up to 0.1 s per poll
+    assert latency < 2.0  # forwarded while polling (speed itself: simulations/bench_federation)
     assert not worker.is_alive()
 
 
@@ -53,3 +53,75 @@ def test_install_replaces_flowers_loop_only_when_asked() -> None:
         assert vce_api.add_messages_to_queue is not original
     finally:
         vce_api.add_messages_to_queue = original
+
+
+def test_patches_are_keyed_on_flowers_version_and_the_replaced_source(monkeypatch, caplog) -> None:
+    import flwr
+
+    from simulations import engine
+
+    original = vce_api.add_messages_to_queue
+    assert engine.source_sha256(original) == engine.SOURCE_SHA256["add_messages_to_queue"]
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    assert install_dispatch_loop(0.005) is False
+    assert vce_api.add_messages_to_queue is original
+    assert "written for 1.41.0" in caplog.text
+    monkeypatch.setattr(flwr, "__version__", engine.FLOWER_VERSION)
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop):  # same signature, new body
+        return None
+
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)
+    assert install_dispatch_loop(0.005) is False  # the old test accepted any matching signature
+    assert vce_api.add_messages_to_queue is add_messages_to_queue
+    assert "add_messages_to_queue changed" in caplog.text
+
+
+def test_runtime_watch_reports_why_flowers_runtime_ended(monkeypatch) -> None:
+    from flwr.server.superlink.fleet.vce.vce_api import run_api
+
+    from simulations import engine
+
+    monkeypatch.setattr(vce_api, "run_api", run_api)
+    watch = engine.RuntimeWatch()
+    assert engine.install_runtime_watch(watch) is True
+    stop = threading.Event()
+
+    def broken_backend():
+        raise OSError("no Ray for you")
+
+    assert watch.reason() is None
+    try:
+        vce_api.run_api(lambda: None, broken_backend, {}, None, {}, stop, None)
+    except RuntimeError as exc:  # Flower's own wrapping: "Simulation Runtime crashed."
+        assert "crashed" in str(exc)
+    else:
+        raise AssertionError("Flower's run_api swallowed the failure")
+    assert watch.reason() == "OSError: no Ray for you"
+    assert stop.is_set()
+
+
+class _SilentGrid:
+    """A grid whose nodes never answer: what the server sees when the runtime is gone."""
+
+    def push_messages(self, msgs):
+        return [f"m{i}" for i, _ in enumerate(msgs)]
+
+    def pull_messages(self, ids):
+        return []
+
+
+def test_a_dead_runtime_ends_the_wait_at_once_with_its_reason() -> None:
+    import pytest
+
+    from liquid_fed.errors import ClientFailure
+    from server.app import exchange_messages
+
+    t0 = time.monotonic()
+    with pytest.raises(ClientFailure, match=r'runtime stopped while the server waited .* s for '
+                                            r'replies to "train": OSError: boom'):
+        exchange_messages(_SilentGrid(), [object()], timeout=600, poll=0.01,
+                          health=lambda: "OSError: boom", kind="train")
+    assert time.monotonic() - t0 < 60  # not the 600 s timeout
+    replies, waited = exchange_messages(_SilentGrid(), [object()], timeout=0.2, poll=0.01)
+    assert replies == {} and 0.2 <= waited < 60  # the caller reports how long it really waited
