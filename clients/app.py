@@ -1,7 +1,7 @@
 """Flower ClientApp: one expert per node, its own view of the features, never the labels.
 
 A thin adapter: every message is decoded and handed to
-:func:`liquid_fed.protocol.handle_client_message`; the expert and optimizer state live in
+:func:`liquid_fed.federation.handle_client_message`; the expert and optimizer state live in
 ``Context.state`` between messages (in deployment every message starts a new process).
 """
 
@@ -11,8 +11,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from liquid_fed.codec import decode, encode
-from liquid_fed.protocol import handle_client_message
+from clients.codec import decode, encode
+from liquid_fed.federation import handle_client_message
 
 STATE_ARRAYS = "liquid-fed.state"
 STATE_SETTINGS = "liquid-fed.settings"

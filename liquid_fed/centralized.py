@@ -8,6 +8,7 @@ here too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,18 +20,17 @@ import torch
 from torch import Tensor
 
 from liquid_fed.config import RunConfig
-from liquid_fed.ensemble import LiquidEnsemble
-from liquid_fed.protocol import (
-    DTYPES,
+from liquid_fed.ensemble import LiquidConfig, LiquidEnsemble
+from liquid_fed.federation.setup import (
     ClientView,
     ServerData,
     build_client_expert,
     drop_unseen,
-    liquid_config,
     load_client_view,
     load_server_data,
 )
-from liquid_fed.train import evaluate, fit
+from liquid_fed.metrics import primary_score
+from liquid_fed.train import DTYPES, evaluate, fit
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,15 @@ class CentralData:
     present: dict[str, Tensor | None]  # split -> (n, K) or None when every view is complete
 
 
-def central_data(cfg: RunConfig) -> CentralData:
-    """Load labels and all K views, aligned by the server's split ids."""
-    server = load_server_data(cfg)
+def central_data(cfg: RunConfig, server: ServerData | None = None) -> CentralData:
+    """Load labels and all K views, aligned by the server's split ids.
+
+    Args:
+        cfg: the resolved config.
+        server: the server's labels and splits when already loaded (else loaded here); it is
+            not modified.
+    """
+    server = load_server_data(cfg) if server is None else dataclasses.replace(server)
     views = [load_client_view(cfg, k, server.splits.train) for k in range(cfg.n_clients)]
     server.splits = drop_unseen(server.splits, [v.ids[~v.present] for v in views])
     dtype = DTYPES[cfg.train.dtype]
@@ -72,7 +78,7 @@ def build_ensemble(cfg: RunConfig, data: CentralData, **overrides: Any) -> Liqui
     """The run's experts, initialised exactly as the clients initialise theirs."""
     experts = [build_client_expert(cfg, k, data.views[k].in_shape, data.server.n_outputs)
                for k in range(cfg.n_clients)]
-    config = liquid_config(cfg, data.server.task)
+    config = _layer(cfg, data)
     # One expert at a time: the federated clients evaluate theirs one by one too.
     return LiquidEnsemble(experts, config, batched=False, **overrides)
 
@@ -95,10 +101,6 @@ def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
     return result
 
 
-def _score(metrics: dict[str, float]) -> float:
-    return metrics["accuracy"] if "accuracy" in metrics else metrics["rmse"]
-
-
 def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:
     """Test scores of the uniform vote and of experts trained independently.
 
@@ -109,24 +111,29 @@ def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if cfg.baselines.uniform:
         ens = build_ensemble(cfg, data, solver="uniform")
-        out["uniform"] = _score(train_ensemble(cfg, data, ens)["test"])
+        out["uniform"] = primary_score(train_ensemble(cfg, data, ens)["test"])
     if cfg.baselines.independent:
         experts, single = [], []
         for k in range(cfg.n_clients):
             expert = build_client_expert(cfg, k, data.views[k].in_shape, data.server.n_outputs)
-            solo = LiquidEnsemble([_Solo(expert)], liquid_config(cfg, data.server.task),
+            solo = LiquidEnsemble([_Solo(expert)], _layer(cfg, data),
                                   solver="uniform", expert_loss_weight=0.0)
             sub = CentralData(data.server, [data.views[k]],
                               {s: [data.inputs[s][k]] for s in SPLITS}, data.targets,
                               {s: None for s in SPLITS})
-            single.append(_score(train_ensemble(cfg, sub, solo)["test"]))
+            single.append(primary_score(train_ensemble(cfg, sub, solo)["test"]))
             experts.append(expert)
         avg = LiquidEnsemble([_Solo(e, cfg.n_clients, k) for k, e in enumerate(experts)],
-                             liquid_config(cfg, data.server.task), solver="uniform")
+                             _layer(cfg, data), solver="uniform")
         out["single"] = single
-        out["averaged"] = _score(evaluate(avg, data.inputs["test"], data.targets["test"],
+        out["averaged"] = primary_score(evaluate(avg, data.inputs["test"], data.targets["test"],
                                           data.present["test"]))
     return out
+
+
+def _layer(cfg: RunConfig, data: CentralData) -> LiquidConfig:
+    """The run's ensemble settings with the task of its data."""
+    return dataclasses.replace(cfg.ensemble, task=data.server.task)
 
 
 class _Solo(torch.nn.Module):

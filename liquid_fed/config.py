@@ -21,9 +21,15 @@ from typing import Any
 
 import yaml
 
-from liquid_fed.errors import ConfigError
+from liquid_fed.ensemble import LiquidConfig
+from liquid_fed.errors import ConfigError, ParameterError
+from liquid_fed.train import DTYPES, OPTIMIZERS
 
 log = logging.getLogger(__name__)
+
+
+#: How the server lines up the ids its clients hold with the labelled ones.
+ALIGNMENTS = ("strict", "intersect")
 
 
 @dataclass
@@ -57,21 +63,6 @@ class ExpertsConfig:
     kind: str = "mlp"
     options: dict[str, Any] = field(default_factory=lambda: {"hidden": [128]})
     per_client: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class EnsembleConfig:
-    """Solver and combination (see :mod:`liquid_fed.solvers` and :mod:`liquid_fed.ensemble`)."""
-
-    solver: str = "sink_one"
-    epsilon: float = 0.01
-    penalty: float = 0.9
-    backend: str = "auto"
-    mix: str = "probs"
-    load_weight: float = 0.0
-    load_temperature: float = 1.0
-    specialization_weight: float = 0.0
-    expert_loss_weight: float = 0.5
 
 
 @dataclass
@@ -155,7 +146,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    ensemble: LiquidConfig = field(default_factory=LiquidConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -168,7 +159,7 @@ class RunConfig:
         return self.views.n_views
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -179,12 +170,9 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.align": ("strict", "intersect"),
-    "ensemble.solver": ("sink_one", "sink_many", "uniform"),
-    "ensemble.backend": ("auto", "elimination", "lapack"),
-    "ensemble.mix": ("probs", "logits"),
-    "optim.name": ("sgd", "adam", "adamw"),
-    "train.dtype": ("float32", "float64"),
+    "data.align": ALIGNMENTS,
+    "optim.name": tuple(OPTIMIZERS),
+    "train.dtype": tuple(DTYPES),
 }
 # key: (low, high, low_inclusive, high_inclusive); None = unbounded
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
@@ -192,12 +180,6 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.test": (0, 1, False, False),
     "views.n_views": (1, None, True, True),
     "views.overlap": (0, 1, True, False),
-    "ensemble.epsilon": (0, 1, False, False),
-    "ensemble.penalty": (0, 1, True, False),
-    "ensemble.load_weight": (0, None, True, True),
-    "ensemble.load_temperature": (0, None, False, True),
-    "ensemble.specialization_weight": (0, None, True, True),
-    "ensemble.expert_loss_weight": (0, None, True, True),
     "optim.lr": (0, None, False, True),
     "optim.weight_decay": (0, None, True, True),
     "optim.momentum": (0, 1, True, False),
@@ -300,7 +282,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: got {data!r}; expected a mapping of keys")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("config", True)}
     unknown = [k for k in data if k not in fields]
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
@@ -313,7 +295,22 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
         if name in data:
             path = f"{prefix}.{name}" if prefix else name
             values[name] = _coerce(data[name], hints[name], path)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ParameterError as exc:  # a section that checks itself (the ensemble's LiquidConfig)
+        raise ConfigError(exc.render(f"{prefix}.{exc.name}" if prefix else exc.name)) from exc
+
+
+def _to_dict(obj: Any) -> Any:
+    """Plain data of a config tree, leaving out fields that are no config keys."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.metadata.get("config", True)}
+    if isinstance(obj, list):
+        return [_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def _check(cfg: RunConfig) -> None:

@@ -27,18 +27,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liquid_fed.solvers import SOLVERS, solve_power
+from liquid_fed.data.dataset import TASKS as DATA_TASKS
+from liquid_fed.errors import ParameterError
+from liquid_fed.solvers import check_parameters, solve_power
 
 log = logging.getLogger(__name__)
 
-TASKS = ("regression", "classification", "embedding")
+#: What the layer combines: the labelled tasks of the data sets, and unlabelled embeddings.
+TASKS = (*DATA_TASKS, "embedding")
 MIXES = ("probs", "logits")
 
 
@@ -55,9 +58,14 @@ class EnsembleOutput(NamedTuple):
 
 @dataclass
 class LiquidConfig:
-    """How delegations become powers and how powers combine predictions."""
+    """How delegations become powers and how powers combine predictions.
 
-    task: str = "classification"
+    It is also the ``ensemble`` section of a run's config (:class:`liquid_fed.config.RunConfig`):
+    every value is checked here, once, and the run config reports a refusal with its dotted
+    key. ``task`` is not a config key there: a run fills it in from its data.
+    """
+
+    task: str = field(default="classification", metadata={"config": False})
     solver: str = "sink_one"
     epsilon: float = 0.01
     penalty: float = 0.9
@@ -70,16 +78,27 @@ class LiquidConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f'task must be one of {list(TASKS)}, got "{self.task}"')
+            raise ParameterError(f'task must be one of {list(TASKS)}, got "{self.task}"',
+                                 "task", self.task, choices=TASKS)
         if self.mix not in MIXES:
-            raise ValueError(f'mix must be one of {list(MIXES)}, got "{self.mix}"')
-        if self.solver not in SOLVERS:
-            raise ValueError(f'solver must be one of {sorted(SOLVERS)}, got "{self.solver}"')
+            raise ParameterError(f'mix must be one of {list(MIXES)}, got "{self.mix}"', "mix",
+                                 self.mix, choices=MIXES)
+        check_parameters(self.solver, self.epsilon, self.penalty, self.backend)
+        # A config's values must hold whatever solver a sweep later switches to.
+        if not 0.0 < self.epsilon < 1.0:
+            raise ParameterError(f"epsilon must lie in (0, 1), got {self.epsilon!r}", "epsilon",
+                                 self.epsilon, interval="(0, 1)")
+        if not 0.0 <= self.penalty < 1.0:
+            raise ParameterError(f"penalty must lie in [0, 1), got {self.penalty!r}", "penalty",
+                                 self.penalty, interval="[0, 1)")
         for name in ("load_weight", "specialization_weight", "expert_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.load_temperature <= 0:
-            raise ValueError(f"load_temperature must be > 0, got {self.load_temperature!r}")
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ParameterError(f"{name} must be >= 0, got {value!r}", name, value,
+                                     interval="[0, inf]")
+        if not self.load_temperature > 0:
+            raise ParameterError(f"load_temperature must be > 0, got {self.load_temperature!r}",
+                                 "load_temperature", self.load_temperature, interval="(0, inf]")
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,34 @@ class ConfigError(LiquidFedError, ValueError):
     """A configuration key or value that cannot be used."""
 
 
+class ParameterError(ConfigError):
+    """A named parameter with a value that is not accepted.
+
+    Its message is the library's wording (``solver must be one of [...], got "x"``); the config
+    layer re-renders it with the dotted key (``ensemble.solver: got "x"; accepted: ...``), so a
+    value is validated in one place and reported in the words of whoever passed it.
+
+    Args:
+        message: the library's message.
+        name: the parameter's name.
+        value: the value that arrived.
+        choices: the accepted values, for a choice.
+        interval: the accepted interval as text, e.g. ``(0, 1)``, for a number.
+    """
+
+    def __init__(self, message: str, name: str, value: object,
+                 choices: tuple[str, ...] | list[str] | None = None,
+                 interval: str | None = None) -> None:
+        super().__init__(message)
+        self.name, self.value, self.choices, self.interval = name, value, choices, interval
+
+    def render(self, key: str) -> str:
+        """The message in the config's words, for ``key`` (a dotted path)."""
+        if self.choices is not None:
+            return f'{key}: got "{self.value}"; accepted: {", ".join(self.choices)}'
+        return f"{key}: got {self.value!r}; must lie in {self.interval}"
+
+
 class DataError(LiquidFedError, ValueError):
     """A data file, data set option or id that cannot be used (names the file and key/row)."""
 

@@ -7,7 +7,7 @@ serve ``averaged``, ``local`` and ``oracle``). Every method uses the run's optim
 (``cfg.optim``), epochs, batch size and batch order (:func:`liquid_fed.train.fit`, hence
 :func:`~liquid_fed.train.batch_order` with ``cfg.seed``), and every party's network is the
 run's expert (``cfg.experts``, per client), built by
-:func:`~liquid_fed.protocol.build_client_expert` from the same seed. Differences between
+:func:`~liquid_fed.federation.setup.build_client_expert` from the same seed. Differences between
 methods come from the method, not from initialisation or data order.
 
 Dimension letters: ``B`` batch, ``K`` parties, ``C`` outputs, ``H`` a party's trunk width (the
@@ -90,9 +90,9 @@ from liquid_fed.config import RunConfig
 from liquid_fed.ensemble import EnsembleOutput, task_loss
 from liquid_fed.errors import ConfigError
 from liquid_fed.experts import Expert, build_expert
-from liquid_fed.metrics import confidences, evaluate_output
-from liquid_fed.protocol import DTYPES, build_client_expert
-from liquid_fed.train import fit, predict
+from liquid_fed.federation.setup import build_client_expert
+from liquid_fed.metrics import TASK_METRICS, confidences, evaluate_output, primary_score
+from liquid_fed.train import DTYPES, fit, predict
 
 log = logging.getLogger(__name__)
 
@@ -498,10 +498,6 @@ def _best(scores: Sequence[float], task: str) -> int:
     return int(np.argmax(values) if task == "classification" else np.argmin(values))
 
 
-def _score(metrics: dict[str, float]) -> float:
-    return metrics["accuracy"] if "accuracy" in metrics else metrics["rmse"]
-
-
 # --------------------------------------------------------------------------------------------
 # The methods
 # --------------------------------------------------------------------------------------------
@@ -706,14 +702,14 @@ def local(ctx: MethodContext) -> MethodResult:
             entry["present" if split == "test" else "present_val"] = (
                 rows.numel() / max(preds.shape[0], 1))
             if rows.numel() == 0:
-                entry[split] = {("accuracy" if task == "classification" else "rmse"): math.nan}
+                entry[split] = {TASK_METRICS[task]: math.nan}
             else:
                 entry[split] = _basic_metrics(output[rows], target[rows], task)
                 entry[split]["loss"] = float(task_loss(output[rows], target[rows], task))
             if split == "test":
                 test_outputs.append((output, rows))
         per_party.append(entry)
-    best = _best([_score(p["val"]) for p in per_party], task)
+    best = _best([primary_score(p["val"]) for p in per_party], task)
     output, rows = test_outputs[best]
     arrays = _arrays(data, output, data.targets["test"], task)
     held = np.zeros(output.shape[0], dtype=bool)

@@ -28,12 +28,29 @@ from liquid_fed.ensemble import EnsembleOutput
 CONFIDENCES = ("delegation", "power", "self_delegation", "agreement", "max_prob")
 
 
-def _normalised_entropy(prob: Tensor, dim: int = -1) -> Tensor:
-    k = prob.shape[dim]
-    if k == 1:
-        return torch.zeros_like(prob.sum(dim))
-    ent = -(prob * torch.log(prob.clamp_min(1e-30))).sum(dim)
-    return ent / math.log(k)
+def entropy(prob: Tensor | np.ndarray, dim: int = -1,
+            normalised: bool = False) -> Tensor | np.ndarray | float:
+    """Shannon entropy (nats) of probability vectors along ``dim``; ``0 log 0 = 0``.
+
+    Args:
+        prob: probabilities, a torch tensor or a numpy array (any shape).
+        dim: the axis the vectors lie along.
+        normalised: divide by ``log K`` (K = the length of the vectors; 0 for K = 1).
+
+    Returns:
+        The same kind as ``prob`` with ``dim`` removed (a float for one numpy vector).
+    """
+    as_numpy = not isinstance(prob, Tensor)
+    p = torch.as_tensor(np.asarray(prob, dtype=np.float64)) if as_numpy else prob
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(dim)
+    if normalised:
+        k = p.shape[dim]
+        ent = ent / math.log(k) if k > 1 else torch.zeros_like(ent)
+    ent = ent + 0.0  # no "-0.0" in reports
+    if not as_numpy:
+        return ent
+    out = ent.numpy()
+    return float(out) if out.ndim == 0 else out
 
 
 def confidences(out: EnsembleOutput, task: str) -> dict[str, Tensor]:
@@ -44,8 +61,8 @@ def confidences(out: EnsembleOutput, task: str) -> dict[str, Tensor]:
         preds = torch.softmax(preds, dim=-1)
     spread = (preds - preds.mean(1, keepdim=True)).norm(dim=-1).mean(1)  # (B,)
     conf = {
-        "delegation": 1 - _normalised_entropy(out.delegation).mean(-1),
-        "power": 1 - _normalised_entropy(out.power / k),
+        "delegation": 1 - entropy(out.delegation, normalised=True).mean(-1),
+        "power": 1 - entropy(out.power / k, normalised=True),
         "self_delegation": out.delegation.diagonal(dim1=-2, dim2=-1).mean(-1),
         "agreement": -spread,
     }
@@ -62,9 +79,18 @@ def per_sample_error(out: EnsembleOutput, target: Tensor, task: str) -> Tensor:
     return (diff * diff).sum(-1)
 
 
+#: The headline metric of each task (higher is better only for accuracy).
+TASK_METRICS = {"classification": "accuracy", "regression": "rmse", "embedding": "rmse"}
+
+
 def primary_metric(metrics: dict[str, object]) -> str:
     """The headline metric of a result: ``accuracy`` for classification, else ``rmse``."""
     return "accuracy" if "accuracy" in metrics else "rmse"
+
+
+def primary_score(metrics: dict[str, float]) -> float:
+    """The value of a result's headline metric."""
+    return metrics[primary_metric(metrics)]
 
 
 def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
@@ -76,13 +102,6 @@ def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
     if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
     return float(kendalltau(x, y, variant="b").statistic)
-
-
-def entropy(prob: np.ndarray) -> float:
-    """Shannon entropy (nats) of a probability vector."""
-    prob = np.asarray(prob, dtype=np.float64)
-    prob = prob[prob > 0]
-    return float(-(prob * np.log(prob)).sum()) + 0.0  # + 0.0: no "-0.0" in reports
 
 
 def active_parameter_fraction(power: Tensor, n_params: Sequence[int],
@@ -126,9 +145,7 @@ def evaluate_output(out: EnsembleOutput, target: Tensor, task: str,
         neg_err = (-err).cpu().numpy()
         for name, conf in confidences(out, task).items():
             metrics[f"tau_{name}"] = kendall_tau(conf.cpu().numpy(), neg_err)
-        share = out.power / k
-        ent = -(share * torch.log(share.clamp_min(1e-30))).sum(-1)
-        metrics["power_entropy"] = float(ent.mean())
+        metrics["power_entropy"] = float(entropy(out.power / k).mean())
         speakers = torch.bincount(out.power.argmax(-1), minlength=k).cpu().numpy()
         metrics["speaker_entropy"] = entropy(speakers / speakers.sum())
         for j, m in enumerate(out.power.mean(0).tolist()):

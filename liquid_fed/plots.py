@@ -27,6 +27,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from liquid_fed.metrics import TASK_METRICS, entropy, primary_metric
+
 log = logging.getLogger(__name__)
 
 OUTPUTS_FILE = "test_outputs.npz"
@@ -71,19 +73,18 @@ class RunOutputs:
     @property
     def task(self) -> str:
         """``classification`` (0/1 errors) or ``regression`` (squared errors)."""
-        if "accuracy" in self.metrics:
-            return "classification"
-        if "rmse" in self.metrics:
-            return "regression"
+        for task in ("classification", "regression"):
+            if TASK_METRICS[task] in self.metrics:
+                return task
         err = self.arrays["error"]
         return "classification" if np.isin(err, (0.0, 1.0)).all() else "regression"
 
     @property
     def metric(self) -> tuple[str, float] | None:
         """The headline test metric (``accuracy`` or ``rmse``) and its value, if known."""
-        for key in ("accuracy", "rmse"):
-            if key in self.metrics and self.metrics[key] is not None:
-                return key, float(self.metrics[key])
+        key = primary_metric(self.metrics)
+        if self.metrics.get(key) is not None:
+            return key, float(self.metrics[key])
         return None
 
     @property
@@ -139,7 +140,7 @@ def load_run(run_dir: str | Path) -> RunOutputs:
 
     Args:
         run_dir: a run folder written by ``liquid-fed run`` (or an in-process
-            :class:`liquid_fed.protocol.Federation` with a :class:`RunWriter`).
+            :class:`liquid_fed.federation.Federation` with a :class:`~liquid_fed.rundir.RunDir`).
 
     Returns:
         The run's :class:`RunOutputs`, named after the folder.
@@ -191,11 +192,6 @@ def top_expert(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top, tie
 
 
-def _entropy_rows(prob: np.ndarray) -> np.ndarray:
-    logp = np.log(np.clip(prob, 1e-30, None))
-    return -(prob * logp).sum(-1) + 0.0
-
-
 @dataclass
 class DelegationSummary:
     """What the delegation figures show (shapes with K experts)."""
@@ -232,8 +228,8 @@ def delegation_summary(delegation: np.ndarray | None, power: np.ndarray,
         speaker_share=speakers,
         tie_share=float(tie.mean()) if n else 0.0,
         mean_self_delegation=self_del,
-        power_entropy=float(_entropy_rows(power / k).mean()),
-        speaker_entropy=float(_entropy_rows(speakers)),
+        power_entropy=float(entropy(power / k).mean()),
+        speaker_entropy=float(entropy(speakers)),
     )
     if informative is not None:
         informative = np.asarray(informative, dtype=np.int64)

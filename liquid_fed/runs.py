@@ -7,6 +7,7 @@ nothing already written is overwritten unless asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,10 +18,9 @@ from typing import Any
 import torch
 
 from liquid_fed.config import RunConfig
-from liquid_fed.data import view_summary
+from liquid_fed.data import Splits, view_summary
 from liquid_fed.errors import ConfigError
-from liquid_fed.protocol import (
-    DTYPES,
+from liquid_fed.federation import (
     Federation,
     RoundInfo,
     Transport,
@@ -29,7 +29,9 @@ from liquid_fed.protocol import (
     load_server_data,
     make_plan,
 )
+from liquid_fed.metrics import primary_metric
 from liquid_fed.rundir import VIEWS_FILE, RunDir
+from liquid_fed.train import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +92,10 @@ def _check_resources(cfg: RunConfig) -> None:
                           "so no client could ever be scheduled")
 
 
-def write_views(cfg: RunConfig, run: RunDir) -> list[dict]:
+def write_views(cfg: RunConfig, run: RunDir, splits: Splits) -> list[dict]:
     """The view plan and a quick linear probe per view (how partial each view is)."""
     ds = load_data(cfg)
     plan = make_plan(cfg, ds)
-    splits = load_server_data(cfg).splits
     summary = view_summary(ds, plan, splits, seed=cfg.seed)
     run.write_json(VIEWS_FILE, {"plan": plan.to_dict(), "summary": summary})
     return summary
@@ -125,14 +126,16 @@ def run_federated(
     """
     torch.set_num_threads(cfg.server.threads)
     run = RunDir(run_dir)
+    data = load_server_data(cfg)  # once per run: the federation and the references share it
     checkpoint = None
     if resume:
         checkpoint = run.load_checkpoint(cfg.n_clients)
         log.info("resuming from round %d (checkpoint %s)", checkpoint.round,
                  checkpoint.generation)
     else:
-        write_views(cfg, run)
-    fed = Federation(cfg, transport, run, on_round)
+        write_views(cfg, run, data.splits)
+    references_data = dataclasses.replace(data)  # the federation may narrow its splits
+    fed = Federation(cfg, transport, run, on_round, data=data)
     result = fed.run(checkpoint, stop_after)
     if result is None:
         return None
@@ -141,8 +144,8 @@ def run_federated(
     if cfg.baselines.uniform or cfg.baselines.independent:
         from liquid_fed.centralized import baselines, central_data
 
-        refs = baselines(cfg, central_data(cfg))
-    metric = "accuracy" if "accuracy" in result.test else "rmse"
+        refs = baselines(cfg, central_data(cfg, references_data))
+    metric = primary_metric(result.test)
     summary = {
         "name": cfg.name,
         "metric": metric,

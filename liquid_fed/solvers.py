@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from liquid_fed.errors import ParameterError
+
 log = logging.getLogger(__name__)
 
 #: Largest K for which ``backend="auto"`` uses the vectorised elimination (measured crossover
@@ -117,19 +119,27 @@ def validate_delegation(delegation: Tensor) -> None:
         )
 
 
-def _check_parameters(solver: str, epsilon: float, penalty: float, backend: str) -> None:
+def check_parameters(solver: str, epsilon: float, penalty: float, backend: str) -> None:
+    """The one check of a solver's name and parameters (the layer's config uses it too).
+
+    Raises:
+        ParameterError: naming the parameter, the value and what is accepted.
+    """
     if solver not in SOLVERS:
-        raise ValueError(f'solver must be one of {sorted(SOLVERS)}, got "{solver}"')
+        raise ParameterError(f'solver must be one of {sorted(SOLVERS)}, got "{solver}"',
+                             "solver", solver, choices=tuple(SOLVERS))
     if backend not in BACKENDS:
-        raise ValueError(f'backend must be one of {list(BACKENDS)}, got "{backend}"')
+        raise ParameterError(f'backend must be one of {list(BACKENDS)}, got "{backend}"',
+                             "backend", backend, choices=BACKENDS)
     if solver == "uniform":
         return
     if not 0.0 < float(epsilon) < 1.0:
-        raise ValueError(f"epsilon must lie in (0, 1) for solver {solver}, got {epsilon!r}")
+        raise ParameterError(f"epsilon must lie in (0, 1) for solver {solver}, got {epsilon!r}",
+                             "epsilon", epsilon, interval="(0, 1)")
     if solver == "sink_many" and not 0.0 <= float(penalty) < 1.0:
-        raise ValueError(
-            f"penalty (long_delegation_penalty) must lie in [0, 1) for sink_many, got {penalty!r}"
-        )
+        raise ParameterError(
+            f"penalty (long_delegation_penalty) must lie in [0, 1) for sink_many, got {penalty!r}",
+            "penalty", penalty, interval="[0, 1)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +323,7 @@ def solve_power(
         ValueError: for an unknown solver or backend, parameters out of range, or malformed
             delegation input (naming the first offending sample and row).
     """
-    _check_parameters(solver, epsilon, penalty, backend)
+    check_parameters(solver, epsilon, penalty, backend)
     if validate:
         validate_delegation(delegation)
     dtype = delegation.dtype

@@ -14,6 +14,9 @@ from liquid_fed.metrics import evaluate_output
 
 log = logging.getLogger(__name__)
 
+#: Floating-point precisions of training, by config name (``train.dtype``).
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,

@@ -20,11 +20,11 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from clients.codec import MESSAGE_TYPES, decode, encode
 from liquid_fed import rundir
-from liquid_fed.codec import MESSAGE_TYPES, decode, encode
 from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import ClientFailure
-from liquid_fed.protocol import RoundInfo
+from liquid_fed.federation import RoundInfo
 from liquid_fed.rundir import RunLock
 from liquid_fed.runs import run_federated
 

@@ -104,7 +104,7 @@ def in_process(overrides: list[str], epochs: int, repeats: int) -> InProcess:
     """Centralized and protocol-only (LocalTransport) training time per epoch, after warm-up."""
     from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
     from liquid_fed.config import load_config
-    from liquid_fed.protocol import Federation, LocalTransport
+    from liquid_fed.federation import Federation, LocalTransport
 
     cfg = load_config(str(CONFIG), overrides + [f"train.epochs={epochs}"])
     data = central_data(cfg)

@@ -25,40 +25,9 @@ from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import LiquidFedError
 from liquid_fed.metrics import primary_metric
 from liquid_fed.rundir import RunLock
+from simulations.progress import Progress
 
 log = logging.getLogger("liquid_fed.cli")
-
-# --------------------------------------------------------------------------------------------
-# Progress display
-# --------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A live bar per round: loss, latest validation metric, elapsed seconds."""
-
-    def __init__(self, total: int | None, desc: str, enabled: bool = True) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="round", disable=not enabled,
-                        dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
-        self.metric = ""
-
-    def round(self, info: Any) -> None:
-        if self.bar.total is None:
-            self.bar.total = info.total_rounds
-        if info.metrics:
-            key = primary_metric(info.metrics)
-            self.metric = f"{info.metrics[key]:.3f}"
-        postfix = {"epoch": f"{info.epoch:.1f}", "loss": f"{info.loss:.4f}",
-                   "elapsed": f"{info.elapsed:.1f}s"}
-        if self.metric:
-            postfix["val"] = self.metric
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(info.round - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
-
 
 # --------------------------------------------------------------------------------------------
 # Commands

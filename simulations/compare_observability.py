@@ -8,7 +8,7 @@ a baseline, each into its own run folder; then prints a table and writes the com
         [--seed S] [--uniform] [--engine local|ray] [--force | --reuse]
 
 ``--engine local`` (default) runs the exact federated protocol in this process
-(:class:`liquid_fed.protocol.LocalTransport`); ``--engine ray`` runs each setting through
+(:class:`liquid_fed.federation.LocalTransport`); ``--engine ray`` runs each setting through
 ``liquid-fed run`` (Flower's simulation engine on Ray) in a child process.
 """
 
@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from liquid_fed.config import ConfigError, RunConfig, config_from_yaml_text, load_config
+from liquid_fed.data.synthetic import VISIBILITIES
 from liquid_fed.plots import delegation_summary, load_run, plot_comparison, plot_run
 from liquid_fed.rundir import RunDir
 
 log = logging.getLogger("simulations.compare_observability")
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "regions.yaml"
-VISIBILITIES = ("shared", "noisy", "none")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
 
 def run_local(cfg: RunConfig, run_dir: Path, force: bool) -> None:
     """The federated protocol in this process, writing the same run folder as ``run``."""
-    from liquid_fed.protocol import LocalTransport
+    from liquid_fed.federation import LocalTransport
     from liquid_fed.runs import prepare_folder, run_federated
 
     prepare_folder(cfg, run_dir, resume=False, force=force)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("liquid_fed.protocol", "liquid_fed.runs"):
+    for noisy in ("liquid_fed.federation", "liquid_fed.runs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.out)
     run_dirs = []

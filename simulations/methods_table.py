@@ -19,11 +19,11 @@ import time
 
 from liquid_fed.centralized import central_data
 from liquid_fed.config import load_config
-from liquid_fed.data.probe import view_observability
-from liquid_fed.data.views import view_summary
+from liquid_fed.data.probe import view_observability, view_summary
 from liquid_fed.errors import LiquidFedError
+from liquid_fed.federation import load_data, make_plan
 from liquid_fed.methods import METHODS, MethodOptions, run_methods
-from liquid_fed.protocol import load_data, make_plan
+from liquid_fed.metrics import TASK_METRICS
 
 
 def _widths(text: str | None) -> list[int] | None:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except LiquidFedError as exc:
         print(f"methods_table: error: {exc}", file=sys.stderr)
         return 2
-    metric = "accuracy" if data.server.task == "classification" else "rmse"
+    metric = TASK_METRICS[data.server.task]
     loss = "nll" if metric == "accuracy" else "mse"
     print(f"{cfg.name} (seed {cfg.seed}, {cfg.train.epochs} epochs, {cfg.n_clients} parties)")
     print(f"{'method':<10} {'test ' + metric:>13} {'val ' + metric:>12} {'test ' + loss:>9} "

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from liquid_fed.config import load_config
+from liquid_fed.federation import Federation, LocalTransport
 from liquid_fed.metrics import primary_metric
-from liquid_fed.protocol import Federation, LocalTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 

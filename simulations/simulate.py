@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from simulations.cli import Progress
+    from simulations.progress import Progress
 
     try:
         return _simulate(args.run_dir, args.resume, args.stop_after, args.quiet, Progress)

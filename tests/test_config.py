@@ -100,18 +100,18 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
         load_config(listy)
 
 
-def test_ensemble_section_mirrors_the_layer_config() -> None:
-    import dataclasses
-
-    from liquid_fed.config import EnsembleConfig
+def test_ensemble_section_is_the_layer_config() -> None:
     from liquid_fed.ensemble import LiquidConfig
 
-    section = {f.name: f.default for f in dataclasses.fields(EnsembleConfig)}
-    layer = {f.name: f.default for f in dataclasses.fields(LiquidConfig) if f.name != "task"}
-    assert set(section) == set(layer)
-    # The run config may choose other training defaults, but the solver's are the layer's.
-    for key in ("solver", "epsilon", "penalty", "backend", "mix", "load_temperature"):
-        assert section[key] == layer[key], key
+    cfg = build_config({}, ["ensemble.solver=sink_many", "ensemble.load_weight=0.25"])
+    assert type(cfg.ensemble) is LiquidConfig  # one class: no copy to keep in step
+    assert cfg.ensemble == LiquidConfig(solver="sink_many", load_weight=0.25)
+    assert "task" not in cfg.to_dict()["ensemble"]  # filled in from the data
+    with pytest.raises(ConfigError, match='unknown config key "ensemble.task"'):
+        build_config({"ensemble": {"task": "regression"}})
+    with pytest.raises(ConfigError, match=r"ensemble.load_temperature: got 0.0; must lie in "
+                                          r"\(0, inf\]"):
+        build_config({}, ["ensemble.load_temperature=0"])
 
 
 FLOAT_KEYS = ["ensemble.epsilon", "ensemble.penalty", "optim.lr", "simulation.timeout",

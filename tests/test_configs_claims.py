@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from liquid_fed.config import load_config
-from liquid_fed.protocol import Federation, LocalTransport
+from liquid_fed.federation import Federation, LocalTransport
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAST = ["train.eval_every=0", "baselines.uniform=false", "baselines.independent=false"]

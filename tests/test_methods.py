@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,7 +22,6 @@ from liquid_fed.methods import (
     run_method,
     run_methods,
 )
-from liquid_fed.protocol import liquid_config
 from liquid_fed.train import batch_order
 
 
@@ -179,8 +179,8 @@ def test_moe_with_a_constant_gate_equals_the_uniform_vote(task: str, missing: fl
         for p in model.gate.parameters():
             p.zero_()
     vote = LiquidEnsemble([p.expert for p in model.parties],
-                          liquid_config(cfg, task), batched=False, solver="uniform",
-                          expert_loss_weight=0.0)
+                          dataclasses.replace(cfg.ensemble, task=task), batched=False,
+                          solver="uniform", expert_loss_weight=0.0)
     xs, y, present = data.inputs["train"], data.targets["train"], data.present["train"]
     if missing:
         assert present is not None and not bool(present.all())

@@ -252,7 +252,7 @@ def test_missing_or_broken_outputs_say_what_to_do(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def regions_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
     from liquid_fed.config import load_config
-    from liquid_fed.protocol import Federation, LocalTransport
+    from liquid_fed.federation import Federation, LocalTransport
     from liquid_fed.rundir import RunDir
 
     cfg = load_config(CONFIGS / "regions.yaml", [

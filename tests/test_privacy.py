@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from liquid_fed.config import build_config
+from liquid_fed.federation import Federation, LocalTransport
 from liquid_fed.privacy import GradientDefence, LabelLeakage
-from liquid_fed.protocol import Federation, LocalTransport
 
 TINY = {"train": {"epochs": 2, "chunk_size": 128, "batch_size": 64, "eval_every": 0},
         "experts": {"options": {"hidden": [16]}},

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from liquid_fed import protocol
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
 from liquid_fed.config import build_config
 from liquid_fed.errors import RunFolderError
-from liquid_fed.protocol import (
+from liquid_fed.federation import (
     Federation,
     LocalTransport,
+    client,
     handle_client_message,
     payload_bytes,
 )
@@ -62,7 +62,7 @@ class _FreshProcessTransport(LocalTransport):
     """Forgets every live client object before each message, as a deployment process would."""
 
     def exchange(self, kind, arrays, settings):
-        protocol._LIVE.clear()
+        client._LIVE.clear()
         return super().exchange(kind, arrays, settings)
 
 

@@ -1,6 +1,8 @@
 """Data sets, train/validation/test splits and vertical views of the features."""
 
-from liquid_fed.data.datasets import DATASETS, Dataset, load_dataset
+from liquid_fed.data.dataset import TASKS, Dataset, IdIndex
+from liquid_fed.data.datasets import DATASETS, load_dataset
+from liquid_fed.data.probe import view_summary
 from liquid_fed.data.splits import (
     Splits,
     Standardizer,
@@ -9,14 +11,16 @@ from liquid_fed.data.splits import (
     split_ids,
     standardize,
 )
-from liquid_fed.data.views import PARTITIONERS, ViewPlan, make_views, view_summary
+from liquid_fed.data.views import PARTITIONERS, ViewPlan, make_views
 
 __all__ = [
     "DATASETS",
     "PARTITIONERS",
     "Dataset",
+    "IdIndex",
     "Splits",
     "Standardizer",
+    "TASKS",
     "ViewPlan",
     "align_ids",
     "common_ids",

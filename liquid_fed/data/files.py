@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from liquid_fed.data.datasets import LAYOUTS, TASKS, Dataset, _check_choice, _pixel_names
+from liquid_fed.data.dataset import LAYOUTS, TASKS, Dataset, check_choice, pixel_names
 from liquid_fed.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ def load_csv(
             message names the file, the column and the first bad row and its line.
     """
     path = Path(path)
-    task = _check_choice("data.task", task, TASKS)
+    task = check_choice("data.task", task, TASKS)
     if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in "\r\n\"":
         raise DataError(f"data.delimiter must be one character other than a quote or a "
                         f"newline, got {delimiter!r}")
@@ -653,7 +653,7 @@ def load_npz(
             bad row index.
     """
     path = Path(path)
-    task = _check_choice("data.task", task, TASKS)
+    task = check_choice("data.task", task, TASKS)
     arrays = _npz_arrays(path, [features_key, labels_key], [ids_key, feature_names_key])
     x = arrays[features_key]
     if x.dtype.kind not in "iufb":
@@ -663,7 +663,7 @@ def load_npz(
             raise DataError(f"{path}: array {features_key!r} has shape {x.shape}; give "
                             f"layout='image' (N, H, W) or 'sequence' (N, T, C) for 3-D data")
         layout = "tabular"
-    layout = _check_choice("data.layout", layout, LAYOUTS)
+    layout = check_choice("data.layout", layout, LAYOUTS)
     need = 2 if layout == "tabular" else 3
     if x.ndim != need:
         raise DataError(f"{path}: layout {layout!r} needs {need}-D {features_key!r}, got "
@@ -729,7 +729,7 @@ def load_npz(
                           lambda i: f"index {i}") if raw_names.dtype.kind in "US"
                  else [str(v) for v in raw_names.ravel().tolist()])
     elif layout == "image":
-        names = _pixel_names(x.shape[1], x.shape[2])
+        names = pixel_names(x.shape[1], x.shape[2])
     else:
         names = [f"{'x' if layout == 'tabular' else 'c'}{j}" for j in range(n_feat)]
     if task == "classification":

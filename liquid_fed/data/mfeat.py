@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liquid_fed.data.datasets import Dataset
+from liquid_fed.data.dataset import Dataset
 from liquid_fed.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from functools import reduce
 
 import numpy as np
 
-from liquid_fed.data.datasets import LAYOUTS, Dataset, _check_choice, _check_float, _first
+from liquid_fed.data.dataset import LAYOUTS, Dataset, check_choice, check_float, first_values
 from liquid_fed.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ def split_ids(ds: Dataset, val: float = 0.15, test: float = 0.2, seed: int = 0) 
             or test split left empty although its share is > 0; the message gives the counts
             and the config keys (``data.val``, ``data.test``) to change.
     """
-    val = _check_float("split.val", val, 0.0, 1.0, high_open=True)
-    test = _check_float("split.test", test, 0.0, 1.0, high_open=True)
+    val = check_float("split.val", val, 0.0, 1.0, high_open=True)
+    test = check_float("split.test", test, 0.0, 1.0, high_open=True)
     if val + test >= 1.0:
         raise ValueError(f"split.val + split.test must be < 1, got {val} + {test}")
     n = ds.n_samples
@@ -120,7 +120,7 @@ class Standardizer:
     """
 
     def __init__(self, layout: str = "tabular") -> None:
-        self.layout = _check_choice("standardizer.layout", layout, LAYOUTS)
+        self.layout = check_choice("standardizer.layout", layout, LAYOUTS)
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
 
@@ -223,12 +223,12 @@ def align_ids(requested: np.ndarray, holders: dict[str, np.ndarray]) -> np.ndarr
     requested = requested.astype(np.int64)
     uniq, counts = np.unique(requested, return_counts=True)
     if uniq.size != requested.size:
-        raise ValueError(f"align: requested ids repeat: {_first(uniq[counts > 1])}")
+        raise ValueError(f"align: requested ids repeat: {first_values(uniq[counts > 1])}")
     problems = []
     for name, held in holders.items():
         missing = requested[~np.isin(requested, np.asarray(held))]
         if missing.size:
-            problems.append(f"{missing.size} missing at {name!r} (first: {_first(missing)})")
+            problems.append(f"{missing.size} missing at {name!r} (first: {first_values(missing)})")
     if problems:
         n_bad = np.zeros(requested.size, dtype=bool)
         for held in holders.values():

@@ -6,12 +6,12 @@ import logging
 
 import numpy as np
 
-from liquid_fed.data.datasets import (
+from liquid_fed.data.dataset import (
     TASKS,
     Dataset,
-    _check_choice,
-    _check_float,
-    _check_int,
+    check_choice,
+    check_float,
+    check_int,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,18 +65,18 @@ def synthetic_regions(
     Raises:
         ValueError: an option out of range, naming it and the value that arrived.
     """
-    n = _check_int("synthetic_regions.n_samples", n_samples, 1)
-    r_count = _check_int("synthetic_regions.n_regions", n_regions, 1)
-    g_count = _check_int("synthetic_regions.n_groups", n_groups, 1)
-    p = _check_int("synthetic_regions.features_per_group", features_per_group, 1)
-    task = _check_choice("synthetic_regions.task", task, TASKS)
-    n_cls = _check_int("synthetic_regions.n_classes", n_classes, 2)
-    n_out = _check_int("synthetic_regions.n_outputs", n_outputs, 1)
-    noise = _check_float("synthetic_regions.noise", noise, 0.0, float("inf"))
-    vis = _check_choice("synthetic_regions.region_visibility", region_visibility, VISIBILITIES)
-    region_noise = _check_float("synthetic_regions.region_noise", region_noise, 0.0, float("inf"))
-    n_dis = _check_int("synthetic_regions.n_distractors", n_distractors, 0)
-    seed = _check_int("synthetic_regions.seed", seed, 0)
+    n = check_int("synthetic_regions.n_samples", n_samples, 1)
+    r_count = check_int("synthetic_regions.n_regions", n_regions, 1)
+    g_count = check_int("synthetic_regions.n_groups", n_groups, 1)
+    p = check_int("synthetic_regions.features_per_group", features_per_group, 1)
+    task = check_choice("synthetic_regions.task", task, TASKS)
+    n_cls = check_int("synthetic_regions.n_classes", n_classes, 2)
+    n_out = check_int("synthetic_regions.n_outputs", n_outputs, 1)
+    noise = check_float("synthetic_regions.noise", noise, 0.0, float("inf"))
+    vis = check_choice("synthetic_regions.region_visibility", region_visibility, VISIBILITIES)
+    region_noise = check_float("synthetic_regions.region_noise", region_noise, 0.0, float("inf"))
+    n_dis = check_int("synthetic_regions.n_distractors", n_distractors, 0)
+    seed = check_int("synthetic_regions.seed", seed, 0)
 
     rng = np.random.default_rng(seed)
     regions = rng.permutation(np.arange(n) % r_count)  # (N,)
@@ -159,14 +159,14 @@ def sensors(
     Raises:
         ValueError: an option out of range, naming it and the value that arrived.
     """
-    n = _check_int("sensors.n_samples", n_samples, 1)
-    c_count = _check_int("sensors.n_channels", n_channels, 1)
-    s_count = _check_int("sensors.n_segments", n_segments, 1)
-    t_count = _check_int("sensors.n_steps", n_steps, 2 * s_count)
-    task = _check_choice("sensors.task", task, TASKS)
-    n_cls = _check_int("sensors.n_classes", n_classes, 2)
-    noise = _check_float("sensors.noise", noise, 0.0, float("inf"))
-    seed = _check_int("sensors.seed", seed, 0)
+    n = check_int("sensors.n_samples", n_samples, 1)
+    c_count = check_int("sensors.n_channels", n_channels, 1)
+    s_count = check_int("sensors.n_segments", n_segments, 1)
+    t_count = check_int("sensors.n_steps", n_steps, 2 * s_count)
+    task = check_choice("sensors.task", task, TASKS)
+    n_cls = check_int("sensors.n_classes", n_classes, 2)
+    noise = check_float("sensors.noise", noise, 0.0, float("inf"))
+    seed = check_int("sensors.seed", seed, 0)
 
     rng = np.random.default_rng(seed)
     regions = rng.permutation(np.arange(n) % s_count)  # (N,)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from liquid_fed.data.datasets import Dataset, _check_float, _check_int
-from liquid_fed.data.splits import Splits, Standardizer
+from liquid_fed.data.dataset import Dataset, check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +377,7 @@ def importance(ds: Dataset, n_views: int, seed: int, weights: Sequence[float] | 
     then a feature is moved from the largest party. `info` records p and each party's share
     of a univariate importance score (eta^2 / r^2 of each feature with the label).
     """
-    alpha = _check_float("views.alpha", alpha, 0.0, float("inf"))
+    alpha = check_float("views.alpha", alpha, 0.0, float("inf"))
     if alpha <= 0:
         raise ValueError(f"views.alpha must be > 0, got {alpha}")
     w = np.ones(n_views) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -446,7 +444,7 @@ def correlation(ds: Dataset, n_views: int, seed: int, beta: float = 0.5) -> View
     most 2,000 samples (pixels for images, channels over all steps for sequences). `info`
     records the score reached and the two extremes.
     """
-    beta = _check_float("views.beta", beta, 0.0, 1.0)
+    beta = check_float("views.beta", beta, 0.0, 1.0)
     rng = np.random.default_rng(seed)
     x, _ = _flat_matrix(ds, np.random.default_rng([seed, 7]))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -495,9 +493,9 @@ def _per_view(key: str, value: float | Sequence[float], n_views: int, high: floa
     if isinstance(value, (list, tuple, np.ndarray)):
         if len(value) != n_views:
             raise ValueError(f"views.{key} lists {len(value)} values but n_views={n_views}")
-        return [_check_float(f"views.{key}[{k}]", v, 0.0, high, high_open)
+        return [check_float(f"views.{key}[{k}]", v, 0.0, high, high_open)
                 for k, v in enumerate(value)]
-    return [_check_float(f"views.{key}", value, 0.0, high, high_open)] * n_views
+    return [check_float(f"views.{key}", value, 0.0, high, high_open)] * n_views
 
 
 def _with_overlap(ds: Dataset, plan: ViewPlan, overlap: float) -> ViewPlan:
@@ -559,13 +557,13 @@ def make_views(
     if kind not in PARTITIONERS:
         raise ValueError(f'views.kind: unknown partitioner "{kind}"; must be one of '
                          f"{list(PARTITIONERS)}")
-    n_views = _check_int("views.n_views", n_views, 1)
-    seed = _check_int("views.seed", seed, 0)
+    n_views = check_int("views.n_views", n_views, 1)
+    seed = check_int("views.seed", seed, 0)
     if n_views > ds.n_features:
         unit = {"tabular": "features", "image": "pixels", "sequence": "channels"}[ds.layout]
         raise ValueError(f"views: {n_views} views requested but the data has only "
                          f"{ds.n_features} {unit}")
-    overlap = _check_float("views.overlap", overlap, 0.0, 1.0)
+    overlap = check_float("views.overlap", overlap, 0.0, 1.0)
     noise_k = _per_view("noise", noise, n_views, float("inf"), False)
     missing_k = _per_view("missing", missing, n_views, 1.0, True)
     partitioner = PARTITIONERS[kind]
@@ -578,80 +576,3 @@ def make_views(
     plan.noise, plan.missing = noise_k, missing_k
     logger.debug("views %s on %s: sizes %s", kind, ds.name, [len(c) for c in plan.columns])
     return plan
-
-
-def _probe(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, task: str,
-           seed: int) -> float:
-    """Validation accuracy of logistic regression or R^2 of ridge, on standardised inputs."""
-    if len(x_tr) == 0 or len(x_va) == 0:
-        return float("nan")
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression, Ridge
-
-    scaler = Standardizer("tabular").fit(x_tr)
-    x_tr, x_va = scaler.transform(x_tr), scaler.transform(x_va)
-    if task == "classification":
-        if len(np.unique(y_tr)) < 2:
-            return float(np.mean(y_va == y_tr[0]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model = LogisticRegression(max_iter=200, random_state=seed).fit(x_tr, y_tr)
-        return float(model.score(x_va, y_va))
-    return float(Ridge(alpha=1.0).fit(x_tr, y_tr).score(x_va, y_va))
-
-
-def view_summary(ds: Dataset, plan: ViewPlan, splits: Splits, seed: int = 0) -> list[dict]:
-    """How partial each view is: its features and a linear probe on it alone.
-
-    Args:
-        ds: the data set the plan was made for.
-        plan: the views.
-        splits: the probe fits on `splits.train` and scores on `splits.val` (or on
-            `splits.test` when there is no validation split).
-        seed: seed of the probe.
-
-    Returns:
-        One dict per view, then one for all features (view "all"): "view", "n_features",
-        "names" (the first 8), "present" (share of scored samples the view holds), "noise",
-        "metric" ("accuracy" from logistic regression or "r2" from ridge) and "score"
-        (on the samples the view holds, with its noise).
-
-    Raises:
-        ValueError: split ids that are not in the data set, or no samples to score on.
-    """
-    from threadpoolctl import threadpool_limits  # installed with scikit-learn
-
-    # one BLAS thread: these fits are tiny, and on a busy machine threads cost 10-50x
-    with threadpool_limits(limits=1):
-        return _view_summary(ds, plan, splits, seed)
-
-
-def _view_summary(ds: Dataset, plan: ViewPlan, splits: Splits, seed: int) -> list[dict]:
-    """`view_summary` without the thread limit."""
-    train, score_ids = splits.train, splits.val if len(splits.val) else splits.test
-    if len(score_ids) == 0:
-        raise ValueError("view_summary: splits have neither validation nor test ids")
-    y_tr, y_va = ds.labels[ds.positions(train)], ds.labels[ds.positions(score_ids)]
-    metric = "accuracy" if ds.task == "classification" else "r2"
-    rows = []
-    for k in range(plan.n_views):
-        x_tr = plan.apply(ds, k, train).reshape(len(train), -1)
-        x_va = plan.apply(ds, k, score_ids).reshape(len(score_ids), -1)
-        p_tr, p_va = plan.present(ds, k, train), plan.present(ds, k, score_ids)
-        names = plan.names[k]
-        rows.append({
-            "view": k, "n_features": len(names),
-            "names": names[:8] + ([f"... (+{len(names) - 8})"] if len(names) > 8 else []),
-            "present": float(p_va.mean()), "noise": plan.noise[k], "metric": metric,
-            "score": _probe(x_tr[p_tr], y_tr[p_tr], x_va[p_va], y_va[p_va], ds.task, seed),
-        })
-    x_tr = ds.features[ds.positions(train)].reshape(len(train), -1)
-    x_va = ds.features[ds.positions(score_ids)].reshape(len(score_ids), -1)
-    rows.append({"view": "all", "n_features": ds.n_features,
-                 "names": ds.feature_names[:8] + (
-                     [f"... (+{ds.n_features - 8})"] if ds.n_features > 8 else []),
-                 "present": 1.0, "noise": 0.0, "metric": metric,
-                 "score": _probe(x_tr, y_tr, x_va, y_va, ds.task, seed)})
-    logger.info("view summary for %s/%s: %s", ds.name, plan.kind,
-                ", ".join(f"{r['view']}={r['score']:.3f}" for r in rows))
-    return rows

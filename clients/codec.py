@@ -1,4 +1,7 @@
-"""Flower messages <-> the protocol's (arrays, settings) pairs. Imports Flower, starts nothing."""
+"""Flower messages <-> the protocol's (arrays, settings) pairs: the codec of both Flower apps.
+
+Imports Flower (the library under ``liquid_fed/`` never does), starts nothing.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,118 @@
+"""The server's step: combine the clients' outputs, the loss, the signals, the metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from liquid_fed.config import RunConfig
+from liquid_fed.ensemble import combine, ensemble_loss
+from liquid_fed.errors import ClientFailure
+from liquid_fed.federation.setup import ServerData
+from liquid_fed.federation.state import Arrays
+from liquid_fed.metrics import evaluate_output, per_sample_error
+from liquid_fed.privacy import GradientDefence
+from liquid_fed.train import DTYPES
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TrainStep(NamedTuple):
+    """A training round's result at the server."""
+
+    loss: float
+    signals: list[Arrays]  # per client: g_pred (n, C), g_del (n, K), as sent
+
+
+class Evaluation(NamedTuple):
+    """An evaluated split: metrics and the per-sample outputs behind them."""
+
+    metrics: dict[str, float]
+    details: Arrays  # ids, power (n, K), delegation (n, K, K), error (n,), labels, truth
+
+
+class ServerStep:
+    """Combines the clients' outputs, computes loss, signals and metrics on the server.
+
+    The replies it is given have passed :func:`liquid_fed.replies.check_prediction_reply`.
+    """
+
+    def __init__(self, cfg: RunConfig, data: ServerData) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.liquid = dataclasses.replace(cfg.ensemble, task=data.task)
+        self.device = resolve_device(cfg.server.device)
+        self.dtype = DTYPES[cfg.train.dtype]
+        self.defence = GradientDefence(cfg.privacy.clip, cfg.privacy.noise, cfg.seed)
+
+    def _target(self, ids: np.ndarray) -> Tensor:
+        y = torch.from_numpy(np.asarray(self.data.labels_of(ids)))
+        if self.data.task == "classification":
+            return y.long().to(self.device)
+        return y.to(self.dtype).to(self.device)
+
+    def _stack(self, replies: Sequence[Arrays], grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        preds = torch.stack([torch.from_numpy(r["pred"]) for r in replies], 1)  # (B, K, C)
+        dels = torch.stack([torch.from_numpy(r["del"]) for r in replies], 1)  # (B, K, K)
+        present = torch.stack([torch.from_numpy(np.asarray(r["present"], dtype=bool))
+                               for r in replies], 1)  # (B, K)
+        preds = preds.to(self.device, self.dtype).requires_grad_(grad)
+        dels = dels.to(self.device, self.dtype).requires_grad_(grad)
+        return preds, dels, present.to(self.device)
+
+    def train_step(self, ids: np.ndarray, replies: Sequence[Arrays],
+                   round_index: int = 0) -> TrainStep:
+        """Loss on the chunk and each client's signals ``g_pred`` (n, C), ``g_del`` (n, K),
+        after the configured defence (``privacy``)."""
+        preds, dels, present = self._stack(replies, grad=True)
+        mask = None if bool(present.all()) else present
+        out = combine(preds, dels, self.liquid, mask)
+        loss = ensemble_loss(out, self._target(ids), self.liquid)
+        g_pred, g_del = torch.autograd.grad(loss, (preds, dels), allow_unused=True)
+        if g_del is None:  # the uniform vote ignores delegations: nothing to learn there
+            g_del = torch.zeros_like(dels)
+        if not (torch.isfinite(loss) and torch.isfinite(g_pred).all()
+                and torch.isfinite(g_del).all()):
+            raise ClientFailure(f"round {round_index}: the loss or its gradient is not finite "
+                                f"(loss {float(loss.detach()):.6g}) although every reply passed "
+                                "its checks; lower optim.lr or check the data")
+        signals = [{"g_pred": g_pred[:, k].cpu().numpy(), "g_del": g_del[:, k].cpu().numpy()}
+                   for k in range(len(replies))]
+        return TrainStep(float(loss.detach()), self.defence.apply(signals, round_index))
+
+    def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
+                 n_params: Sequence[int]) -> Evaluation:
+        """Loss and metrics of the ensemble on ``ids``, and the per-sample outputs behind them
+        (ids, power (n, K), delegation (n, K, K), error (n,), labels, and the ground truth
+        ``informative`` / ``regions`` where the data set has it)."""
+        with torch.no_grad():
+            preds, dels, present = self._stack(replies, grad=False)
+            mask = None if bool(present.all()) else present
+            out = combine(preds, dels, self.liquid, mask)
+            target = self._target(ids)
+            metrics = evaluate_output(out, target, self.data.task, n_params)
+            metrics["loss"] = float(ensemble_loss(out, target, self.liquid))
+            details: Arrays = {
+                "ids": np.asarray(ids), "power": out.power.cpu().numpy(),
+                "delegation": out.delegation.cpu().numpy(),
+                "error": per_sample_error(out, target, self.data.task).cpu().numpy(),
+                "labels": np.asarray(self.data.labels_of(ids)),
+            }
+            truth = self.data.informative_of(ids)
+            if truth is not None:
+                top = out.power.argmax(-1).cpu().numpy()
+                metrics["informative_top_power"] = float(np.mean(top == truth))
+                details["informative"] = truth
+            if self.data.regions is not None:
+                details["regions"] = self.data.regions_of(ids)
+        return Evaluation(metrics, details)

@@ -1,0 +1,58 @@
+"""How the server reaches its clients: the :class:`Transport` protocol and an in-process one.
+
+Flower's Grid is the transport of real runs (``server/app.py``: ``GridTransport``);
+:class:`LocalTransport` runs the exact client code in this process, for tests, benchmarks and
+studies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from liquid_fed.federation.client import handle_client_message
+from liquid_fed.federation.state import Arrays
+
+
+def payload_bytes(arrays: Arrays, settings: dict[str, Any] | None = None) -> int:
+    """Bytes a message carries: array data plus the text of its settings."""
+    total = sum(int(np.asarray(a).nbytes) for a in arrays.values())
+    if settings:
+        total += sum(len(str(k)) + len(str(v)) for k, v in settings.items())
+    return total
+
+
+class Transport(Protocol):
+    """How the server reaches its K clients (Flower's Grid, or in-process for tests)."""
+
+    def exchange(self, kind: str, arrays: Sequence[Arrays],
+                 settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
+        """Send one message per client (list index = client index); replies in that order."""
+        ...
+
+
+def describe_client(transport: Transport, k: int) -> str:
+    """How errors name client ``k``: the transport's own words (e.g. with its node id)."""
+    describe = getattr(transport, "describe", None)
+    return describe(k) if describe is not None else f"client {k}"
+
+
+class LocalTransport:
+    """Clients as in-process state dicts; runs the exact client code without Flower."""
+
+    def __init__(self, n_clients: int) -> None:
+        self.states: list[Arrays] = [{} for _ in range(n_clients)]
+        self.settings: list[dict[str, Any]] = [{} for _ in range(n_clients)]
+
+    def exchange(self, kind: str, arrays: Sequence[Arrays],
+                 settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
+        replies = []
+        for k, (a, s) in enumerate(zip(arrays, settings, strict=True)):
+            merged = {**self.settings[k], **s}
+            reply, info, self.states[k] = handle_client_message(kind, a, merged, self.states[k])
+            if kind == "setup":
+                self.settings[k] = {key: merged[key] for key in ("config", "index", "out_dim")}
+            replies.append((reply, info))
+        return replies
