@@ -54,5 +54,9 @@ class RunFolderError(LiquidFedError, RuntimeError):
     checkpoint, or holds a damaged one)."""
 
 
+class RunFileError(RunFolderError, ValueError):
+    """A file of a run folder that cannot be read as what it should be (damaged, not data)."""
+
+
 class ClientFailure(LiquidFedError, RuntimeError):
     """A client failed, sent a reply that does not pass the server's checks, or no reply."""

@@ -12,7 +12,6 @@ functions return the numbers the figures show, for tests and tables.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -22,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from liquid_fed.metrics import TASK_METRICS, entropy, primary_metric
+from liquid_fed.rundir import OUTPUTS_FILE, RunDir
 
 log = logging.getLogger(__name__)
 
-OUTPUTS_FILE = "test_outputs.npz"
 REQUIRED_ARRAYS = ("power", "delegation", "error")
 TIE_TOLERANCE = 1e-5  # relative gap under which two powers count as a tie for the top
 ANNOTATE_MAX_K = 10  # cells of larger matrices are too small to carry numbers
@@ -120,21 +118,6 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> None:
                              f"from {inf.min()} to {inf.max()}")
 
 
-def _final_test_metrics(run_dir: Path) -> dict[str, float]:
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        test = json.loads(summary.read_text()).get("test")
-        if isinstance(test, dict):
-            return test
-    history = run_dir / "metrics.jsonl"
-    if history.is_file():
-        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-        tests = [r for r in rows if r.get("split") == "test"]
-        if tests:
-            return tests[-1]
-    return {}
-
-
 def load_run(run_dir: str | Path) -> RunOutputs:
     """Read a run folder's test outputs, config and final test metrics.
 
@@ -153,24 +136,17 @@ def load_run(run_dir: str | Path) -> RunOutputs:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    npz = run_dir / OUTPUTS_FILE
+    run = RunDir(run_dir)
+    npz = run / OUTPUTS_FILE
     if not npz.is_file():
         raise FileNotFoundError(
             f"{run_dir} holds no {OUTPUTS_FILE}: the server writes it at the final test "
             "evaluation, so run it to the end first (liquid-fed run CONFIG --out "
             f"{run_dir} [--resume])")
+    arrays = run.read_outputs()
     try:
-        with np.load(npz, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{npz} is not a readable .npz file ({exc})") from exc
-    config: dict[str, Any] = {}
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():
-        config = yaml.safe_load(cfg_file.read_text()) or {}
-    try:
-        return RunOutputs(run_dir.resolve().name, config, arrays, _final_test_metrics(run_dir),
-                          run_dir)
+        return RunOutputs(run_dir.resolve().name, run.read_config(), arrays,
+                          run.final_test_metrics(), run_dir)
     except ValueError as exc:
         raise ValueError(f"{npz}: {exc}") from exc
 

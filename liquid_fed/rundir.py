@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from liquid_fed.errors import RunFolderError
+from liquid_fed.errors import RunFileError, RunFolderError
 
 if TYPE_CHECKING:
     from liquid_fed.config import RunConfig
@@ -141,7 +141,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     except FileNotFoundError as exc:
         raise RunFolderError(f"{path} does not exist") from exc
     except Exception as exc:  # zipfile, zlib, numpy format and pickle refusals alike
-        raise RunFolderError(f"{path} is not a readable .npz of plain arrays: {exc}") from exc
+        raise RunFileError(f"{path} is not a readable .npz of plain arrays: {exc}") from exc
 
 
 def read_json(path: str | Path) -> Any:
@@ -152,7 +152,7 @@ def read_json(path: str | Path) -> Any:
     except FileNotFoundError as exc:
         raise RunFolderError(f"{path} does not exist") from exc
     except (OSError, ValueError) as exc:
-        raise RunFolderError(f"{path} is not readable JSON: {exc}") from exc
+        raise RunFileError(f"{path} is not readable JSON: {exc}") from exc
 
 
 def _sha256(path: Path) -> str:
@@ -447,10 +447,33 @@ class RunDir:
         try:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as exc:
-            raise RunFolderError(f"{path} is not readable JSON lines: {exc}") from exc
+            raise RunFileError(f"{path} is not readable JSON lines: {exc}") from exc
 
     def read_outputs(self) -> dict[str, np.ndarray]:
+        """The arrays of ``test_outputs.npz`` (never unpickled)."""
         return read_npz(self.path / OUTPUTS_FILE)
+
+    def read_config(self) -> dict[str, Any]:
+        """``config.yaml`` as plain data (empty when the folder has none)."""
+        from liquid_fed.config import safe_yaml
+
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            return {}
+        data = safe_yaml(path.read_text(), str(path)) or {}
+        if not isinstance(data, dict):
+            raise RunFileError(f"{path} does not hold a mapping")
+        return data
+
+    def final_test_metrics(self) -> dict[str, Any]:
+        """The final test metrics: the summary's, else the last test row of the metrics (a run
+        that stopped after its final evaluation); empty when neither has them."""
+        if self.finished:
+            test = self.read_summary().get("test")
+            if isinstance(test, dict):
+                return test
+        tests = [r for r in self.read_metrics() if r.get("split") == "test"]
+        return tests[-1] if tests else {}
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from liquid_fed.data.dataset import Dataset, check_float, check_int
+from liquid_fed.rundir import strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class ViewPlan:
             "columns": [[int(c) for c in cols] for cols in self.columns],
             "names": [list(n) for n in self.names],
             "noise": [float(v) for v in self.noise], "missing": [float(v) for v in self.missing],
-            "seed": int(self.seed), "info": _jsonable(self.info),
+            "seed": int(self.seed), "info": strict_json(self.info),
         }
 
     @classmethod
@@ -126,19 +127,6 @@ class ViewPlan:
         return cls(**{k: state[k] for k in ("kind", "n_views", "layout", "columns", "names",
                                             "noise", "missing", "seed")},
                    info=dict(state.get("info", {})))
-
-
-def _jsonable(value: object) -> object:
-    """numpy scalars and arrays inside dicts and lists as plain Python values."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # ---- counter-based randomness: the same (seed, view, id, cell) always gives the same draw ----
