@@ -140,6 +140,7 @@ def evaluate_output(out: EnsembleOutput, target: Tensor, task: str,
         metrics: dict[str, float] = {}
         if task == "classification":
             metrics["accuracy"] = float(1 - err.mean())
+            metrics["nll"] = float(-out.output.gather(-1, target.long().view(-1, 1)).mean())
         else:
             metrics["rmse"] = float(err.mean().sqrt() / math.sqrt(out.output.shape[-1]))
         neg_err = (-err).cpu().numpy()

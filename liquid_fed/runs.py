@@ -19,6 +19,7 @@ import torch
 
 from liquid_fed.config import RunConfig
 from liquid_fed.data import Splits, view_summary
+from liquid_fed.data.probe import view_observability
 from liquid_fed.errors import ConfigError
 from liquid_fed.federation import (
     Federation,
@@ -97,7 +98,9 @@ def write_views(cfg: RunConfig, run: RunDir, splits: Splits) -> list[dict]:
     ds = load_data(cfg)
     plan = make_plan(cfg, ds)
     summary = view_summary(ds, plan, splits, seed=cfg.seed)
-    run.write_json(VIEWS_FILE, {"plan": plan.to_dict(), "summary": summary})
+    run.write_json(VIEWS_FILE, {"plan": plan.to_dict(), "summary": summary,
+                                "observability": view_observability(ds, plan, splits,
+                                                                    seed=cfg.seed)})
     return summary
 
 

@@ -4,6 +4,7 @@
     liquid-fed centralized CONFIG.yaml [--set key=value ...] [--out DIR] [--force]
     liquid-fed validate CONFIG.yaml [--set key=value ...]
     liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
+    liquid-fed compare STUDY.yaml [--out DIR] [--workers N] [--resume] [--set key=value ...]
 
 ``run`` starts Flower's simulation engine on Ray in a child process that leads its own
 session (:mod:`simulations.simulate`); whatever happens (success, error, Ctrl-C, SIGTERM,
@@ -130,6 +131,102 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """A study: every cell x seed x method, then results.csv, report.md and figures."""
+    from liquid_fed import study as studies
+    from liquid_fed.report import render
+
+    study = studies.load_study(args.study, args.set or [])
+    out = Path(args.out) if args.out else Path(study.base.get("out", "runs")) / study.name
+    with RunLock(out).acquire(f"liquid-fed compare {args.study}"):
+        studies.prepare_study(study, out, args.resume, args.force)
+        jobs = [(setting, seed, [m for m in study.methods
+                                 if not studies.finished(out, setting.id, seed, m)])
+                for setting, seed in study.cells()]
+        jobs = [j for j in jobs if j[2]]
+        total = sum(len(j[2]) for j in jobs)
+        done = len(list(study.cells())) * len(study.methods) - total
+        if done:
+            print(f"resuming: {done} finished run(s) skipped, {total} to go", file=sys.stderr)
+        bar = Progress(total, f"compare {study.name}", not args.quiet, unit="run")
+        try:
+            _run_jobs(study, out, jobs, args.workers, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted: finished runs are kept; continue with --resume --out {out}",
+                  file=sys.stderr)
+            return 130
+        bar.close()
+        rows = studies.collect(study, out)
+        studies.write_results(rows, out)
+        run = rundir.RunDir(out)
+        run.write_text(studies.REPORT_FILE, render(study, rows) + "\n")
+        figures = _study_figures(study, out)
+    print(f"study {study.name}: {len(rows)} runs -> {out}/{studies.RESULTS_FILE}, "
+          f"{out}/{studies.REPORT_FILE}, {len(figures)} figure(s) in {out}/figures")
+    return 0
+
+
+def _study_figures(study: Any, out: Path) -> list[Path]:
+    from liquid_fed.study_plots import plot_study
+
+    return plot_study(study, out)
+
+
+def _run_jobs(study: Any, out: Path, jobs: list, workers: int, bar: Progress) -> None:
+    """Run every (cell, seed, methods) job: in this process, or in ``workers`` processes."""
+    from liquid_fed.study import run_cell
+
+    federated = _federated_runner if study.engine == "federated" else None
+
+    def tick(method: str, seconds: float) -> None:
+        bar.bar.set_postfix({"last": method, "s": f"{seconds:.1f}"}, refresh=False)
+        bar.bar.update(1)
+
+    if workers <= 1 or len(jobs) <= 1:
+        for setting, seed, methods in jobs:
+            run_cell(study, setting, seed, methods, out, federated, tick)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = mp.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+        queue = manager.Queue()
+        running = {pool.submit(_job, study, setting, seed, methods, out, queue)
+                   for setting, seed, methods in jobs}
+        bar.bar.set_description(f"compare {study.name} ({workers} workers)")
+        while running:
+            finished, running = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            while not queue.empty():
+                tick(*queue.get())
+            for future in finished:
+                future.result()  # a failed cell stops the study, with its error
+        while not queue.empty():
+            tick(*queue.get())
+
+
+def _job(study: Any, setting: Any, seed: int, methods: list[str], out: Path, queue: Any) -> None:
+    """One cell in a worker process (module level: picklable for ``spawn``)."""
+    from liquid_fed.study import run_cell
+
+    federated = _federated_runner if study.engine == "federated" else None
+    run_cell(study, setting, seed, methods, out, federated,
+             lambda method, seconds: queue.put((method, seconds)))
+
+
+def _federated_runner(cfg: RunConfig, run_dir: Path) -> None:
+    """The Liquid Ensemble of a cell through Flower on Ray (``engine: federated``)."""
+    from liquid_fed.errors import ClientFailure
+    from simulations.simulate import launch
+
+    with RunLock(run_dir).acquire("liquid-fed compare (federated cell)") as lock:
+        result = launch(cfg, run_dir, quiet=True, lock_fd=lock.fd)
+    if result.returncode != 0 or not rundir.RunDir(run_dir).finished:
+        raise ClientFailure(f"the federated run of {run_dir} failed (exit "
+                            f"{result.returncode}); see the messages above")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Figures of finished runs: each run's own, plus a comparison when given several."""
     from liquid_fed.plots import load_run, plot_comparison, plot_run
@@ -185,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="print the resolved config, or what is wrong with it")
     common(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("compare", help="a study: methods x settings x seeds, report, figures")
+    p.add_argument("study", help="study YAML (see liquid_fed/study.py and configs/studies/)")
+    p.add_argument("--out", help="study folder (default: <out of the base config>/<name>)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="cells trained in parallel processes (default 1)")
+    p.add_argument("--resume", action="store_true", help="skip the runs already finished")
+    p.add_argument("--force", action="store_true", help="start over a folder holding a study")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override the study file, e.g. --set seeds=2 --set set.train.epochs=5")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="figures of delegation patterns from finished run folders")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

@@ -11,10 +11,11 @@ from liquid_fed.metrics import primary_metric
 class Progress:
     """A live bar per round: loss, latest validation metric, elapsed seconds."""
 
-    def __init__(self, total: int | None, desc: str, enabled: bool = True) -> None:
+    def __init__(self, total: int | None, desc: str, enabled: bool = True,
+                 unit: str = "round") -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="round", disable=not enabled,
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled,
                         dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
         self.metric = ""
 

@@ -1,0 +1,184 @@
+"""The report of a study: every method per setting with confidence intervals over seeds, and
+the Liquid Ensemble's paired differences from each baseline.
+
+Means come with 95 % confidence intervals of Student's t over the seeds (``mean ± t·s/√n``; no
+interval with one seed). A difference is *paired*: the Liquid Ensemble and the baseline share
+each seed's data, splits, views, initial experts and batch order, so the per-seed differences
+are averaged and their own interval is reported; a win or a loss is claimed only where that
+interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from liquid_fed.study import LIQUID, Study
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over seeds and the half-width of its 95 % interval (NaN with one seed)."""
+
+    mean: float
+    half: float
+    n: int
+
+    def text(self, digits: int = 3) -> str:
+        if not math.isfinite(self.mean):
+            return "n/a"
+        if not math.isfinite(self.half):
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.half:.{digits}f}"
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
+
+def interval(values: Sequence[float | None]) -> Interval:
+    """Mean and 95 % t-interval half-width of the finite values."""
+    x = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return Interval(math.nan, math.nan, 0)
+    if x.size == 1:
+        return Interval(float(x[0]), math.nan, 1)
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return Interval(float(x.mean()), half, int(x.size))
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric == "accuracy"
+
+
+def _rows_of(rows: Sequence[dict[str, Any]], cell: str, method: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["cell"] == cell and r["method"] == method]
+
+
+def paired_difference(rows: Sequence[dict[str, Any]], cell: str, method: str,
+                      baseline: str, key: str = "score") -> Interval:
+    """``method - baseline`` of ``key`` per seed (the seeds both have), with its interval."""
+    mine = {r["seed"]: r.get(key) for r in _rows_of(rows, cell, method)}
+    theirs = {r["seed"]: r.get(key) for r in _rows_of(rows, cell, baseline)}
+    diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))
+             if mine[s] is not None and theirs[s] is not None]
+    return interval(diffs)
+
+
+@dataclass
+class Verdict:
+    """Where a Liquid Ensemble variant wins or loses against a baseline (interval excludes 0)."""
+
+    cell: str
+    label: str
+    method: str
+    baseline: str
+    difference: Interval
+    metric: str
+
+    @property
+    def better(self) -> bool:
+        d = self.difference.mean
+        return d > 0 if higher_is_better(self.metric) else d < 0
+
+
+def verdicts(study: Study, rows: Sequence[dict[str, Any]]) -> list[Verdict]:
+    """Every (cell, Liquid Ensemble variant, baseline) whose paired interval excludes 0."""
+    out = []
+    liquids = [m for m in study.methods if m.startswith(LIQUID)]
+    others = [m for m in study.methods if not m.startswith(LIQUID)]
+    for setting in study.settings:
+        metric = next((r["metric"] for r in rows if r["cell"] == setting.id), None)
+        if metric is None:
+            continue
+        for le in liquids:
+            for base in others:
+                d = paired_difference(rows, setting.id, le, base)
+                if d.n >= 2 and math.isfinite(d.half) and (d.low > 0 or d.high < 0):
+                    out.append(Verdict(setting.id, setting.label(), le, base, d, metric))
+    return out
+
+
+COLUMNS = (("score", None), ("nll", "NLL"), ("power_entropy", "power entropy"),
+           ("delegation_accuracy", "delegation acc."), ("label_leakage", "label leakage"),
+           ("train_seconds", "train s"))
+
+
+def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
+    """``report.md``: per setting, every method's mean ± 95 % CI, the best marked; the paired
+    differences of the Liquid Ensemble from each baseline; where it wins and loses."""
+    lines = [f"# Study `{study.name}`", ""]
+    if study.description:
+        lines += [study.description, ""]
+    seeds = ", ".join(map(str, study.seeds))
+    lines += [f"{len(study.settings)} setting(s) x {len(study.seeds)} seed(s) ({seeds}) x "
+              f"{len(study.methods)} method(s); the Liquid Ensemble trained with the "
+              f"`{study.engine}` engine. Means over seeds with 95 % t-intervals; **bold**: the "
+              "best mean of the setting.", ""]
+    if study.swept:
+        lines += ["Swept: " + ", ".join(f"`{k}`" for k in study.swept), ""]
+    total = sum(r.get("train_seconds") or 0.0 for r in rows)
+    lines += [f"Training time of all {len(rows)} runs: {total:.0f} s.", ""]
+    for setting in study.settings:
+        cell_rows = [r for r in rows if r["cell"] == setting.id]
+        if not cell_rows:
+            continue
+        metric = cell_rows[0]["metric"]
+        lines += [f"## {setting.id}: {setting.label()}", ""]
+        keep = [(k, t) for k, t in COLUMNS
+                if any(r.get(k) is not None for r in cell_rows)]
+        header = ["method"] + [t or metric for _, t in keep] + ["seeds"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        stats = {m: interval([r.get("score") for r in _rows_of(cell_rows, setting.id, m)])
+                 for m in study.methods}
+        finite = {m: s.mean for m, s in stats.items() if math.isfinite(s.mean)}
+        best = (max if higher_is_better(metric) else min)(finite, key=finite.get) if finite \
+            else None
+        for m in study.methods:
+            mrows = _rows_of(cell_rows, setting.id, m)
+            if not mrows:
+                continue
+            cells = []
+            for k, _ in keep:
+                text = interval([r.get(k) for r in mrows]).text(1 if k == "train_seconds" else 3)
+                cells.append(f"**{text}**" if k == "score" and m == best else text)
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(mrows)} |")
+        lines.append("")
+        liquids = [m for m in study.methods if m.startswith(LIQUID)]
+        others = [m for m in study.methods if not m.startswith(LIQUID)]
+        if liquids and others:
+            better = "higher" if higher_is_better(metric) else "lower"
+            lines += [f"Paired differences in {metric} ({better} is better), Liquid Ensemble "
+                      "minus baseline:", "",
+                      "| Liquid Ensemble | " + " | ".join(others) + " |",
+                      "|" + "---|" * (len(others) + 1)]
+            for le in liquids:
+                diffs = [paired_difference(cell_rows, setting.id, le, b).text()
+                         for b in others]
+                lines.append(f"| {le} | " + " | ".join(diffs) + " |")
+            lines.append("")
+    found = verdicts(study, rows)
+    wins = [v for v in found if v.better]
+    losses = [v for v in found if not v.better]
+    lines += ["## Where the Liquid Ensemble wins and loses", "",
+              "A paired 95 % interval that excludes 0 (settings with at least two seeds).", ""]
+    for title, group in (("Wins", wins), ("Losses", losses)):
+        lines.append(f"**{title}** ({len(group)}):")
+        lines.append("")
+        if not group:
+            lines.append("- none")
+        for v in group:
+            lines.append(f"- {v.cell} ({v.label}): {v.method} vs {v.baseline}: "
+                         f"{v.difference.text()} {v.metric}")
+        lines.append("")
+    return "\n".join(lines)

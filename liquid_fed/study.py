@@ -1,0 +1,615 @@
+"""Studies: many run configs, several seeds and methods, side by side on the same data.
+
+A study file (YAML) names a base run config and the settings to vary::
+
+    name: observability
+    base: ../regions.yaml            # a run config, relative to the study file
+    set: {train.epochs: 20}          # overrides of the base, for every cell (dotted keys)
+    grid:                            # every combination of these values
+      data.options.region_visibility: [shared, noisy, none]
+      views.overlap: [0.0, 0.25]
+    paired:                          # optional: these lists move together (one axis)
+      views.kind: [groups, random]
+      views.options: [{}, {}]
+    random:                          # optional: extra settings drawn at random
+      n: 4
+      seed: 0
+      keys: {views.noise: {uniform: [0, 0.5]}, views.overlap: {choice: [0, 0.1]}}
+    seeds: 3                         # or a list of seeds; each seed re-splits, re-cuts, re-inits
+    methods: [liquid, uniform, averaged, local, splitnn, aggvfl, moe, central, oracle]
+    solvers: [sink_one]              # one `liquid` method per solver (default: the base's)
+    engine: centralized              # or federated (Flower on Ray) for the Liquid Ensemble
+    method_options: {top_hidden: [64]}
+
+The settings are the grid's combinations (times the paired axis), then the random draws. A
+*cell* is one setting; for every cell and seed, every method trains on the same data, splits,
+views, optimiser, epochs and batch order (:mod:`liquid_fed.methods`). The Liquid Ensemble trains
+through the federation's own code: in process (``engine: centralized``, the exact twin of the
+Flower run, fast) or through Flower on Ray (``engine: federated``).
+
+The study folder holds ``study.yaml`` (resolved), one run folder per cell x seed x method
+(``cells/<cell>/seed-<s>/<method>/``, as ``liquid-fed run`` writes them, plus the cell's
+``views.json`` with each view's probe score, importance share and inter-party correlation),
+``results.csv``, ``report.md`` and ``figures/``. Every file is written whole; a finished
+method's folder (its ``summary.json``) is skipped on resume, and the table is rebuilt from the
+folders, so a resumed study gives the same rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from liquid_fed.config import RunConfig, apply_overrides, build_config, safe_yaml
+from liquid_fed.errors import ConfigError, LiquidFedError, RunFolderError
+from liquid_fed.metrics import CONFIDENCES, TASK_METRICS
+from liquid_fed.rundir import (
+    CONFIG_FILE,
+    OUTPUTS_FILE,
+    SUMMARY_FILE,
+    VIEWS_FILE,
+    RunDir,
+    read_json,
+)
+from liquid_fed.solvers import SOLVERS
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.yaml"
+RESULTS_FILE = "results.csv"
+REPORT_FILE = "report.md"
+CELLS_DIR = "cells"
+ENGINES = ("centralized", "federated")
+STUDY_KEYS = ("name", "description", "base", "set", "grid", "paired", "random", "seeds",
+              "methods", "solvers", "engine", "method_options", "out")
+DRAWS = ("choice", "uniform", "loguniform", "int")
+LIQUID = "liquid"
+
+#: Runs the Liquid Ensemble of one cell through Flower on Ray: ``(cfg, run_dir) -> None``,
+#: leaving a finished run folder (the CLI passes :func:`simulations.simulate.launch`'s user).
+FederatedRunner = Callable[[RunConfig, Path], None]
+
+
+# --------------------------------------------------------------------------------------------
+# The study file
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    """One cell of a study: the dotted keys it sets and their values."""
+
+    id: str
+    values: dict[str, Any]
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={_short(v)}" for k, v in self.values.items()) or "base"
+
+
+def _short(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text[:-4].strip() if text.endswith("...") else text
+
+
+@dataclass
+class Study:
+    """A validated, expanded study."""
+
+    name: str
+    path: Path | None
+    base: dict[str, Any]  # the base run config as plain data (with the study's `set`)
+    settings: list[Setting]
+    seeds: list[int]
+    methods: list[str]  # expanded: "liquid:<solver>" per solver, then the other methods
+    engine: str
+    method_options: dict[str, Any]
+    swept: list[str]  # the dotted keys the settings vary
+    description: str = ""
+    configs: dict[tuple[str, int], RunConfig] = field(default_factory=dict, repr=False)
+
+    def config(self, setting: Setting, seed: int, method: str | None = None) -> RunConfig:
+        """The run config of a cell, seed and (for the Liquid Ensemble) method."""
+        key = (setting.id, seed)
+        if key not in self.configs:
+            data = copy.deepcopy(self.base)
+            data["seed"] = seed
+            for dotted, value in setting.values.items():
+                merge_key(data, dotted, value)
+            self.configs[key] = build_config(data)
+        cfg = self.configs[key]
+        if method is not None and method.startswith(LIQUID + ":"):
+            cfg = dataclasses.replace(
+                cfg, ensemble=dataclasses.replace(cfg.ensemble, solver=method.split(":")[1]))
+        return cfg
+
+    def cells(self) -> Iterator[tuple[Setting, int]]:
+        for setting in self.settings:
+            for seed in self.seeds:
+                yield setting, seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved study, as ``study.yaml`` holds it."""
+        return {"name": self.name, "description": self.description, "engine": self.engine,
+                "seeds": self.seeds, "methods": self.methods, "swept": self.swept,
+                "method_options": self.method_options, "base": self.base,
+                "settings": [{"id": s.id, "values": s.values} for s in self.settings]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def merge_key(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key of a config's plain data. A mapping given for a config *section* is
+    merged into it (``set: {train: {epochs: 2}}`` keeps the section's other keys); a mapping
+    given for an ``options`` key replaces it (options are the whole of what they say)."""
+    parts = dotted.split(".")
+    _require(all(parts), f'"{dotted}": a dotted key has an empty part')
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        _require(isinstance(child, dict), f'"{dotted}": "{part}" is not a section')
+        node = child
+    leaf = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict) and leaf != "options":
+        for key, sub in value.items():
+            merge_key(node[leaf], str(key), sub)
+    else:
+        node[leaf] = copy.deepcopy(value)
+
+
+def _override_study(raw: dict[str, Any], text: str) -> None:
+    """``--set`` on a study: ``seeds=2``, ``set.train.epochs=3``, ``grid.views.overlap=[0, 1]``
+    (the dotted run-config key after ``set.``/``grid.``/``paired.`` stays one key)."""
+    key, sep, value_text = text.partition("=")
+    _require(bool(sep) and bool(key), f'override "{text}" must look like key=value')
+    value = safe_yaml(value_text, f'override "{text}"') if value_text.strip() else ""
+    head, _, rest = key.partition(".")
+    if head in ("set", "grid", "paired") and rest:
+        section = raw.setdefault(head, {})
+        _require(isinstance(section, dict), f'override "{text}": {head} is not a mapping')
+        section[rest] = value
+    elif head == "random" and rest:
+        apply_overrides(raw, [text])
+    else:
+        _require(not rest, f'override "{text}": unknown study key "{head}"')
+        raw[key] = value
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _list_of(key: str, value: Any) -> list[Any]:
+    _require(isinstance(value, list) and len(value) > 0,
+             f"{key}: got {value!r}; expected a non-empty list of values")
+    return list(value)
+
+
+def _draw(key: str, spec: Any, rng: np.random.Generator) -> Any:
+    _require(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DRAWS,
+             f"random.keys.{key}: got {spec!r}; expected one of {{choice: [..]}}, "
+             "{uniform: [low, high]}, {loguniform: [low, high]}, {int: [low, high]}")
+    kind, arg = next(iter(spec.items()))
+    if kind == "choice":
+        values = _list_of(f"random.keys.{key}.choice", arg)
+        return values[int(rng.integers(len(values)))]
+    ok = (isinstance(arg, list) and len(arg) == 2
+          and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
+          and arg[0] <= arg[1] and (kind != "loguniform" or arg[0] > 0))
+    _require(ok, f"random.keys.{key}.{kind}: got {arg!r}; expected [low, high] with low <= "
+                 f"high{' and low > 0' if kind == 'loguniform' else ''}")
+    low, high = arg
+    if kind == "uniform":
+        return round(float(rng.uniform(low, high)), 6)
+    if kind == "loguniform":
+        return round(float(math.exp(rng.uniform(math.log(low), math.log(high)))), 6)
+    return int(rng.integers(int(low), int(high) + 1))
+
+
+def _expand(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    grid = raw.get("grid") or {}
+    _require(isinstance(grid, dict), f"grid: got {grid!r}; expected a mapping of dotted "
+                                     "config keys to lists of values")
+    axes = [[{k: v} for v in _list_of(f"grid.{k}", vals)] for k, vals in grid.items()]
+    paired = raw.get("paired") or {}
+    _require(isinstance(paired, dict), f"paired: got {paired!r}; expected a mapping of dotted "
+                                       "config keys to lists of equal length")
+    if paired:
+        lists = {k: _list_of(f"paired.{k}", v) for k, v in paired.items()}
+        lengths = {k: len(v) for k, v in lists.items()}
+        _require(len(set(lengths.values())) == 1,
+                 f"paired: its lists must have one length; got {lengths}")
+        n = next(iter(lengths.values()))
+        axes.append([{k: lists[k][i] for k in lists} for i in range(n)])
+        clash = set(grid) & set(paired)
+        _require(not clash, f"paired.{sorted(clash)[0]}: the key is also in grid")
+    settings = [dict(itertools.chain.from_iterable(d.items() for d in combo))
+                for combo in itertools.product(*axes)] if axes else []
+    rand = raw.get("random")
+    if rand is not None:
+        _require(isinstance(rand, dict) and set(rand) <= {"n", "seed", "keys"},
+                 f"random: got {rand!r}; expected a mapping with n, seed and keys")
+        n = rand.get("n")
+        _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                 f"random.n: got {n!r}; expected an integer >= 1")
+        keys = rand.get("keys")
+        _require(isinstance(keys, dict) and keys, f"random.keys: got {keys!r}; expected a "
+                                                  "mapping of dotted config keys to draws")
+        rng = np.random.default_rng(int(rand.get("seed", 0)))
+        for _ in range(n):
+            settings.append({k: _draw(k, spec, rng) for k, spec in keys.items()})
+    return settings or [{}]
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+    """Read, validate and expand a study file; nothing runs.
+
+    Every cell's run config is built and checked (the same errors as ``liquid-fed validate``,
+    prefixed with the cell), every method is checked against its data, and every data set,
+    view and expert is built once, so a mistake fails here, naming the key.
+
+    Args:
+        path: the study file.
+        overrides: ``key=value`` overrides of the study file itself (``seeds=2``,
+            ``set.train.epochs=3``, ``grid.views.overlap=[0, 0.5]`` ...).
+
+    Returns:
+        The :class:`Study`.
+
+    Raises:
+        ConfigError: naming the study key (or the cell and run-config key) at fault.
+    """
+    from liquid_fed.methods import METHODS
+
+    path = Path(path)
+    _require(path.is_file(), f"study file {str(path)!r} does not exist (or is not a file)")
+    raw = safe_yaml(path.read_text(encoding="utf-8-sig"), f"study file {str(path)!r}") or {}
+    _require(isinstance(raw, dict), f"study file {str(path)!r} must hold a mapping")
+    for text in overrides:
+        _override_study(raw, text)
+    unknown = [k for k in raw if k not in STUDY_KEYS]
+    _require(not unknown, f'unknown study key "{unknown[0] if unknown else ""}" (accepted: '
+                          f"{', '.join(STUDY_KEYS)})")
+    base_ref = raw.get("base")
+    _require(isinstance(base_ref, str), f"base: got {base_ref!r}; expected the path of a run "
+                                        "config (relative to the study file)")
+    base_path = (path.parent / base_ref) if not Path(base_ref).is_absolute() else Path(base_ref)
+    _require(base_path.is_file(), f"base: {str(base_path)!r} does not exist")
+    base = safe_yaml(base_path.read_text(encoding="utf-8-sig"), f"base {str(base_path)!r}") or {}
+    _require(isinstance(base, dict), f"base {str(base_path)!r} must hold a mapping")
+    sets = raw.get("set") or {}
+    _require(isinstance(sets, dict), f"set: got {sets!r}; expected a mapping of dotted keys")
+    for key, value in sets.items():
+        merge_key(base, key, value)
+    name = raw.get("name", path.stem)
+    _require(isinstance(name, str) and bool(name), f"name: got {name!r}; expected a string")
+    base["name"] = name
+
+    seeds = raw.get("seeds", 3)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        _require(seeds >= 1, f"seeds: got {seeds}; expected >= 1 (or a list of seeds)")
+        seeds = list(range(seeds))
+    _require(isinstance(seeds, list) and seeds and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        and len(set(seeds)) == len(seeds),
+        f"seeds: got {raw.get('seeds')!r}; expected a count or a list of distinct seeds >= 0")
+
+    methods = raw.get("methods", [LIQUID, "uniform", "averaged"])
+    _require(isinstance(methods, list) and methods and len(set(methods)) == len(methods),
+             f"methods: got {methods!r}; expected a list of distinct method names")
+    bad = [m for m in methods if m not in METHODS]
+    _require(not bad, f'methods: unknown method "{bad[0] if bad else ""}"; accepted: '
+                      f"{', '.join(METHODS)}")
+    solvers = raw.get("solvers")
+    if solvers is not None:
+        solvers = _list_of("solvers", solvers)
+        bad = [s for s in solvers if s not in SOLVERS]
+        _require(not bad, f'solvers: got "{bad[0] if bad else ""}"; accepted: '
+                          f"{', '.join(SOLVERS)}")
+        _require(LIQUID in methods, "solvers: given, but methods has no liquid")
+    engine = raw.get("engine", "centralized")
+    _require(engine in ENGINES, f'engine: got "{engine}"; accepted: {", ".join(ENGINES)}')
+    options = raw.get("method_options") or {}
+    from liquid_fed.methods import MethodOptions
+
+    MethodOptions.from_dict(options)  # the error names method_options.<key>
+
+    values = _expand(raw)
+    swept = list(dict.fromkeys(k for v in values for k in v))
+    settings = [Setting(f"c{i:02d}", v) for i, v in enumerate(values)]
+    study = Study(name, path, base, settings, seeds, [], engine, options, swept,
+                  str(raw.get("description", "")))
+    study.methods = _expand_methods(methods, solvers, study)
+    _check_cells(study)
+    return study
+
+
+def _expand_methods(methods: list[str], solvers: list[str] | None, study: Study) -> list[str]:
+    out = []
+    for m in methods:
+        if m == LIQUID:
+            default = study.config(study.settings[0], study.seeds[0]).ensemble.solver
+            out += [f"{LIQUID}:{s}" for s in (solvers or [default])]
+        else:
+            out.append(m)
+    return out
+
+
+def _check_cells(study: Study) -> None:
+    """Build every cell's config, and check each distinct setting's data, views, experts and
+    methods once (the first seed), before anything trains."""
+    from liquid_fed.federation import load_server_data
+    from liquid_fed.runs import check_run
+
+    for setting, seed in study.cells():
+        try:
+            cfg = study.config(setting, seed)
+            if seed == study.seeds[0]:
+                check_run(cfg)
+                if "oracle" in study.methods and load_server_data(cfg).informative is None:
+                    raise ConfigError(
+                        'method "oracle" needs the ground truth of which view is informative '
+                        'per sample (data set "synthetic_regions" with views.kind groups or '
+                        f'natural); got data.name "{cfg.data.name}", views.kind '
+                        f'"{cfg.views.kind}"')
+        except LiquidFedError as exc:
+            where = f"cell {setting.id} ({setting.label()}), seed {seed}"
+            raise ConfigError(f"{where}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Running cells
+# --------------------------------------------------------------------------------------------
+
+
+def cell_dir(out: Path, setting_id: str, seed: int) -> Path:
+    return Path(out) / CELLS_DIR / setting_id / f"seed-{seed}"
+
+
+def method_slug(method: str) -> str:
+    """The folder name of a method (``liquid:sink_one`` -> ``liquid-sink_one``)."""
+    return method.replace(":", "-")
+
+
+def finished(out: Path, setting_id: str, seed: int, method: str) -> bool:
+    return (cell_dir(out, setting_id, seed) / method_slug(method) / SUMMARY_FILE).is_file()
+
+
+def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], out: Path,
+             federated: FederatedRunner | None = None,
+             on_method: Callable[[str, float], None] | None = None) -> None:
+    """Train ``methods`` of one cell and seed, each into its own run folder.
+
+    Args:
+        study: the study.
+        setting: the cell.
+        seed: the seed.
+        methods: which of the study's methods to run (the others are finished).
+        out: the study folder.
+        federated: runs the Liquid Ensemble through Flower on Ray (``engine: federated``).
+        on_method: called with (method, seconds) after each method.
+    """
+    import torch
+
+    from liquid_fed.centralized import central_data
+    from liquid_fed.federation import LocalTransport, load_data, load_server_data, make_plan
+    from liquid_fed.methods import MethodContext, MethodOptions, run_method
+    from liquid_fed.runs import run_federated
+
+    torch.set_num_threads(1)  # tiny models: threads only add overhead, and cells run in parallel
+    cfg = study.config(setting, seed)
+    folder = cell_dir(out, setting.id, seed)
+    server = load_server_data(cfg)
+    views = RunDir(folder)
+    if not (folder / VIEWS_FILE).is_file():
+        from liquid_fed.data.probe import view_observability, view_summary
+
+        ds, plan = load_data(cfg), make_plan(cfg, load_data(cfg))
+        views.write_json(VIEWS_FILE, {
+            "setting": setting.values, "seed": seed, "plan": plan.to_dict(),
+            "summary": view_summary(ds, plan, server.splits, seed=cfg.seed),
+            "observability": view_observability(ds, plan, server.splits, seed=cfg.seed)})
+    data = None
+    context = None
+    for method in methods:
+        t0 = time.perf_counter()
+        run_dir = folder / method_slug(method)
+        mcfg = study.config(setting, seed, method)
+        if method.startswith(LIQUID):
+            lcfg = build_config(_plain(mcfg), ["baselines.uniform=false",
+                                               "baselines.independent=false"])
+            from liquid_fed import rundir
+
+            rundir.prepare(lcfg, run_dir, force=True)
+            if study.engine == "federated":
+                if federated is None:
+                    raise ConfigError("engine: federated needs a runner of Flower on Ray "
+                                      "(liquid-fed compare provides one)")
+                federated(lcfg, run_dir)
+            else:
+                torch.manual_seed(lcfg.seed)
+                run_federated(lcfg, LocalTransport(lcfg.n_clients), run_dir)
+            run = RunDir(run_dir)
+            run.update_summary(method=method, engine=study.engine,
+                               train_seconds=time.perf_counter() - t0)
+        else:
+            if data is None:
+                data = central_data(cfg, server)
+                context = MethodContext(cfg, data, MethodOptions.from_dict(study.method_options))
+            torch.manual_seed(cfg.seed)
+            result = run_method(method, cfg, data, context=context)
+            _write_method(run_dir, cfg, result, data)
+        if on_method is not None:
+            on_method(method, time.perf_counter() - t0)
+
+
+def _plain(cfg: RunConfig) -> dict[str, Any]:
+    return cfg.to_dict()
+
+
+def _write_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any) -> None:
+    """A baseline's run folder: config, test outputs, then the summary (last: it marks the
+    folder finished)."""
+    run = RunDir(run_dir)
+    run.clear_results()
+    run.write_text(CONFIG_FILE, cfg.to_yaml())
+    arrays = {k: np.asarray(v) for k, v in result.arrays.items()}
+    if "ids" in arrays:
+        ids = arrays["ids"]
+        arrays["labels"] = np.asarray(data.server.labels_of(ids))
+        for key, values in (("informative", data.server.informative_of(ids)),
+                            ("regions", data.server.regions_of(ids))):
+            if values is not None:
+                arrays[key] = np.asarray(values)
+    if "power" in arrays and "error" in arrays:
+        run.write_npz(OUTPUTS_FILE, arrays)
+    summary = {"name": cfg.name, "method": result.method, "engine": "centralized",
+               "metric": TASK_METRICS[data.server.task], **result.to_dict()}
+    run.write_summary(summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+def _region_nmi(run_dir: Path) -> float:
+    """NMI between the most powerful party and the ground-truth region of each test sample."""
+    path = run_dir / OUTPUTS_FILE
+    if not path.is_file():
+        return math.nan
+    arrays = RunDir(run_dir).read_outputs()
+    if "regions" not in arrays or "power" not in arrays:
+        return math.nan
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(arrays["regions"], arrays["power"].argmax(-1)))
+
+
+def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
+               ) -> dict[str, Any]:
+    """One row of ``results.csv``, from the cell's run folder and views."""
+    folder = cell_dir(out, setting.id, seed)
+    run_dir = folder / method_slug(method)
+    summary = RunDir(run_dir).read_summary()
+    test = summary.get("test") or {}
+    metric = TASK_METRICS["classification" if "accuracy" in test else "regression"]
+    row: dict[str, Any] = {"cell": setting.id, **{k: _short(v) for k, v in
+                                                 setting.values.items()},
+                           "seed": seed, "method": method, "metric": metric,
+                           "score": test.get(metric, math.nan)}
+    row["nll"] = test.get("nll", test.get("loss", math.nan)) if metric == "accuracy" else (
+        test.get("mse", math.nan))
+    for name in CONFIDENCES:
+        row[f"tau_{name}"] = test.get(f"tau_{name}", math.nan)
+    row["power_entropy"] = test.get("power_entropy", math.nan)
+    row["speaker_entropy"] = test.get("speaker_entropy", math.nan)
+    weights = summary.get("party_weight")
+    k = study.config(setting, seed).n_clients
+    for j in range(k):
+        power = test.get(f"mean_power_{j}")
+        row[f"power_{j}"] = (power / k if power is not None
+                             else (weights[j] if weights else math.nan))
+    row["delegation_accuracy"] = test.get("informative_top_power", math.nan)
+    row["region_nmi"] = _region_nmi(run_dir)
+    views = read_json(folder / VIEWS_FILE) if (folder / VIEWS_FILE).is_file() else {}
+    probes = [v for v in views.get("summary", []) if v.get("view") != "all"]
+    obs = views.get("observability", {})
+    for j in range(k):
+        row[f"probe_{j}"] = probes[j]["score"] if j < len(probes) else math.nan
+        share = obs.get("importance_share")
+        row[f"importance_{j}"] = share[j] if share and j < len(share) else math.nan
+    row["icor"] = obs.get("icor", math.nan)
+    row["label_leakage"] = (summary.get("label_leakage") or {}).get("max", math.nan)
+    row["train_seconds"] = summary.get("train_seconds", summary.get("wall_seconds", math.nan))
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()}
+
+
+def collect(study: Study, out: Path) -> list[dict[str, Any]]:
+    """Every finished row of the study (in cell, seed, method order)."""
+    rows = []
+    for setting, seed in study.cells():
+        for method in study.methods:
+            if finished(out, setting.id, seed, method):
+                rows.append(result_row(study, setting, seed, method, out))
+    return rows
+
+
+def write_results(rows: Sequence[dict[str, Any]], out: Path) -> Path:
+    """``results.csv``: one row per cell x seed x method, the union of columns."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return RunDir(out).write_text(RESULTS_FILE, buf.getvalue())
+
+
+def read_results(out: Path) -> list[dict[str, Any]]:
+    """The rows of ``results.csv`` (numbers as floats, empty cells as None)."""
+    path = Path(out) / RESULTS_FILE
+    if not path.is_file():
+        raise RunFolderError(f"{path} does not exist: run the study first")
+    rows = []
+    with path.open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            rows.append({k: _number(v) for k, v in r.items()})
+    return rows
+
+
+def _number(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+# --------------------------------------------------------------------------------------------
+# The study folder
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_study(study: Study, out: Path, resume: bool, force: bool = False) -> None:
+    """Write ``study.yaml``; on resume, refuse a folder whose study differs."""
+    out = Path(out)
+    saved = out / STUDY_FILE
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        if resume:
+            if old != yaml.safe_load(study.to_yaml()):
+                raise RunFolderError(f"cannot resume: the study differs from the one saved in "
+                                     f"{saved} (resume with that study, or choose another --out)")
+            return
+        if not force:
+            raise RunFolderError(f"study folder {out} already holds a study; pass --resume to "
+                                 "continue it, --force to start it over, or choose another --out")
+        import shutil
+
+        shutil.rmtree(out / CELLS_DIR, ignore_errors=True)
+    elif resume and any(out.glob(f"{CELLS_DIR}/*")):
+        raise RunFolderError(f"cannot resume: {saved} does not exist")
+    RunDir(out).write_text(STUDY_FILE, study.to_yaml())
+
+
+__all__ = ["ENGINES", "FederatedRunner", "Setting", "Study", "cell_dir", "collect",
+           "finished", "load_study", "method_slug", "prepare_study", "read_results",
+           "result_row", "run_cell", "write_results"]
