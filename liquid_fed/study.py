@@ -235,8 +235,9 @@ def _expand(raw: dict[str, Any]) -> list[dict[str, Any]]:
                  f"paired: its lists must have one length; got {lengths}")
         n = next(iter(lengths.values()))
         axes.append([{k: lists[k][i] for k in lists} for i in range(n)])
-        clash = set(grid) & set(paired)
-        _require(not clash, f"paired.{sorted(clash)[0]}: the key is also in grid")
+        clash = sorted(set(grid) & set(paired))
+        if clash:
+            raise ConfigError(f"paired.{clash[0]}: the key is also in grid")
     settings = [dict(itertools.chain.from_iterable(d.items() for d in combo))
                 for combo in itertools.product(*axes)] if axes else []
     rand = raw.get("random")
@@ -444,7 +445,7 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
                 torch.manual_seed(lcfg.seed)
                 run_federated(lcfg, LocalTransport(lcfg.n_clients), run_dir)
             run = RunDir(run_dir)
-            run.update_summary(method=method, engine=study.engine,
+            run.update_summary(method=method, study_engine=study.engine,
                                train_seconds=time.perf_counter() - t0)
         else:
             if data is None:
@@ -477,7 +478,7 @@ def _write_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any) -> None
                 arrays[key] = np.asarray(values)
     if "power" in arrays and "error" in arrays:
         run.write_npz(OUTPUTS_FILE, arrays)
-    summary = {"name": cfg.name, "method": result.method, "engine": "centralized",
+    summary = {"name": cfg.name, "method": result.method, "study_engine": "centralized",
                "metric": TASK_METRICS[data.server.task], **result.to_dict()}
     run.write_summary(summary)
 
@@ -487,17 +488,29 @@ def _write_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any) -> None
 # --------------------------------------------------------------------------------------------
 
 
-def _region_nmi(run_dir: Path) -> float:
-    """NMI between the most powerful party and the ground-truth region of each test sample."""
+def routing(run_dir: Path) -> tuple[float, float]:
+    """(delegation accuracy, region NMI) of a run's test outputs, where the data has ground
+    truth: the share of test samples whose most powerful party is the informative one (a tie
+    for the top counts as no choice), and the normalised mutual information between the most
+    powerful party and the ground-truth region. NaN without ground truth or powers."""
     path = run_dir / OUTPUTS_FILE
     if not path.is_file():
-        return math.nan
+        return math.nan, math.nan
     arrays = RunDir(run_dir).read_outputs()
-    if "regions" not in arrays or "power" not in arrays:
-        return math.nan
-    from sklearn.metrics import normalized_mutual_info_score
+    if "power" not in arrays:
+        return math.nan, math.nan
+    from liquid_fed.plots import top_expert
 
-    return float(normalized_mutual_info_score(arrays["regions"], arrays["power"].argmax(-1)))
+    top, tie = top_expert(arrays["power"])
+    accuracy = nmi = math.nan
+    if "informative" in arrays:
+        accuracy = float(np.mean((top == arrays["informative"]) & ~tie))
+    if "regions" in arrays:
+        from sklearn.metrics import normalized_mutual_info_score
+
+        choice = np.where(tie, -1, top)  # a tie is its own "no choice" label
+        nmi = float(normalized_mutual_info_score(arrays["regions"], choice))
+    return accuracy, nmi
 
 
 def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
@@ -524,8 +537,7 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
         power = test.get(f"mean_power_{j}")
         row[f"power_{j}"] = (power / k if power is not None
                              else (weights[j] if weights else math.nan))
-    row["delegation_accuracy"] = test.get("informative_top_power", math.nan)
-    row["region_nmi"] = _region_nmi(run_dir)
+    row["delegation_accuracy"], row["region_nmi"] = routing(run_dir)
     views = read_json(folder / VIEWS_FILE) if (folder / VIEWS_FILE).is_file() else {}
     probes = [v for v in views.get("summary", []) if v.get("view") != "all"]
     obs = views.get("observability", {})
@@ -535,7 +547,8 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
         row[f"importance_{j}"] = share[j] if share and j < len(share) else math.nan
     row["icor"] = obs.get("icor", math.nan)
     row["label_leakage"] = (summary.get("label_leakage") or {}).get("max", math.nan)
-    row["train_seconds"] = summary.get("train_seconds", summary.get("wall_seconds", math.nan))
+    # the Liquid Ensemble's own training loop (its run also probes views and checkpoints)
+    row["train_seconds"] = summary.get("wall_seconds", summary.get("train_seconds", math.nan))
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in row.items()}
 

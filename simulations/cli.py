@@ -222,9 +222,11 @@ def _federated_runner(cfg: RunConfig, run_dir: Path) -> None:
 
     with RunLock(run_dir).acquire("liquid-fed compare (federated cell)") as lock:
         result = launch(cfg, run_dir, quiet=True, lock_fd=lock.fd)
-    if result.returncode != 0 or not rundir.RunDir(run_dir).finished:
-        raise ClientFailure(f"the federated run of {run_dir} failed (exit "
-                            f"{result.returncode}); see the messages above")
+        run = rundir.RunDir(run_dir)
+        if result.returncode != 0 or not run.finished:
+            raise ClientFailure(f"the federated run of {run_dir} failed (exit "
+                                f"{result.returncode}); see the messages above")
+        run.update_summary(peak_memory_bytes=result.peak_memory_bytes)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
