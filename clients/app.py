@@ -16,7 +16,7 @@ from liquid_fed.federation import handle_client_message
 
 STATE_ARRAYS = "liquid-fed.state"
 STATE_SETTINGS = "liquid-fed.settings"
-SETTING_KEYS = ("config", "index", "out_dim", "threads")
+SETTING_KEYS = ("config", "index", "out_dim", "salt", "run_id", "threads")
 
 app = ClientApp()
 
@@ -25,6 +25,9 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
     arrays, settings = decode(msg.content)
     stored = context.state.config_records.get(STATE_SETTINGS, ConfigRecord())
     settings = {**dict(stored), **settings}
+    # A deployed node reads its private shard (node config `data-dir`), never the data set,
+    # and keeps its own checkpoints there; the server cannot set this.
+    settings["data_dir"] = str(context.node_config.get("data-dir", ""))
     torch.set_num_threads(int(settings.get("threads", 1)))
     record = context.state.array_records.get(STATE_ARRAYS)
     state = {k: v.numpy() for k, v in record.items()} if record is not None else {}

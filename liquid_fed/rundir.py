@@ -251,6 +251,7 @@ class Checkpoint:
     server_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     clients: list[dict[str, np.ndarray]] = field(default_factory=list)
     generation: str = ""
+    digests: dict[str, str] = field(default_factory=dict)  # SHA-256 per file, once written
 
 
 def _client_file(k: int) -> str:
@@ -293,6 +294,8 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> str:
         atomic_write(partial / MANIFEST_FILE, json_text(manifest).encode())
         os.replace(partial, ck / name)
         _fsync_dir(ck)
+        ckpt.generation = gen_id
+        ckpt.digests = {f: m["sha256"] for f, m in manifest["files"].items()}
     except (OSError, RunFolderError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, RunFolderError):
@@ -338,8 +341,10 @@ def _check_generation(gen: Path, n_clients: int | None) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(run_dir: str | Path, n_clients: int | None = None) -> Checkpoint:
-    """The newest complete, consistent checkpoint generation of a run folder.
+def load_checkpoint(run_dir: str | Path, n_clients: int | None = None,
+                    generation: str | None = None) -> Checkpoint:
+    """The newest complete, consistent checkpoint generation of a run folder (or the one
+    ``generation`` names).
 
     Generations whose manifest is missing or whose files do not match it are skipped with a
     warning. Nothing is unpickled.
@@ -350,6 +355,8 @@ def load_checkpoint(run_dir: str | Path, n_clients: int | None = None) -> Checkp
     ck = Path(run_dir) / CHECKPOINTS_DIR
     refused = []
     for gen in _generations(ck):
+        if generation is not None and not gen.name.endswith(f"-{generation}"):
+            continue
         try:
             manifest = _check_generation(gen, n_clients)
             server = read_json(gen / SERVER_STATE_FILE)
@@ -363,9 +370,12 @@ def load_checkpoint(run_dir: str | Path, n_clients: int | None = None) -> Checkp
         if refused:
             log.warning("resuming from the older complete checkpoint %s", gen.name)
         rnd = int(server.pop("round"))
-        return Checkpoint(rnd, server, arrays, clients, str(manifest["generation"]))
+        ckpt = Checkpoint(rnd, server, arrays, clients, str(manifest["generation"]))
+        ckpt.digests = {f: m["sha256"] for f, m in manifest["files"].items()}
+        return ckpt
     legacy = sorted(p.name for p in ck.glob("*.pt")) if ck.is_dir() else []
-    why = "; ".join(refused) if refused else "none was written"
+    why = "; ".join(refused) if refused else (
+        f"generation {generation} is not there" if generation else "none was written")
     hint = (f" ({', '.join(legacy)}: pickled files of an older liquid-fed, never loaded: "
             "opening them could run foreign code)") if legacy else ""
     raise RunFolderError(f"no complete checkpoint to resume from in {ck}: {why}{hint}")

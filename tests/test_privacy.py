@@ -28,14 +28,15 @@ class _Spy(LocalTransport):
         return super().exchange(kind, arrays, settings)
 
 
-def _attack_by_hand(received, labels_of) -> float:
-    """The honest-but-curious client's attack, written out: the latest guess per sample."""
+def _attack_by_hand(received, fed: Federation) -> float:
+    """The honest-but-curious client's attack, written out: the latest guess per sample (it
+    receives tokens; the check maps them back to the server's labels)."""
     latest: dict[int, int] = {}
-    for ids, g in received:
-        for i, row in zip(ids.tolist(), g, strict=True):
+    for tokens, g in received:
+        for i, row in zip(fed.known_ids(tokens).tolist(), g, strict=True):
             latest[i] = int(np.argmin(row))
     ids = np.array(sorted(latest))
-    return float(np.mean(np.array([latest[i] for i in ids]) == labels_of(ids)))
+    return float(np.mean(np.array([latest[i] for i in ids]) == fed.data.labels_of(ids)))
 
 
 @pytest.mark.parametrize("extra", [[], ["ensemble.mix=logits", "ensemble.solver=sink_many"],
@@ -51,7 +52,7 @@ def test_every_client_recovers_the_labels_from_exact_gradients(extra: list[str])
     # (The final flush carries the last round's signals: the meter scored those too.)
     for k in range(cfg.n_clients):
         assert leak["per_client"][k] == pytest.approx(
-            _attack_by_hand(spy.received[k], fed.data.labels_of))
+            _attack_by_hand(spy.received[k], fed))
     assert leak["max"] == 1.0 and min(leak["per_client"]) > 0.99
     assert leak["samples"] == fed.data.splits.train.size
     assert 0.09 < leak["chance"] < 0.12  # digits: ten balanced classes
@@ -64,7 +65,7 @@ def test_noise_on_the_returned_gradients_brings_leakage_towards_chance() -> None
     leak = fed.run().label_leakage
     assert leak["max"] < 0.3  # exact gradients: 1.0
     assert leak["per_client"][2] == pytest.approx(
-        _attack_by_hand(spy.received[2], fed.data.labels_of))
+        _attack_by_hand(spy.received[2], fed))
 
 
 def test_regression_leakage_is_the_residual_sign() -> None:

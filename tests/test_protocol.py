@@ -18,6 +18,7 @@ from liquid_fed.federation import (
     handle_client_message,
     payload_bytes,
 )
+from liquid_fed.federation.setup import id_tokens
 from liquid_fed.rundir import RunDir, load_checkpoint, prepare
 
 EXACT = {
@@ -101,14 +102,22 @@ def test_client_messages_are_checked() -> None:
     with pytest.raises(ValueError, match='received "train" before "setup"'):
         handle_client_message("train", {}, {}, {})
     cfg = build_config(EXACT)
-    settings = {"config": cfg.to_yaml(), "index": 0, "out_dim": 10}
+    salt = bytes(range(16))
+    settings = {"config": cfg.to_yaml(), "index": 0, "out_dim": 10, "salt": salt.hex(),
+                "run_id": "test"}
+    with pytest.raises(ValueError, match="setup message lacks settings salt, run_id"):
+        handle_client_message("setup", {"train_ids": np.arange(10)},
+                              {k: settings[k] for k in ("config", "index", "out_dim")}, {})
     reply, info, state = handle_client_message(
-        "setup", {"train_ids": np.arange(10)}, settings, {})
+        "setup", {"train_ids": id_tokens(np.arange(10), salt)}, settings, {})
     assert info["n_params"] > 0 and reply["ids"].size == 1797 and reply["absent"].size == 0
+    np.testing.assert_array_equal(reply["ids"], id_tokens(np.arange(1797), salt))  # no raw ids
     with pytest.raises(ValueError, match='unknown client message kind "explode"'):
         handle_client_message("explode", {}, settings, state)
-    with pytest.raises(ValueError, match="client does not hold sample id 99999"):
-        handle_client_message("train", {"fwd_ids": np.array([99999])}, settings, state)
+    unknown = id_tokens(np.array([99999]), salt)
+    with pytest.raises(ValueError, match=f"client does not hold the sample of token "
+                                         f"{int(unknown[0])}"):
+        handle_client_message("train", {"fwd_ids": unknown}, settings, state)
 
 
 class _DroppingTransport(LocalTransport):

@@ -10,6 +10,7 @@ from liquid_fed.config import build_config
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation import Federation, LocalTransport, handle_client_message
 from liquid_fed.federation.replies import check_prediction_reply, check_signals, ids_digest
+from liquid_fed.federation.setup import id_tokens
 
 TINY = {"train": {"epochs": 1, "chunk_size": 64, "batch_size": 32, "eval_every": 0},
         "experts": {"options": {"hidden": [8]}},
@@ -156,9 +157,11 @@ def test_clients_check_the_servers_signals() -> None:
     with pytest.raises(ValueError, match=r"server signal 'g_pred' holds values that are not"):
         check_signals({"g_pred": np.array([[np.nan]]), "g_del": np.zeros((1, 2))}, 1, 1, 2)
     cfg = build_config(TINY)
-    settings = {"config": cfg.to_yaml(), "index": 0, "out_dim": 10}
-    _, _, state = handle_client_message("setup", {"train_ids": np.arange(100)}, settings, {})
+    settings = {"config": cfg.to_yaml(), "index": 0, "out_dim": 10, "salt": "00" * 16,
+                "run_id": "test"}
+    tokens = id_tokens(np.arange(100), bytes(16))
+    _, _, state = handle_client_message("setup", {"train_ids": tokens}, settings, {})
     with pytest.raises(ValueError, match=r"server signal 'g_del' is .*expected floats of shape "
                                          r"\(2, 4\)"):
-        handle_client_message("train", {"bwd_ids": np.arange(2), "g_pred": np.zeros((2, 10)),
+        handle_client_message("train", {"bwd_ids": tokens[:2], "g_pred": np.zeros((2, 10)),
                                         "g_del": np.zeros((2, 3))}, settings, state)

@@ -27,10 +27,11 @@ class IdIndex:
         holder: how errors name whoever holds them (``client``, ``server``, a data set).
     """
 
-    def __init__(self, ids: np.ndarray, holder: str = "holder") -> None:
+    def __init__(self, ids: np.ndarray, holder: str = "holder", what: str = "sample id") -> None:
         self.order = np.argsort(np.asarray(ids), kind="stable")
         self.sorted = np.asarray(ids, dtype=np.int64)[self.order]
         self.holder = holder
+        self.what = what
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions, found): positions of ``ids`` (meaningless where not found)."""
@@ -45,7 +46,7 @@ class IdIndex:
         pos, found = self.lookup(ids)
         if not found.all():
             missing = np.asarray(ids, dtype=np.int64)[~found]
-            raise ValueError(f"{self.holder} does not hold sample id {int(missing[0])}")
+            raise ValueError(f"{self.holder} does not hold {self.what} {int(missing[0])}")
         return pos
 
 

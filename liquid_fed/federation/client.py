@@ -13,17 +13,24 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from liquid_fed.config import RunConfig, config_from_yaml_text
+from liquid_fed.errors import RunFolderError
 from liquid_fed.experts import Expert
 from liquid_fed.federation.replies import check_signals, ids_digest
-from liquid_fed.federation.setup import ClientView, build_client_expert, load_client_view
+from liquid_fed.federation.setup import ClientView, build_client_expert, client_view
 from liquid_fed.federation.state import OPT_GROUPS, Arrays, arrays_to_state, state_to_arrays
+from liquid_fed.rundir import Checkpoint, load_checkpoint, save_checkpoint
+from liquid_fed.shards import load_party_shard
 from liquid_fed.train import DTYPES, batch_order, make_optimizer
+
+#: What the server's setup message fixes for the rest of the run (a node adds its data_dir).
+SETUP_KEYS = ("config", "index", "out_dim", "salt", "run_id")
 
 
 @dataclass
@@ -44,10 +51,26 @@ def _parse_config(text: str) -> RunConfig:
     return config_from_yaml_text(text)
 
 
+@lru_cache(maxsize=16)
+def _raw_view(cfg_yaml: str, index: int, data_dir: str) -> ClientView:
+    """The party's own data: its shard (deployment) or its cut of the config's data set."""
+    cfg = _parse_config(cfg_yaml)
+    if data_dir:
+        return load_party_shard(data_dir, index, cfg)
+    return client_view(cfg, index)
+
+
 @lru_cache(maxsize=64)
-def _cached_view(cfg_yaml: str, index: int, train_key: bytes) -> ClientView:
-    train = np.frombuffer(train_key, dtype=np.int64) if train_key else None
-    return load_client_view(_parse_config(cfg_yaml), index, train)
+def _cached_view(cfg_yaml: str, index: int, data_dir: str, salt: str,
+                 train_key: bytes) -> ClientView:
+    """The view as the run uses it: tokenized with the run's salt, standardised on the
+    training samples it holds (the server names them by token)."""
+    cfg = _parse_config(cfg_yaml)
+    view = _raw_view(cfg_yaml, index, data_dir).tokenize(bytes.fromhex(salt))
+    if cfg.data.standardize and train_key:
+        rows, found = view.lookup_tokens(np.frombuffer(train_key, dtype=np.int64))
+        view = view.standardised(rows[found])
+    return view
 
 
 # Live runtimes of this process, reused only while their version matches the persisted
@@ -67,7 +90,8 @@ def _runtime(settings: dict[str, Any], state: Arrays) -> ClientRuntime:
         return live[1]
     cfg = _parse_config(settings["config"])
     out_dim = int(settings["out_dim"])
-    view = _cached_view(settings["config"], index, state["train_ids"].tobytes())
+    view = _cached_view(settings["config"], index, str(settings.get("data_dir", "")),
+                        str(settings["salt"]), state["train_ids"].tobytes())
     expert = build_client_expert(cfg, index, view.in_shape, out_dim)
     opt = make_optimizer(cfg.optim.name, expert.parameters(), cfg.optim.lr,
                          cfg.optim.weight_decay, cfg.optim.momentum)
@@ -88,7 +112,7 @@ def _persist(rt: ClientRuntime, state: Arrays) -> Arrays:
 
 
 def _client_forward(rt: ClientRuntime, ids: np.ndarray, train: bool) -> Arrays:
-    rows = rt.view.rows(ids)
+    rows = rt.view.token_rows(ids)
     dtype = DTYPES[rt.cfg.train.dtype]
     rt.expert.train(train)
     with torch.no_grad():
@@ -101,7 +125,7 @@ def _client_forward(rt: ClientRuntime, ids: np.ndarray, train: bool) -> Arrays:
 def _client_backward(rt: ClientRuntime, ids: np.ndarray, g_pred: np.ndarray,
                      g_del: np.ndarray, round_index: int) -> None:
     """Back-propagate the server's signals through the expert over mini-batches of the chunk."""
-    rows = rt.view.rows(ids)
+    rows = rt.view.token_rows(ids)
     check_signals({"g_pred": g_pred, "g_del": g_del}, len(rows), rt.out_dim, rt.cfg.n_clients)
     dtype = DTYPES[rt.cfg.train.dtype]
     train = rt.cfg.train
@@ -126,14 +150,44 @@ def _client_backward(rt: ClientRuntime, ids: np.ndarray, g_pred: np.ndarray,
             rt.optimizer.step()
 
 
+def own_checkpoints(settings: dict[str, Any]) -> Path:
+    """Where a client with a data folder keeps its checkpoints of this run."""
+    return Path(settings["data_dir"]) / "checkpoints" / str(settings["run_id"])
+
+
+def _save_own_checkpoint(settings: dict[str, Any], own: Arrays) -> dict[str, Any]:
+    ckpt = Checkpoint(int(settings.get("checkpoint_round", 0)),
+                      {"party": int(settings["index"]), "run_id": settings["run_id"]},
+                      clients=[own])
+    save_checkpoint(own_checkpoints(settings), ckpt)
+    return {"generation": ckpt.generation, "sha256": ckpt.digests["client_0.npz"]}
+
+
+def _load_own_checkpoint(settings: dict[str, Any]) -> Arrays:
+    """The state this client saved at the generation the server resumes from."""
+    where = own_checkpoints(settings)
+    gen = str(settings["resume_generation"])
+    try:
+        ckpt = load_checkpoint(where, 1, generation=gen)
+    except RunFolderError as exc:
+        raise RunFolderError(f"party {settings['index']}: cannot resume: {exc}") from exc
+    if ckpt.digests.get("client_0.npz") != settings.get("resume_sha256"):
+        raise RunFolderError(f"party {settings['index']}: its checkpoint {gen} in {where} is "
+                             "not the one the server's checkpoint names (checksums differ)")
+    return ckpt.clients[0]
+
+
 def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
                           state: Arrays) -> tuple[Arrays, dict[str, Any], Arrays]:
     """One client step: (kind, arrays, settings, persisted state) -> (reply, info, new state).
 
     Kinds:
-        ``setup``: ``settings`` holds ``config`` (YAML), ``index``, ``out_dim``; ``arrays``
-            holds ``train_ids`` and optionally a checkpoint (``model/*``, ``optimizer``).
-            Replies with the ids the client holds and its parameter count.
+        ``setup``: ``settings`` holds ``config`` (YAML), ``index``, ``out_dim`` and ``salt``
+            (hex: samples travel as salted tokens, :func:`~liquid_fed.federation.setup.id_tokens`);
+            ``arrays`` holds ``train_ids`` (tokens) and optionally a checkpoint (``model/*``,
+            ``optimizer/*``). Replies with the tokens of the samples the client holds and
+            lacks, and its parameter count. A node with a ``data_dir`` setting (its node
+            config) reads its data from that private shard, never from the data set.
         ``train`` / ``evaluate``: optionally applies pending signals (``bwd_ids``,
             ``g_pred``, ``g_del``) for round ``settings["round"]``, then returns predictions
             and delegations on ``fwd_ids`` (if given).
@@ -144,12 +198,18 @@ def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
         for key, value in arrays.items():
             if key.startswith(("model/", "optimizer/")):
                 state[key] = value
-        settings_state = {k: settings[k] for k in ("config", "index", "out_dim")}
-        rt = _runtime(settings_state, state)
+        if settings.get("resume_generation"):  # the client kept its own checkpoint
+            state.update(_load_own_checkpoint(settings))
+        missing = [k for k in SETUP_KEYS if k not in settings]
+        if missing:
+            raise ValueError(f"setup message lacks settings {', '.join(missing)}")
+        settings_state = {k: settings[k] for k in SETUP_KEYS}
+        rt = _runtime({**settings_state, "data_dir": settings.get("data_dir", "")}, state)
         state = _persist(rt, state)
         info = {"n_params": rt.expert.n_parameters(), "in_shape": list(rt.view.in_shape),
-                **settings_state}
-        return {"ids": rt.view.ids, "absent": rt.view.ids[~rt.view.present]}, info, state
+                "shard": str(settings.get("data_dir", ""))}
+        tokens = rt.view.tokens
+        return {"ids": tokens, "absent": tokens[~rt.view.present]}, info, state
     if "config" not in settings:
         raise ValueError(f'client received "{kind}" before "setup"')
     rt = _runtime(settings, state)
@@ -161,7 +221,10 @@ def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
     if kind in ("train", "evaluate") and "fwd_ids" in arrays:
         reply = _client_forward(rt, arrays["fwd_ids"], train=kind == "train")
     elif kind == "checkpoint":  # the persisted state is already the latest
-        reply = {k: v for k, v in state.items() if k.startswith(("model/", "optimizer/"))}
+        own = {k: v for k, v in state.items() if k.startswith(("model/", "optimizer/"))}
+        if settings.get("data_dir"):  # experts stay home: the server gets a receipt
+            return {}, _save_own_checkpoint(settings, own), state
+        reply = own
     elif kind not in ("train", "evaluate"):
         raise ValueError(f'unknown client message kind "{kind}" '
                          "(accepted: setup, train, evaluate, checkpoint)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from liquid_fed.config import RunConfig
-from liquid_fed.data import Splits, align_ids, common_ids
+from liquid_fed.data import IdIndex, Splits, align_ids, common_ids
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation.replies import (
     check_prediction_reply,
@@ -37,7 +38,7 @@ from liquid_fed.federation.replies import (
     check_state_reply,
 )
 from liquid_fed.federation.server import ServerStep
-from liquid_fed.federation.setup import ServerData, drop_unseen, load_server_data
+from liquid_fed.federation.setup import ServerData, drop_unseen, id_tokens, load_server_data
 from liquid_fed.federation.state import Arrays
 from liquid_fed.federation.transport import Transport, describe_client, payload_bytes
 from liquid_fed.privacy import LabelLeakage
@@ -103,6 +104,12 @@ class Federation:
         self.n_params: list[int] = []
         self.pending: list[Arrays] | None = None  # signals not yet applied by the clients
         self.pending_ids: np.ndarray | None = None
+        self.salt = b""  # drawn at setup (or taken from the checkpoint): ids travel as tokens
+        self.run_id = ""  # names the clients' own checkpoints of this run
+        self._tokens = np.zeros(0, dtype=np.int64)
+        self._token_index: IdIndex | None = None
+        self.parties: list[dict[str, Any]] | None = None  # clients' own checkpoints, by index
+        self.shards: list[str] = []  # the shard folder each client reads, when it has one
         self.pending_round = 0
         self.leakage: LabelLeakage | None = None
 
@@ -117,49 +124,78 @@ class Federation:
         self.bytes_up += sum(payload_bytes(r, i) for r, i in replies)
         return replies
 
+    # -- ids travel as tokens ----------------------------------------------------------------
+
+    def _draw_tokens(self, salt: bytes | None) -> None:
+        self.salt = salt or secrets.token_bytes(16)
+        self._tokens = id_tokens(self.data.ids, self.salt)
+        if np.unique(self._tokens).size != self._tokens.size:
+            raise ClientFailure("two sample ids hash to one token; start the run again")
+        self._token_index = IdIndex(self._tokens, "server")
+
+    def tokens(self, ids: np.ndarray) -> np.ndarray:
+        """The tokens of labelled sample ids."""
+        return self._tokens[self.data.rows(ids)]
+
+    def known_ids(self, tokens: np.ndarray) -> np.ndarray:
+        """The ids of the tokens the server knows (tokens of samples it has no label for are
+        dropped: they take no part in the run)."""
+        pos, found = self._token_index.lookup(tokens)
+        return self.data.ids[pos[found]]
+
     def _with_pending(self, arrays: list[Arrays], settings: list[dict[str, Any]]) -> None:
         if self.pending is None:
             return
+        bwd = self.tokens(self.pending_ids)
         for k in range(self.k):
-            arrays[k].update({"bwd_ids": self.pending_ids, **self.pending[k]})
+            arrays[k].update({"bwd_ids": bwd, **self.pending[k]})
             settings[k]["round"] = self.pending_round
         self.pending = None
         self.pending_ids = None
 
     def _send(self, kind: str, fwd_ids: np.ndarray | None) -> list[Arrays]:
         """One exchange; with ``fwd_ids``, every reply is checked before it is used."""
-        arrays: list[Arrays] = [{} if fwd_ids is None else {"fwd_ids": fwd_ids}
-                                for _ in range(self.k)]
+        fwd = None if fwd_ids is None else self.tokens(fwd_ids)
+        arrays: list[Arrays] = [{} if fwd is None else {"fwd_ids": fwd} for _ in range(self.k)]
         settings: list[dict[str, Any]] = [{} for _ in range(self.k)]
         self._with_pending(arrays, settings)
         replies = [r for r, _ in self._exchange(kind, arrays, settings)]
         for k, r in enumerate(replies):
             who = describe_client(self.transport, k)
-            if fwd_ids is not None:
-                check_prediction_reply(r, fwd_ids, self.data.n_outputs, self.k, who, kind,
+            if fwd is not None:
+                check_prediction_reply(r, fwd, self.data.n_outputs, self.k, who, kind,
                                        self.cfg.server.reply_limit)
-            elif kind == "checkpoint":
-                check_state_reply(r, who)
         return replies
 
     # -- phases ------------------------------------------------------------------------------
 
-    def setup(self, client_states: Sequence[Arrays] | None = None) -> None:
-        """Send every client the config and training ids; check the ids line up."""
+    def setup(self, resume: Checkpoint | None = None) -> None:
+        """Send every client the config, the run's salt and the training tokens (with its own
+        state when resuming); check the samples line up."""
+        self._draw_tokens(bytes.fromhex(resume.server["salt"]) if resume is not None
+                          and resume.server.get("salt") else None)
+        self.run_id = (resume.server.get("run_id") if resume is not None else None) or (
+            f"{self.cfg.name}-{secrets.token_hex(4)}")
         out_dim = self.data.n_outputs
-        arrays = []
+        train = self.tokens(self.data.splits.train)
+        arrays, settings = [], []
         for k in range(self.k):
-            a = {"train_ids": self.data.splits.train}
-            if client_states:
-                a.update(client_states[k])
+            a: Arrays = {"train_ids": train}
+            s = {"config": self.cfg_yaml, "index": k, "out_dim": out_dim,
+                 "salt": self.salt.hex(), "run_id": self.run_id}
+            if resume is not None and resume.clients:
+                a.update(resume.clients[k])
+            elif resume is not None and resume.server.get("parties"):
+                party = resume.server["parties"][k]  # the client keeps its own state
+                s.update(resume_generation=party["generation"], resume_sha256=party["sha256"])
             arrays.append(a)
-        settings = [{"config": self.cfg_yaml, "index": k, "out_dim": out_dim}
-                    for k in range(self.k)]
+            settings.append(s)
         replies = self._exchange("setup", arrays, settings)
         for k, (reply, info) in enumerate(replies):
             check_setup_reply(reply, info, describe_client(self.transport, k))
         self.n_params = [int(info["n_params"]) for _, info in replies]
-        held = {f"client_{k}": r["ids"] for k, (r, _) in enumerate(replies)}
+        self.shards = [str(info.get("shard", "")) for _, info in replies]
+        held = {self._holder(k): self.known_ids(r["ids"]) for k, (r, _) in enumerate(replies)}
         labelled = np.concatenate([self.data.splits.train, self.data.splits.val,
                                    self.data.splits.test])
         if self.cfg.data.align == "intersect":
@@ -172,7 +208,8 @@ class Federation:
                                                                          sp.test)))
         else:
             align_ids(labelled, held)
-        self.data.splits = drop_unseen(self.data.splits, [r["absent"] for r, _ in replies])
+        self.data.splits = drop_unseen(self.data.splits,
+                                       [self.known_ids(r["absent"]) for r, _ in replies])
         train = self.data.splits.train
         self.leakage = LabelLeakage(train, self.data.labels_of(train), self.data.task, self.k)
         log.info("setup: %d clients, %s parameters", self.k, self.n_params)
@@ -198,15 +235,43 @@ class Federation:
             self.run_dir.write_jsonl(METRICS_FILE, self.history)
         return rows
 
+    def _holder(self, k: int) -> str:
+        shard = self.shards[k] if k < len(self.shards) else ""
+        return f"client_{k}" + (f" (shard {shard})" if shard else "")
+
     def checkpoint(self, round_index: int, elapsed: float) -> list[Arrays]:
-        """Flush pending signals, collect every client's state, write one generation."""
-        states = self._send("checkpoint", None)
+        """Flush pending signals; every client checkpoints its state (into its own folder when
+        it has one, else in its reply); write the server's generation."""
+        arrays: list[Arrays] = [{} for _ in range(self.k)]
+        settings: list[dict[str, Any]] = [{"checkpoint_round": round_index}
+                                          for _ in range(self.k)]
+        self._with_pending(arrays, settings)
+        replies = self._exchange("checkpoint", arrays, settings)
+        kept = [bool(info.get("generation")) for _, info in replies]
+        if any(kept) and not all(kept):
+            raise ClientFailure(
+                f"clients {[k for k, v in enumerate(kept) if v]} keep their own checkpoints "
+                f"and {[k for k, v in enumerate(kept) if not v]} do not: give every node a "
+                "data-dir, or none")
+        states = []
+        for k, (state, _) in enumerate(replies):
+            if kept[k]:
+                if state:
+                    raise ClientFailure(f"{describe_client(self.transport, k)} keeps its own "
+                                        "checkpoint but also sent its state")
+            else:
+                check_state_reply(state, describe_client(self.transport, k))
+            states.append(state)
+        self.parties = ([{"generation": str(info["generation"]), "sha256": str(info["sha256"])}
+                         for _, info in replies] if all(kept) else None)
         if self.run_dir is not None:
             server = {"history": self.history, "bytes_up": self.bytes_up,
                       "bytes_down": self.bytes_down, "train_losses": self.train_losses,
-                      "elapsed": elapsed, "config": self.cfg_yaml}
+                      "elapsed": elapsed, "config": self.cfg_yaml, "salt": self.salt.hex(),
+                      "run_id": self.run_id, "parties": self.parties}
             leak = self.leakage.state() if self.leakage is not None else {}
-            self.run_dir.save_checkpoint(Checkpoint(round_index, server, leak, list(states)))
+            clients = [] if self.parties else list(states)
+            self.run_dir.save_checkpoint(Checkpoint(round_index, server, leak, clients))
         return states
 
     def rounds_per_epoch(self) -> int:
@@ -229,7 +294,7 @@ class Federation:
             self.bytes_down = int(resume.server["bytes_down"])
             self.train_losses = [float(v) for v in resume.server["train_losses"]]
             elapsed0 = float(resume.server["elapsed"])
-        self.setup(resume.clients if resume is not None else None)
+        self.setup(resume)
         if resume is not None and self.leakage is not None:
             self.leakage.load(resume.server_arrays)
         t0 = time.perf_counter() - elapsed0

@@ -8,6 +8,8 @@ centralized reference and every comparison method build the same experts on the 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -60,17 +62,37 @@ def make_plan(cfg: RunConfig, ds: Dataset) -> ViewPlan:
         raise ConfigError(f"views: {exc}") from exc
 
 
+def id_tokens(ids: np.ndarray, salt: bytes) -> np.ndarray:
+    """Sample ids as the run's tokens: 64-bit BLAKE2b hashes keyed with the run's salt.
+
+    The protocol names samples by token, never by raw id, so raw ids stay out of messages and
+    logs and tokens cannot be linked across runs. It is no private set intersection: every
+    party knows the salt and can hash candidate ids (see the README).
+    """
+    out = np.empty(len(ids), dtype=np.int64)
+    for i, value in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
+        digest = hashlib.blake2b(value.to_bytes(8, "little", signed=True), key=salt,
+                                 digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little", signed=True)
+    return out
+
+
 @dataclass
 class ClientView:
-    """What one client holds: ids and its own (standardised) features, never labels."""
+    """What one client holds: ids and its own features (standardised once fitted), never
+    labels; with the run's salt, the token of every id (what the server asks by)."""
 
     ids: np.ndarray  # (N,) int64
     x: np.ndarray  # (N, *view_shape)
     present: np.ndarray  # (N,) bool: rows this view really has
+    layout: str = "tabular"
     scaler: Standardizer | None = None
+    tokens: np.ndarray | None = None  # (N,) int64 once tokenized
 
     def __post_init__(self) -> None:
         self._index = IdIndex(self.ids, "client")
+        self._tokens = (None if self.tokens is None
+                        else IdIndex(self.tokens, "client", "the sample of token"))
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -80,22 +102,52 @@ class ClientView:
         """Positions of ``ids``; an unknown id is an error naming it."""
         return self._index.rows(ids)
 
+    def lookup_tokens(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, found) of tokens, tolerating tokens of samples this view lacks."""
+        if self._tokens is None:
+            raise ValueError("client view has no tokens: tokenize() it with the run's salt")
+        return self._tokens.lookup(tokens)
+
+    def token_rows(self, tokens: np.ndarray) -> np.ndarray:
+        """Positions of the samples the server names by ``tokens``."""
+        if self._tokens is None:
+            raise ValueError("client view has no tokens: tokenize() it with the run's salt")
+        return self._tokens.rows(tokens)
+
+    def tokenize(self, salt: bytes) -> ClientView:
+        """The same view, its ids also as the run's tokens (collisions are an error)."""
+        tokens = id_tokens(self.ids, salt)
+        if np.unique(tokens).size != tokens.size:
+            raise ValueError("two sample ids hash to one token; start the run again (a new salt)")
+        return dataclasses.replace(self, tokens=tokens)
+
+    def standardised(self, train_rows: np.ndarray) -> ClientView:
+        """The view standardised with statistics of the training rows it holds; rows it lacks
+        stay 0."""
+        pos = np.asarray(train_rows, dtype=np.int64)
+        pos = pos[self.present[pos]]
+        scaler = Standardizer(self.layout).fit(self.x[pos])
+        x = scaler.transform(self.x)
+        x[~self.present] = 0.0
+        return dataclasses.replace(self, x=np.ascontiguousarray(x, dtype=np.float32),
+                                   scaler=scaler)
+
+
+def client_view(cfg: RunConfig, index: int) -> ClientView:
+    """Client ``index``'s view, cut from the config's data set (not standardised)."""
+    ds = load_data(cfg)
+    plan = make_plan(cfg, ds)
+    return ClientView(ids=ds.ids.copy(),
+                      x=np.ascontiguousarray(plan.apply(ds, index), dtype=np.float32),
+                      present=plan.present(ds, index), layout=ds.layout)
+
 
 def load_client_view(cfg: RunConfig, index: int, train_ids: np.ndarray | None) -> ClientView:
     """Client ``index``'s view of the data, standardised on the training ids only."""
-    ds = load_data(cfg)
-    plan = make_plan(cfg, ds)
-    x = plan.apply(ds, index)
-    present = plan.present(ds, index)
-    scaler = None
+    view = client_view(cfg, index)
     if cfg.data.standardize and train_ids is not None:
-        pos = ds.positions(np.asarray(train_ids))
-        pos = pos[present[pos]]
-        scaler = Standardizer(ds.layout).fit(x[pos])
-        x = scaler.transform(x)
-        x[~present] = 0.0
-    return ClientView(ids=ds.ids.copy(), x=np.ascontiguousarray(x, dtype=np.float32),
-                      present=present, scaler=scaler)
+        view = view.standardised(view.rows(train_ids))
+    return view
 
 
 @dataclass
@@ -112,6 +164,10 @@ class ServerData:
 
     def __post_init__(self) -> None:
         self._index = IdIndex(self.ids, "server")
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of labelled sample ids; an unknown id is an error naming it."""
+        return self._index.rows(ids)
 
     def labels_of(self, ids: np.ndarray) -> np.ndarray:
         return self.labels[self._index.rows(ids)]

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from liquid_fed.federation.client import handle_client_message
+from liquid_fed.federation.client import SETUP_KEYS, handle_client_message
 from liquid_fed.federation.state import Arrays
 
 
@@ -53,6 +53,6 @@ class LocalTransport:
             merged = {**self.settings[k], **s}
             reply, info, self.states[k] = handle_client_message(kind, a, merged, self.states[k])
             if kind == "setup":
-                self.settings[k] = {key: merged[key] for key in ("config", "index", "out_dim")}
+                self.settings[k] = {key: merged[key] for key in SETUP_KEYS}
             replies.append((reply, info))
         return replies
