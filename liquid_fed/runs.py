@@ -24,6 +24,7 @@ from liquid_fed.errors import ConfigError
 from liquid_fed.federation import (
     Federation,
     RoundInfo,
+    ServerData,
     Transport,
     build_client_expert,
     load_data,
@@ -112,6 +113,7 @@ def run_federated(
     stop_after: int | None = None,
     on_round: Callable[[RoundInfo], None] | None = None,
     extra: dict[str, Any] | None = None,
+    server_data: ServerData | None = None,
 ) -> dict[str, Any] | None:
     """Train the federation over ``transport`` and write the run folder.
 
@@ -123,18 +125,26 @@ def run_federated(
         stop_after: stop after this many rounds, leaving a checkpoint (returns None).
         on_round: progress callback.
         extra: more fields for ``summary.json`` (e.g. the engine's start-up seconds).
+        server_data: the server's labels and splits from its private folder (deployment with
+            shards): the server then never loads the data set, so it writes no view probes
+            and computes no centralized references (they need every party's features).
 
     Returns:
         The summary written to ``summary.json``, or None when stopped early.
     """
     torch.set_num_threads(cfg.server.threads)
     run = RunDir(run_dir)
-    data = load_server_data(cfg)  # once per run: the federation and the references share it
+    private = server_data is not None
+    # once per run: the federation and the references share it
+    data = server_data if private else load_server_data(cfg)
     checkpoint = None
     if resume:
         checkpoint = run.load_checkpoint(cfg.n_clients)
         log.info("resuming from round %d (checkpoint %s)", checkpoint.round,
                  checkpoint.generation)
+    elif private:
+        run.write_json(VIEWS_FILE, {"note": "the parties hold the features in private shards: "
+                                            "the server has nothing to probe"})
     else:
         write_views(cfg, run, data.splits)
     references_data = dataclasses.replace(data)  # the federation may narrow its splits
@@ -144,7 +154,9 @@ def run_federated(
         return None
     t0 = time.perf_counter()
     refs = {}
-    if cfg.baselines.uniform or cfg.baselines.independent:
+    if private and (cfg.baselines.uniform or cfg.baselines.independent):
+        log.info("centralized references skipped: they need every party's features")
+    elif cfg.baselines.uniform or cfg.baselines.independent:
         from liquid_fed.centralized import baselines, central_data
 
         refs = baselines(cfg, central_data(cfg, references_data))

@@ -102,8 +102,10 @@ def write_shards(cfg: RunConfig, out: str | Path) -> list[Path]:
     return folders
 
 
-def _read(folder: Path, data_file: str, who: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read(folder: Path, role: str, who: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A shard's manifest and arrays, after checking its role and checksum."""
     folder = Path(folder)
+    data_file = FEATURES_FILE if role == "party" else LABELS_FILE
     if not (folder / MANIFEST_FILE).is_file():
         raise DataError(f"{who}: {folder} holds no shard ({MANIFEST_FILE} is missing; make "
                         "shards with `liquid-fed split CONFIG --out DIR`)")
@@ -111,6 +113,11 @@ def _read(folder: Path, data_file: str, who: str) -> tuple[dict[str, Any], dict[
         manifest = read_json(folder / MANIFEST_FILE)
         if not isinstance(manifest, dict) or manifest.get("format") != SHARD_FORMAT:
             raise DataError(f"{who}: {folder / MANIFEST_FILE} is not a {SHARD_FORMAT} manifest")
+        if manifest.get("role") != role:
+            holder = ("the server's shard" if manifest.get("role") == "server"
+                      else f"party {manifest.get('party')}'s shard")
+            raise DataError(f"{who}: {folder} holds {holder}, not "
+                            + ("a party's" if role == "party" else "the server's labels"))
         path = folder / data_file
         if not path.is_file():
             raise DataError(f"{who}: {path} is missing")
@@ -143,10 +150,7 @@ def load_party_shard(folder: str | Path, index: int, cfg: RunConfig) -> ClientVi
     """
     folder = Path(folder)
     who = f"party {index}"
-    manifest, arrays = _read(folder, FEATURES_FILE, who)
-    if manifest.get("role") != "party":
-        raise DataError(f"{who}: {folder} holds the {manifest.get('role')}'s shard, not a "
-                        "party's")
+    manifest, arrays = _read(folder, "party", who)
     if manifest.get("party") != index:
         raise DataError(f"{who} was given the shard of party {manifest.get('party')} "
                         f"({folder}); each node's data-dir must hold its own party's shard")
@@ -173,10 +177,7 @@ def load_server_shard(folder: str | Path, cfg: RunConfig) -> ServerData:
     """
     folder = Path(folder)
     who = "server"
-    manifest, arrays = _read(folder, LABELS_FILE, who)
-    if manifest.get("role") != "server":
-        raise DataError(f"{who}: {folder} holds party {manifest.get('party')}'s shard, not the "
-                        "server's labels")
+    manifest, arrays = _read(folder, "server", who)
     _check_config(manifest, cfg, who, folder)
     need = ("ids", "labels", "train", "val", "test")
     missing = [k for k in need if k not in arrays]

@@ -24,9 +24,10 @@ from clients.codec import MESSAGE_TYPES, decode, encode
 from liquid_fed import rundir
 from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import ClientFailure
-from liquid_fed.federation import RoundInfo
+from liquid_fed.federation import RoundInfo, ServerData
 from liquid_fed.rundir import RunLock
 from liquid_fed.runs import run_federated
+from liquid_fed.shards import load_server_shard
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml, configs/
@@ -153,14 +154,16 @@ def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll:
 def serve(grid: Grid, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
           stop_after: int | None = None, on_round: Callable[[RoundInfo], None] | None = None,
           extra: dict[str, Any] | None = None,
-          health: Callable[[], str | None] | None = None) -> dict[str, Any] | None:
+          health: Callable[[], str | None] | None = None,
+          server_data: ServerData | None = None) -> dict[str, Any] | None:
     """Run the whole federation on ``grid``."""
     # The simulation Grid lives in this process: poll it often. A deployment's SuperLink is
     # reached over HTTP: every 0.15 s instead of Flower's fixed 3 s.
     poll = cfg.simulation.pull_interval if hasattr(grid, "pull_interval") else 0.15
     transport = GridTransport(grid, cfg.n_clients, cfg.simulation.timeout,
                               cfg.simulation.threads_per_client, poll=poll, health=health)
-    return run_federated(cfg, transport, run_dir, resume, stop_after, on_round, extra)
+    return run_federated(cfg, transport, run_dir, resume, stop_after, on_round, extra,
+                         server_data)
 
 
 def make_server_app(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
@@ -192,7 +195,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
         in_app = APP_DIR / str(path)
         path = in_app if in_app.exists() else path
     overrides = [f"{k}={v}" for k, v in run_config.items()
-                 if k not in ("config", "resume", "set")]
+                 if k not in ("config", "resume", "set", "data-dir")]
     overrides += shlex.split(str(run_config.get("set", "")))
     return load_config(str(path) if path else None, overrides)
 
@@ -206,6 +209,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
     resume = bool(context.run_config.get("resume", False))
     run_dir = Path(cfg.out) / cfg.name
+    data_dir = str(context.run_config.get("data-dir", ""))
+    # With private shards the server reads only its label folder, never the data set.
+    server_data = load_server_shard(data_dir, cfg) if data_dir else None
     with RunLock(run_dir).acquire("flwr run (ServerApp)"):
         rundir.prepare(cfg, run_dir, resume=resume)
-        serve(grid, cfg, run_dir, resume)
+        serve(grid, cfg, run_dir, resume, server_data=server_data)

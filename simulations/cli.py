@@ -5,6 +5,7 @@
     liquid-fed validate CONFIG.yaml [--set key=value ...]
     liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
     liquid-fed compare STUDY.yaml [--out DIR] [--workers N] [--resume] [--set key=value ...]
+    liquid-fed split CONFIG.yaml --out DIR [--set key=value ...]
 
 ``run`` starts Flower's simulation engine on Ray in a child process that leads its own
 session (:mod:`simulations.simulate`); whatever happens (success, error, Ctrl-C, SIGTERM,
@@ -229,6 +230,19 @@ def _federated_runner(cfg: RunConfig, run_dir: Path) -> None:
         run.update_summary(peak_memory_bytes=result.peak_memory_bytes)
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    """Private shards for a deployment: a folder per party, one for the server."""
+    from liquid_fed.shards import write_shards
+
+    cfg = _config(args)
+    folders = write_shards(cfg, args.out)
+    for folder in folders:
+        print(folder)
+    print(f"give party k's host only {Path(args.out)}/party-k (node config data-dir), and the "
+          f"server's host only {Path(args.out)}/server (run config data-dir)", file=sys.stderr)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Figures of finished runs: each run's own, plus a comparison when given several."""
     from liquid_fed.plots import load_run, plot_comparison, plot_run
@@ -284,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="print the resolved config, or what is wrong with it")
     common(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("split", help="private shards: one folder per party, one for the server")
+    common(p)
+    p.add_argument("--out", required=True, help="where the shards go (a new folder)")
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("compare", help="a study: methods x settings x seeds, report, figures")
     p.add_argument("study", help="study YAML (see liquid_fed/study.py and configs/studies/)")

@@ -42,7 +42,7 @@ def test_run_config_reaches_the_serverapp_as_flower_fuses_it() -> None:
         ['config="configs/quickstart.yaml" set="train.epochs=2 \'views.options={grid: [1, 4]}\' '
          'out=/abs/runs"'])
     run_config = get_fused_config_from_dir(ROOT, overrides)
-    assert set(run_config) == {"config", "set", "resume"}
+    assert set(run_config) == {"config", "set", "resume", "data-dir"}
     cfg = config_from_run_config(run_config)
     assert (cfg.train.epochs, cfg.views.options, cfg.out) == (2, {"grid": [1, 4]}, "/abs/runs")
     assert cfg.optim.lr == 0.003  # from the YAML file, found inside the app

@@ -19,7 +19,9 @@ from liquid_fed.federation.setup import (
     ClientView,
     ServerData,
     build_client_expert,
+    client_view,
     drop_unseen,
+    id_tokens,
     load_client_view,
     load_data,
     load_server_data,
@@ -30,6 +32,6 @@ from liquid_fed.federation.transport import LocalTransport, Transport, payload_b
 __all__ = [
     "ClientView", "Evaluation", "Federation", "FederationResult", "LocalTransport",
     "RoundInfo", "ServerData", "ServerStep", "TrainStep", "Transport", "build_client_expert",
-    "drop_unseen", "handle_client_message", "load_client_view", "load_data",
-    "load_server_data", "make_plan", "payload_bytes",
+    "client_view", "drop_unseen", "handle_client_message", "id_tokens", "load_client_view",
+    "load_data", "load_server_data", "make_plan", "payload_bytes",
 ]

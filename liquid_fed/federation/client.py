@@ -26,7 +26,6 @@ from liquid_fed.federation.replies import check_signals, ids_digest
 from liquid_fed.federation.setup import ClientView, build_client_expert, client_view
 from liquid_fed.federation.state import OPT_GROUPS, Arrays, arrays_to_state, state_to_arrays
 from liquid_fed.rundir import Checkpoint, load_checkpoint, save_checkpoint
-from liquid_fed.shards import load_party_shard
 from liquid_fed.train import DTYPES, batch_order, make_optimizer
 
 #: What the server's setup message fixes for the rest of the run (a node adds its data_dir).
@@ -56,6 +55,8 @@ def _raw_view(cfg_yaml: str, index: int, data_dir: str) -> ClientView:
     """The party's own data: its shard (deployment) or its cut of the config's data set."""
     cfg = _parse_config(cfg_yaml)
     if data_dir:
+        from liquid_fed.shards import load_party_shard  # shards builds on this package
+
         return load_party_shard(data_dir, index, cfg)
     return client_view(cfg, index)
 

@@ -8,6 +8,7 @@ studies.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,17 +41,26 @@ def describe_client(transport: Transport, k: int) -> str:
 
 
 class LocalTransport:
-    """Clients as in-process state dicts; runs the exact client code without Flower."""
+    """Clients as in-process state dicts; runs the exact client code without Flower.
 
-    def __init__(self, n_clients: int) -> None:
+    Args:
+        n_clients: K.
+        data_dirs: optionally, each client's private shard folder (what a deployed node's
+            ``data-dir`` node config gives it): the client then reads its data and keeps its
+            checkpoints there.
+    """
+
+    def __init__(self, n_clients: int, data_dirs: Sequence[str | Path] | None = None) -> None:
         self.states: list[Arrays] = [{} for _ in range(n_clients)]
         self.settings: list[dict[str, Any]] = [{} for _ in range(n_clients)]
+        self.local = [{"data_dir": str(d)} for d in data_dirs] if data_dirs else (
+            [{} for _ in range(n_clients)])
 
     def exchange(self, kind: str, arrays: Sequence[Arrays],
                  settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
         replies = []
         for k, (a, s) in enumerate(zip(arrays, settings, strict=True)):
-            merged = {**self.settings[k], **s}
+            merged = {**self.settings[k], **s, **self.local[k]}
             reply, info, self.states[k] = handle_client_message(kind, a, merged, self.states[k])
             if kind == "setup":
                 self.settings[k] = {key: merged[key] for key in SETUP_KEYS}
