@@ -27,6 +27,7 @@ from liquid_fed.federation import (
     ServerData,
     Transport,
     build_client_expert,
+    load_client_view,
     load_data,
     load_server_data,
     make_plan,
@@ -59,7 +60,11 @@ def check_run(cfg: RunConfig) -> None:
     for k in range(cfg.n_clients):
         shape = plan.view_shape(k, ds.features.shape)
         expert = build_client_expert(cfg, k, shape, ds.n_outputs)
-        x = torch.from_numpy(plan.apply(ds, k, rows)).to(dtype)
+        try:  # the view as the client will hold it: cut, standardised on the training rows
+            view = load_client_view(cfg, k, splits.train)
+        except ValueError as exc:
+            raise ConfigError(f"views (client {k}): {exc}") from exc
+        x = torch.from_numpy(view.x[view.rows(rows)]).to(dtype)
         where = f"experts (client {k}: {type(expert).__name__} on a view of shape {shape})"
         try:
             pred, dele = expert(x)

@@ -126,10 +126,13 @@ class Standardizer:
 
     def _axes(self, x: np.ndarray) -> tuple[int, ...]:
         """The axes statistics are taken over, after checking the array's rank."""
+        if self.layout == "image" and x.ndim == 2:
+            return (0, 1)  # pixels of a view that is no rectangle (random, importance splits)
         ndim = 2 if self.layout == "tabular" else 3
         if x.ndim != ndim:
-            raise ValueError(f"standardizer: layout {self.layout!r} needs {ndim}-D arrays, "
-                             f"got shape {x.shape}")
+            raise ValueError(f"standardizer: layout {self.layout!r} needs {ndim}-D arrays"
+                             + (" (or 2-D flattened pixels)" if self.layout == "image" else "")
+                             + f", got shape {x.shape}")
         return {"tabular": (0,), "sequence": (0, 1), "image": (0, 1, 2)}[self.layout]
 
     def fit(self, x: np.ndarray) -> Standardizer:
