@@ -83,6 +83,11 @@ def test_a_tiny_study_writes_every_file_and_resumes_with_identical_rows(
     assert "Paired differences in accuracy" in report and "Where the Liquid" in report
     assert (out / "study.yaml").is_file()
     assert not list(out.rglob("*.tmp-*"))
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert figures == {"metric_vs_data.options.region_visibility.png", "delegation_c00.png",
+                       "delegation_c01.png", "graph_c00.png", "graph_c01.png",
+                       "power_vs_observability.png", "confidence_tau.png"}
+    assert all((out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
     # Resume (in this process): lose two runs; only those train again, rows come out the same.
     from simulations.cli import main
