@@ -114,6 +114,28 @@ COLUMNS = (("score", None), ("nll", "NLL"), ("power_entropy", "power entropy"),
            ("train_seconds", "train s"))
 
 
+def overview(study: Study, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One table: a row per setting, a column per method, the mean of the primary metric over
+    seeds (the best of the row in bold); empty when no row is finished."""
+    metric = next((r["metric"] for r in rows), None)
+    if metric is None:
+        return []
+    methods = [m for m in study.methods if any(r["method"] == m for r in rows)]
+    lines = [f"## Overview: mean test {metric} over seeds", "",
+             "| setting | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for setting in study.settings:
+        means = {m: interval([r.get("score") for r in _rows_of(rows, setting.id, m)]).mean
+                 for m in methods}
+        finite = {m: v for m, v in means.items() if math.isfinite(v)}
+        if not finite:
+            continue
+        best = (max if higher_is_better(metric) else min)(finite, key=finite.get)
+        cells = ["n/a" if not math.isfinite(v) else (f"**{v:.3f}**" if m == best else f"{v:.3f}")
+                 for m, v in means.items()]
+        lines.append(f"| {setting.id}: {setting.label()} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
     """``report.md``: per setting, every method's mean ± 95 % CI, the best marked; the paired
     differences of the Liquid Ensemble from each baseline; where it wins and loses."""
@@ -129,6 +151,7 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
         lines += ["Swept: " + ", ".join(f"`{k}`" for k in study.swept), ""]
     total = sum(r.get("train_seconds") or 0.0 for r in rows)
     lines += [f"Training time of all {len(rows)} runs: {total:.0f} s.", ""]
+    lines += overview(study, rows)
     for setting in study.settings:
         cell_rows = [r for r in rows if r["cell"] == setting.id]
         if not cell_rows:

@@ -227,6 +227,7 @@ def test_report_marks_the_best_and_lists_wins_and_losses(tmp_path: Path) -> None
             for m, v in scores.items() for s in range(3)]
     text = render(study, rows)
     assert "| central | **0.960 ± 0.025** |" in text
+    assert "| c00: base | 0.910 | 0.810 | **0.960** |" in text  # the overview: means only
     found = {(v.method, v.baseline, v.better) for v in verdicts(study, rows)}
     assert found == {("liquid:sink_one", "uniform", True),
                      ("liquid:sink_one", "central", False)}
