@@ -20,6 +20,20 @@ Ray is private to the run: token authentication with a random token per run
 process can join the cluster or submit work to it. Ray 2.55 binds its gRPC servers to every
 interface and resolves a loopback node address to the machine's own address, so it cannot be
 kept on 127.0.0.1; the token is what keeps it private.
+
+Why ``run_simulation`` stays although flwr 1.41 deprecates it (issue 8): the supported path,
+``flwr run . local`` against a ``":local:"`` connection, costs 2.8x per training round.
+``python -m simulations.bench_launch`` (quickstart, 4 clients, 3 vs 1 epochs, references off,
+OMP_NUM_THREADS=1, flwr 1.41.0, ray 2.55.1, 2 shared cores) measured 50 ms per steady-state
+round here against 139 ms through ``flwr run`` (mean per exchange 62 vs 122 ms; same test
+accuracy); the issue's bar was 1.2x. That path runs the same ``_run_simulation`` inside a
+``flwr-simulation`` process started by a detached SuperLink and SuperExec, where our
+dispatch-loop patch (:mod:`simulations.engine`) is not installed, so Flower's 0.1 s dispatch
+poll comes back. Start-up and total wall were no worse (29 vs 37 s, 37 vs 44 s, both noisy
+at a load average of 3 to 10), but on that loaded machine a second attempt failed outright:
+``flwr`` gives the SuperLink it starts a fixed 15 s to come up. Switching would also need
+whole CPUs per client (``client-resources-num-cpus`` is an integer there) and a way to stop
+the detached SuperLink, which outlives the run.
 """
 
 from __future__ import annotations
