@@ -233,9 +233,10 @@ def knob_figure(study: Study, rows: Sequence[dict[str, Any]], knob: str) -> Any 
 
 
 def settings_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any:
-    """The metric per setting (x) and method (grouped bars with 95 % intervals)."""
+    """The metric per setting (x) and method (offset points with 95 % intervals; the axis
+    spans the data, not zero, so small differences stay visible)."""
     n_set, methods = len(study.settings), study.methods
-    fig = new_figure(max(6.0, 0.9 * n_set * len(methods) / 3 + 3.0), 4.4)
+    fig = new_figure(max(6.0, 1.6 * n_set + 3.5), 4.4)
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
     colors = _colors(methods)
@@ -246,26 +247,26 @@ def settings_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any:
         xs = np.arange(n_set) + (m - (len(methods) - 1) / 2) * width
         mean = np.array([s.mean for s in stats])
         half = np.nan_to_num(np.array([s.half for s in stats]))
-        ax.bar(xs, mean, width=width, yerr=half, label=method, color=colors[method],
-               capsize=2)
-    ax.set_xticks(np.arange(n_set), [_wrap(s.label()) for s in study.settings],
+        ax.errorbar(xs, mean, yerr=half, fmt="o", markersize=4, capsize=2, label=method,
+                    color=colors[method])
+    for x in np.arange(n_set - 1) + 0.5:
+        ax.axvline(x, color="grey", linewidth=0.5, alpha=0.5)
+    ax.set_xticks(np.arange(n_set), [_tick(s) for s in study.settings],
                   fontsize="x-small")
     ax.set_ylabel(_metric_name(rows))
-    ax.legend(fontsize="x-small", ncols=min(len(methods), 5))
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(fontsize="x-small", loc="outside right upper")
     ax.set_title(f"{study.name}: {_metric_name(rows)} per setting (mean, 95 % interval)",
                  fontsize="medium")
     return fig
 
 
-def _wrap(text: str, width: int = 28) -> str:
-    parts, line = [], ""
-    for word in text.split(", "):
-        if line and len(line) + len(word) > width:
-            parts.append(line)
-            line = word
-        else:
-            line = f"{line}, {word}" if line else word
-    return "\n".join([*parts, line])
+def _tick(setting: Setting) -> str:
+    """A setting's axis label: its id, then ``key=value`` per line with the key's last part."""
+    from liquid_fed.study import _short
+
+    return "\n".join([setting.id, *(f"{k.rsplit('.', 1)[-1]}={_short(v)}"
+                                     for k, v in setting.values.items())])
 
 
 def _colors(methods: Sequence[str]) -> dict[str, Any]:
@@ -401,7 +402,7 @@ def tau_figure(study: Study, rows: Sequence[dict[str, Any]], method: str) -> Any
         xs = np.arange(n_set) + (c - (len(CONFIDENCES) - 1) / 2) * width
         ax.bar(xs, mean, width=width, yerr=half, capsize=2, label=name)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xticks(np.arange(n_set), [_wrap(s.label()) for s in study.settings],
+    ax.set_xticks(np.arange(n_set), [_tick(s) for s in study.settings],
                   fontsize="x-small")
     ax.set_ylabel("Kendall τ (positive: confident and correct)")
     ax.legend(fontsize="x-small", title="confidence", title_fontsize="x-small")
