@@ -232,14 +232,19 @@ def child(op: str, args: Callable[[Ctx], dict] | dict) -> Callable[[Ctx], list[s
 
 
 def key_missing(key: str) -> Callable[[Path], str | None]:
+    """n/a where the tree's config has no such key (its section's dataclass lacks the field)."""
     section, name = key.split(".")
+    classes = {"ensemble": ("EnsembleConfig", "LiquidConfig")}.get(
+        section, (section.capitalize() + "Config",))
 
     def na(tree: Path) -> str | None:
         text = "".join((tree / f).read_text() for f in ("liquid_fed/config.py",
-                                                           "liquid_fed/ensemble.py"))
-        if re.search(rf"^\s+{name}\s*:", text, re.M) is None:
-            return f"{key} does not exist in this tree's config"
-        return None
+                                                       "liquid_fed/ensemble.py"))
+        for cls in classes:
+            m = re.search(rf"^class {cls}\b.*?(?=^class |\Z)", text, re.M | re.S)
+            if m and re.search(rf"^\s+{name}\s*:", m.group(0), re.M):
+                return None
+        return f"{key} does not exist in this tree's config"
     return na
 
 
