@@ -749,7 +749,7 @@ def _plot_pickle(ctx: Ctx) -> list[str]:
 
 # -- Ray runs --------------------------------------------------------------------------------
 
-RAY_SET = ["train.epochs=60", "views.n_views=2", "views.kind=blocks", "views.options={}",
+RAY_SET = ["train.epochs=300", "views.n_views=2", "views.kind=blocks", "views.options={}",
            "data.name=digits_flat", "data.options={}", "experts.options={hidden: [16]}",
            "baselines.uniform=false", "baselines.independent=false", "train.eval_every=5",
            "train.checkpoint_every=5", "simulation.timeout=60"]
@@ -819,12 +819,13 @@ def gcs_address(pids: list[int]) -> str | None:
 JOIN = """
 import ray, sys
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print("CONNECTED", flush=True)
 print("JOINED", ray.get(ray.remote(lambda: 41 + 1).remote()))
 ray.shutdown()
 """
 
 
-def sigterm_port_runner(sig: int) -> Callable[[Ctx], tuple[str, str, str]]:
+def sigterm_port_runner(sig: int, join: bool = False) -> Callable[[Ctx], tuple[str, str, str]]:
     def runner(ctx: Ctx) -> tuple[str, str, str]:
         out = ctx.work / "run"
         proc = start(ctx, cli_run_argv(out), ctx.work / "log.txt")
@@ -839,14 +840,15 @@ def sigterm_port_runner(sig: int) -> Callable[[Ctx], tuple[str, str, str]]:
                   if not a.startswith(("127.", "[::1]", "localhost"))]
         joined = None
         addr = gcs_address(pids)
-        if addr and sig == signal.SIGTERM:
+        if addr and join:
             env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
             env.update(BASE_ENV)
             env["RAY_TMPDIR"] = str(ctx.work / "intruder")
             try:
                 j = subprocess.run([PY, "-c", JOIN, addr], env=env, capture_output=True,
                                    text=True, timeout=60, start_new_session=True)
-                joined = "JOINED 42" in j.stdout
+                joined = "CONNECTED" in j.stdout
+                facts["task_ran"] = "JOINED 42" in j.stdout
                 facts["join_err"] = (j.stderr.strip().splitlines() or [""])[-1][:200]
             except subprocess.TimeoutExpired:
                 joined = False
@@ -871,21 +873,25 @@ def sigterm_port_runner(sig: int) -> Callable[[Ctx], tuple[str, str, str]]:
         name = signal.Signals(sig).name
         repro = (f"liquid-fed run configs/quickstart.yaml --out X --set ... & sleep 30; "
                  f"kill -{name[3:]} $!; pgrep -f ray")
+        if join:
+            repro = ("liquid-fed run ... & sleep 30; ss -ltnp; python -c 'import ray; "
+                     "ray.init(address=\"127.0.0.1:<gcs port>\"); ray.get(f.remote())'")
         if not facts["training"]:
             log = (ctx.work / "log.txt").read_text()[-400:]
             return "unclear_error", f"run did not reach training: {log}", repro
-        if joined:
-            return "port_open", f"a process without credentials joined the run's Ray at " \
-                                f"{addr} and ran a task ({facts})", repro
-        if public and sig == signal.SIGTERM and joined is None:
-            return "port_open", f"listening beyond loopback, join not tried: {public} " \
-                                f"({facts})", repro
+        if join:
+            if joined:
+                return "port_open", f"a process without credentials joined the run's Ray at " \
+                                    f"{addr} ({facts})", repro
+            if addr is None:
+                return "unclear_error", f"no GCS address found ({facts})", repro
+            note = f"{len(public)} ports listen beyond loopback; " if public else ""
+            return "handled", f"{note}a tokenless ray.init(address={addr}) was refused " \
+                              f"({facts})", repro
         if left:
             return "process_leaked", f"{len(left)} processes alive 8 s after {name} " \
                                      f"({facts})", repro
-        note = (f"; {len(public)} ports listen beyond loopback but a tokenless "
-                f"ray.init(address={addr}) was refused") if public and joined is False else ""
-        return "handled", f"stopped cleanly{note} ({facts})", repro
+        return "handled", f"stopped cleanly ({facts})", repro
     return runner
 
 
@@ -957,8 +963,10 @@ def planted_cli_runner(ctx: Ctx) -> tuple[str, str, str]:
 
 def ray_cases() -> list[Case]:
     return [
-        Case("ray-sigterm-and-port", "processes", "during a run: listeners, a tokenless "
-             "ray.init(address=...) joining, then SIGTERM to liquid-fed run",
+        Case("ray-port-join", "processes", "during a run: listeners beyond loopback, and a "
+             "process without the run's credentials calling ray.init(address=GCS)",
+             runner=sigterm_port_runner(signal.SIGTERM, join=True), ray=True),
+        Case("ray-sigterm", "processes", "SIGTERM to liquid-fed run mid-run",
              runner=sigterm_port_runner(signal.SIGTERM), ray=True),
         Case("ray-sigkill", "processes", "SIGKILL to liquid-fed run mid-run",
              runner=sigterm_port_runner(signal.SIGKILL), ray=True),
