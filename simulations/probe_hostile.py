@@ -173,7 +173,7 @@ def lfray_dirs() -> set[str]:
 
 
 def run_case(case: Case, tree: Path, root: Path) -> dict[str, Any]:
-    work = root / case.id
+    work = root / re.sub(r"[^\w.=+-]", "_", case.id).lstrip(".")
     work.mkdir(parents=True)
     ctx = Ctx(tree, work, work / "PAYLOAD_RAN", secrets.token_hex(8))
     if case.na is not None:
@@ -1027,8 +1027,8 @@ def main() -> int:
     ap.add_argument("--only", action="append")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
-    ap.add_argument("--merge", help="update cases of this JSON file (with --only) instead of "
-                                    "starting a new one")
+    ap.add_argument("--merge", help="keep the cases of this JSON file, run only the others "
+                                    "(or those --only names), write the union to --out")
     args = ap.parse_args()
     if args.compare:
         print(compare(*args.compare))
@@ -1046,18 +1046,26 @@ def main() -> int:
         prior = {r["id"]: r for r in json.loads(Path(args.merge).read_text())["cases"]}
     commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    if prior and not args.only:
+        cases = [c for c in cases if c.id not in prior]
+
+    def save() -> None:
+        if args.out:
+            merged = {**prior, **{r["id"]: r for r in results}}
+            order = [c.id for c in all_cases()]
+            rows = sorted(merged.values(), key=lambda r: order.index(r["id"])
+                          if r["id"] in order else len(order))
+            Path(args.out).write_text(json.dumps({"tree": str(tree), "commit": commit,
+                                                  "cases": rows}, indent=1) + "\n")
+
     for case in cases:
         r = run_case(case, tree, root)
         results.append(r)
         print(f"{r['class']:<15} {r['seconds']:6.1f}s {case.id}: {r['detail'][:110]}",
               flush=True)
+        save()  # after every case: a crash keeps what was measured
     shutil.rmtree(root, ignore_errors=True)
-    if prior:
-        prior.update({r["id"]: r for r in results})
-        results = list(prior.values())
-    if args.out:
-        Path(args.out).write_text(json.dumps({"tree": str(tree), "commit": commit,
-                                              "cases": results}, indent=1) + "\n")
+    save()
     return 0
 
 
