@@ -752,7 +752,7 @@ def _plot_pickle(ctx: Ctx) -> list[str]:
 RAY_SET = ["train.epochs=300", "views.n_views=2", "views.kind=blocks", "views.options={}",
            "data.name=digits_flat", "data.options={}", "experts.options={hidden: [16]}",
            "baselines.uniform=false", "baselines.independent=false", "train.eval_every=5",
-           "train.checkpoint_every=5", "simulation.timeout=60"]
+           "train.checkpoint_every=5", "simulation.timeout=300"]
 SHORT = [s if not s.startswith("train.epochs") else "train.epochs=20" for s in RAY_SET]
 
 
@@ -846,7 +846,7 @@ def sigterm_port_runner(sig: int, join: bool = False) -> Callable[[Ctx], tuple[s
             env["RAY_TMPDIR"] = str(ctx.work / "intruder")
             try:
                 j = subprocess.run([PY, "-c", JOIN, addr], env=env, capture_output=True,
-                                   text=True, timeout=60, start_new_session=True)
+                                   text=True, timeout=150, start_new_session=True)
                 joined = "CONNECTED" in j.stdout
                 facts["task_ran"] = "JOINED 42" in j.stdout
                 facts["join_err"] = (j.stderr.strip().splitlines() or [""])[-1][:200]
