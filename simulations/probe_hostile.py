@@ -818,7 +818,8 @@ def gcs_address(pids: list[int]) -> str | None:
 
 JOIN = """
 import ray, sys
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+kw = {"_node_ip_address": sys.argv[2]} if len(sys.argv) > 2 and sys.argv[2] else {}
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False, **kw)
 print("CONNECTED", flush=True)
 print("JOINED", ray.get(ray.remote(lambda: 41 + 1).remote()))
 ray.shutdown()
@@ -845,14 +846,23 @@ def sigterm_port_runner(sig: int, join: bool = False) -> Callable[[Ctx], tuple[s
             env.update(BASE_ENV)
             env["RAY_TMPDIR"] = str(ctx.work / "intruder")
             try:
-                j = subprocess.run([PY, "-c", JOIN, addr], env=env, capture_output=True,
+                node_ip = next((a.rsplit(":", 1)[0].strip("[]") for a in public
+                                if not a.startswith(("*", "0.0.0.0", "["))), "")
+                if not node_ip:
+                    node_ip = (subprocess.run(["hostname", "-I"], capture_output=True,
+                                              text=True).stdout.split() or [""])[0]
+                if node_ip:  # join as a driver on the run's node, by its node address
+                    addr = f"{node_ip}:{addr.rsplit(':', 1)[1]}"
+                j = subprocess.run([PY, "-c", JOIN, addr, node_ip], env=env,
+                                   capture_output=True,
                                    text=True, timeout=150, start_new_session=True)
                 joined = "CONNECTED" in j.stdout
                 facts["task_ran"] = "JOINED 42" in j.stdout
                 facts["join_err"] = (j.stderr.strip().splitlines() or [""])[-1][:200]
-            except subprocess.TimeoutExpired:
-                joined = False
-                facts["join_err"] = "timeout"
+            except subprocess.TimeoutExpired as exc:
+                got = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                joined = "CONNECTED" in got
+                facts["join_err"] = "timeout" + (" after connecting" if joined else "")
         facts["gcs"] = addr
         facts["joined"] = joined
         t_sig = time.time()
