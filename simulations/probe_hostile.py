@@ -817,11 +817,18 @@ def gcs_address(pids: list[int]) -> str | None:
 
 
 JOIN = """
-import ray, sys
+import sys
+from ray._raylet import GcsClient
+try:  # one gRPC call to the GCS without any credentials
+    nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=30)
+    print("CONNECTED gcs answered with", len(nodes), "node(s)", flush=True)
+except Exception as exc:
+    print("GCS refused:", type(exc).__name__, str(exc)[:300], file=sys.stderr, flush=True)
+    sys.exit(3)
+import ray
 kw = {"_node_ip_address": sys.argv[2]} if len(sys.argv) > 2 and sys.argv[2] else {}
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False, **kw)
-print("CONNECTED", flush=True)
-print("JOINED", ray.get(ray.remote(lambda: 41 + 1).remote()))
+print("JOINED", ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)
 ray.shutdown()
 """
 
@@ -858,7 +865,9 @@ def sigterm_port_runner(sig: int, join: bool = False) -> Callable[[Ctx], tuple[s
                                    text=True, timeout=150, start_new_session=True)
                 joined = "CONNECTED" in j.stdout
                 facts["task_ran"] = "JOINED 42" in j.stdout
-                facts["join_err"] = (j.stderr.strip().splitlines() or [""])[-1][:200]
+                facts["join_out"] = j.stdout.strip()[-200:]
+                errs = [ln for ln in j.stderr.splitlines() if "refused" in ln or "Error" in ln]
+                facts["join_err"] = (errs or j.stderr.strip().splitlines() or [""])[0][:300]
             except subprocess.TimeoutExpired as exc:
                 got = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
                 joined = "CONNECTED" in got
