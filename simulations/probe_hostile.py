@@ -316,6 +316,13 @@ def config_cases() -> list[Case]:
                       validate(config=write("bomb.yaml", bomb)), timeout=20,
                       names=("alias", "bomb.yaml")))
 
+    nested = ("data:\n  name: digits\n  options:\n    a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"    {c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")))
+    cases.append(Case("yaml-alias-bomb-nested", "yaml", f"alias bomb inside data.options "
+                      f"({len(nested)} bytes; 10^9 elements once expanded)",
+                      validate(config=write("bomb2.yaml", nested)), timeout=20,
+                      names=("alias", "bomb2.yaml")))
+
     def huge(ctx: Ctx) -> str:
         p = ctx.work / "huge.yaml"
         with p.open("w") as fh:
