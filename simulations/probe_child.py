@@ -347,8 +347,9 @@ def op_ckpt(a: dict) -> None:
         if TREE == "before":
             shutil.copy(old / "client_0.pt", ck / "client_0.pt")
         else:
+            # the generation a resume would pick: highest round, newest (two may share a round)
             gens = sorted((p for p in ck.iterdir() if p.is_dir() and p.name.startswith("gen")),
-                          key=lambda p: p.name)
+                          key=lambda p: (int(p.name.split("-")[1]), p.stat().st_mtime))
             src = next(p for p in (old.iterdir()) if p.is_dir() and p.name.startswith("gen"))
             shutil.copy(src / "client_0.npz", gens[-1] / "client_0.npz")
         summary = _resume(run_dir, extra)
