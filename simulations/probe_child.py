@@ -138,6 +138,8 @@ def corrupt(mutation: str, kind: str, reply: dict, info: dict, prev: dict | None
         elif mutation == "setup_missing_ids":
             r.pop("ids", None)
         return r, info
+    if mutation.startswith("setup_"):  # only the setup reply is bad
+        return r, info
     target = "evaluate" if mutation.startswith("eval_") else "train"
     if kind != target:
         return r, info
