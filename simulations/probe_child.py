@@ -279,10 +279,10 @@ def op_validate_fn(a: dict) -> None:
     emit({"ok": True})
 
 
-def _finished_run(run_dir: Path, extra: list[str], stop_after=None) -> None:
+def _finished_run(run_dir: Path, extra: list[str], stop_after=None, force: bool = True) -> None:
     cfg = build_cfg(None, TINY + ["train.checkpoint_every=1"] + extra)
     with lock(run_dir):
-        prepare(cfg, run_dir, False, True)
+        prepare(cfg, run_dir, False, force)
         run_local(cfg, run_dir, local_transport_cls()(cfg.n_clients), stop_after=stop_after)
 
 
@@ -400,7 +400,8 @@ def op_ckpt(a: dict) -> None:
             err1_caught = cli_caught(exc)
         filler.unlink()
         facts = {"first_error": err1, "first_caught": err1 is not None and err1_caught}
-        for label, fn in (("rerun", lambda: _finished_run(run_dir, extra)),):
+        # the same command again, without --force
+        for label, fn in (("rerun", lambda: _finished_run(run_dir, extra, force=False)),):
             try:
                 fn()
                 facts[label] = "ok"
