@@ -122,6 +122,12 @@ def state_finite(state: dict) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _with(a: np.ndarray, where, value) -> np.ndarray:
+    a = a.copy()
+    a[where] = value
+    return a
+
+
 def corrupt(mutation: str, kind: str, reply: dict, info: dict, prev: dict | None):
     r = dict(reply)
     if mutation == "none":
@@ -147,21 +153,21 @@ def corrupt(mutation: str, kind: str, reply: dict, info: dict, prev: dict | None
     pred = np.asarray(r["pred"])
     dele = np.asarray(r["del"])
     if m == "pred_nan":
-        pred = pred.copy(); pred[0, 0] = np.nan; r["pred"] = pred
+        r["pred"] = _with(pred, np.s_[0, 0], np.nan)
     elif m == "pred_all_nan":
         r["pred"] = np.full_like(pred, np.nan)
     elif m == "pred_inf":
-        pred = pred.copy(); pred[0, 0] = np.inf; r["pred"] = pred
+        r["pred"] = _with(pred, np.s_[0, 0], np.inf)
     elif m == "pred_neg_inf":
-        pred = pred.copy(); pred[:, 0] = -np.inf; r["pred"] = pred
+        r["pred"] = _with(pred, np.s_[:, 0], -np.inf)
     elif m == "pred_1e30":
-        pred = pred.copy(); pred[0, 0] = 1e30; r["pred"] = pred
+        r["pred"] = _with(pred, np.s_[0, 0], 1e30)
     elif m == "pred_1e30_all":
         r["pred"] = np.full_like(pred, 1e30)
     elif m == "del_nan":
-        dele = dele.copy(); dele[0, 0] = np.nan; r["del"] = dele
+        r["del"] = _with(dele, np.s_[0, 0], np.nan)
     elif m == "del_inf":
-        dele = dele.copy(); dele[0, 0] = np.inf; r["del"] = dele
+        r["del"] = _with(dele, np.s_[0, 0], np.inf)
     elif m == "pred_short":
         r["pred"] = pred[:-1]
     elif m == "pred_wide":
@@ -191,7 +197,9 @@ def corrupt(mutation: str, kind: str, reply: dict, info: dict, prev: dict | None
     elif m == "del_sum2":
         r["del"] = dele * 2
     elif m == "del_negative":
-        d = np.zeros_like(dele); d[:, 0] = -1.0; d[:, 1] = 2.0; r["del"] = d
+        d = np.zeros_like(dele)
+        d[:, 0], d[:, 1] = -1.0, 2.0
+        r["del"] = d
     elif m == "present_float":
         r["present"] = np.asarray(r["present"]).astype(np.float64)
     elif m == "present_short":

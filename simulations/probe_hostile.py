@@ -356,7 +356,8 @@ def config_cases() -> list[Case]:
                                       f"['touch {ctx.marker}']\n")(ctx)),
                       names=("tag.yaml",)))
     cases.append(Case("yaml-duplicate-key", "yaml", "a key given twice",
-                      validate(config=write("dup.yaml", "train: {epochs: 1}\ntrain: {epochs: 3}\n")),
+                      validate(config=write("dup.yaml",
+                                            "train: {epochs: 1}\ntrain: {epochs: 3}\n")),
                       names=("train", "dup.yaml")))
     cases.append(Case("yaml-empty", "yaml", "an empty config (all defaults)",
                       validate(config=write("empty.yaml", "")), expect="accept"))
@@ -475,8 +476,8 @@ def data_cases() -> list[Case]:
                  check=loaded_clean, load=True),
         csv_case("csv-long-field", "a 200 000-character field",
                  text(csv_text().replace("\n1,", "\n1" + "9" * 200_000 + ",", 1))),
-        csv_case("csv-nan-feature", "a NaN feature", text(csv_text().replace("\n3,", "\n3,nan"
-                                                                             "0", 1))),
+        csv_case("csv-nan-feature", "a feature field 'nan00.66' (text, not a number)",
+                 text(csv_text().replace("\n3,", "\n3,nan0", 1))),
         csv_case("csv-inf-feature", "a feature 1e400 (inf)",
                  text(csv_text().replace("\n3,", "\n3,1e400,", 1).replace("1e400,-", "1e400,",
                                                                             1))),
@@ -703,7 +704,8 @@ def disk_full_runner(ctx: Ctx) -> tuple[str, str, str]:
     if not facts.get("first_caught"):
         return "traceback", detail, repro
     if not usable:
-        return "unclear_error", "folder left unusable (neither rerun nor --resume): " + detail, repro
+        return ("unclear_error", "folder left unusable (neither rerun nor --resume): " + detail,
+                repro)
     return "clear_error", detail, repro
 
 
