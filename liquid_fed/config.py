@@ -389,8 +389,36 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key written twice in one mapping (PyYAML keeps the
+    last silently, so a typo'd copy of a section would win without a word). Keys brought in by
+    a ``<<`` merge may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML reports it itself
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"key {key!r} appears twice in one mapping (lines "
+                                    f"{first.line + 1} and {key_node.start_mark.line + 1}); "
+                                    "write it once")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
 def safe_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` that refuses oversized text and alias expansion beyond a budget.
+    """``yaml.safe_load`` that refuses oversized text, duplicate keys and alias expansion
+    beyond a budget.
 
     Raises:
         ConfigError: invalid YAML, too large, or aliases expanding beyond
@@ -400,7 +428,9 @@ def safe_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where} is {len(text)} bytes; a config holds at most "
                           f"{MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
     except RecursionError as exc:

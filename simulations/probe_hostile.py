@@ -1,11 +1,12 @@
 """Hostile probe of a liquid-fed tree (issue 7's closing table): bad configs, data files,
 checkpoints, client replies, signals and Ray, each case in its own subprocess.
 
-    python simulations/probe_hostile.py --tree /work/wt-before --out probe-before.json
-    python simulations/probe_hostile.py --tree /work/wt-probe --out probe-after.json
+    git worktree add --detach ../before 1a6eed7      # the tree before issue 7
+    python simulations/probe_hostile.py --tree ../before --out probe-before.json
+    python simulations/probe_hostile.py --tree . --out probe-after.json
     python simulations/probe_hostile.py --compare probe-before.json probe-after.json
 
-Every case runs with cwd=TREE and PYTHONPATH=TREE under /work/main/.venv/bin/python, with a
+Every case runs with cwd=TREE and PYTHONPATH=TREE under this interpreter (``sys.executable``), with a
 timeout, and is classified as exactly one of :data:`CLASSES` (or ``n/a`` with a reason where
 the tree cannot express it). ``--only SUBSTR`` runs the cases whose id contains SUBSTR;
 ``--no-ray`` skips the cases that start Ray (each costs 20-60 s).
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PY = "/work/main/.venv/bin/python"
+PY = sys.executable
 CHILD = str(Path(__file__).with_name("probe_child.py"))
 CLASSES = ["handled", "clear_error", "unclear_error", "traceback", "hang", "silent_wrong",
            "code_ran", "data_lost", "process_leaked", "port_open"]
@@ -309,15 +310,16 @@ def config_cases() -> list[Case]:
             return str(p)
         return path
 
+    _CHAIN = list(zip("abcdefgh", "bcdefghi", strict=True))  # noqa: N806
     bomb = ("a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
-        f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+        f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in _CHAIN)
         + "train: {epochs: 1}\n")
     cases.append(Case("yaml-alias-bomb", "yaml", f"alias bomb ({len(bomb)} bytes)",
                       validate(config=write("bomb.yaml", bomb)), timeout=20,
                       names=("alias", "bomb.yaml")))
 
     nested = ("data:\n  name: digits\n  options:\n    a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
-        f"    {c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")))
+        f"    {c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in _CHAIN))
     cases.append(Case("yaml-alias-bomb-nested", "yaml", f"alias bomb inside data.options "
                       f"({len(nested)} bytes; 10^9 elements once expanded)",
                       validate(config=write("bomb2.yaml", nested)), timeout=20,
@@ -342,7 +344,7 @@ def config_cases() -> list[Case]:
                       validate(config=write("latin.yaml", b"name: caf\xe9\n")),
                       names=("latin.yaml",)))
     cases.append(Case("yaml-directory", "yaml", "a directory as config",
-                      validate(config=lambda ctx: str(ctx.work)), names=("config", str("/"))))
+                      validate(config=lambda ctx: str(ctx.work)), names=("config", "/")))
     cases.append(Case("yaml-missing", "yaml", "missing config file",
                       validate(config="/nonexistent/probe.yaml"), names=("probe.yaml",)))
     cases.append(Case("yaml-top-list", "yaml", "top level is a list",
@@ -736,7 +738,7 @@ def ckpt_cases() -> list[Case]:
         Case("run-out-is-file", "checkpoint", "--out names a regular file",
              lambda ctx: (ctx.work.joinpath("f").write_text("x"), [
                  "-m", "simulations.cli", "run", QUICK, "--out", str(ctx.work / "f"),
-                 "--set", "train.epochs=1"])[1], names=(str("/f"), "run folder"),
+                 "--set", "train.epochs=1"])[1], names=("/f", "run folder"),
              timeout=120),
     ]
 

@@ -146,6 +146,25 @@ def test_run_names_stay_inside_out(name: str) -> None:
         build_config({"name": name})
 
 
+def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path: Path) -> None:
+    # PyYAML keeps the last of two equal keys without a word: the first section would vanish.
+    path = tmp_path / "twice.yaml"
+    path.write_text("train: {epochs: 1}\nseed: 2\ntrain: {epochs: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"config file {str(path)!r}: key 'train' appears twice in one "
+                              "mapping (lines 1 and 3); write it once")
+    with pytest.raises(ConfigError, match="key 'epochs' appears twice"):
+        build_config({}, ["train={epochs: 1, epochs: 2}"])
+    # a << merge may be overridden, as YAML intends
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("x: &opt {epochs: 1, batch_size: 32}\n"
+                      "train: {<<: *opt, epochs: 2}\n".replace("x:", "name: m\n_x:"))
+    from liquid_fed.config import safe_yaml
+
+    assert safe_yaml(merged.read_text(), "m")["train"] == {"epochs": 2, "batch_size": 32}
+
+
 def test_yaml_alias_bombs_are_refused_quickly(tmp_path: Path) -> None:
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for i in range(1, 9):  # 9**9 ~ 3.9e8 leaves once expanded, in a ~600-byte file

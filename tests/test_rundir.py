@@ -156,6 +156,17 @@ _HOLD = textwrap.dedent("""
 """)
 
 
+def test_a_run_folder_that_is_a_file_is_refused_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "f"
+    blocker.write_text("mine")
+    for folder in (blocker, blocker / "sub"):
+        with pytest.raises(RunFolderError) as err:
+            RunLock(folder).acquire()
+        assert str(err.value) == (f"run folder {folder} cannot be a folder: {blocker} is a "
+                                  "file; choose another --out")
+    assert blocker.read_text() == "mine"
+
+
 def test_lock_refuses_a_second_writer_and_outlives_no_one(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
