@@ -1,15 +1,25 @@
 """Rehearse a real deployment on one machine: a SuperLink, N SuperNodes and ``flwr run``.
 
-    python -m simulations.deploy_local [--config configs/quickstart.yaml] [--set key=value ...]
-        [--clients N] [--out DIR] [--timeout SECONDS] [--keep-logs]
+    liquid-fed deploy-local [CONFIG] [--set key=value ...] [--clients N] [--out DIR]
+        [--timeout SECONDS] [--keep-logs DIR] [--keys DIR | --insecure] [--shards DIR | --no-shards]
+    python -m simulations.deploy_local ...   (the same options)
 
-Starts ``flower-superlink`` (insecure, 127.0.0.1, a free port) and one ``flower-supernode``
-per client (``--node-config 'partition-id=K num-partitions=N'``, each on its own port), writes
-the connection into a temporary ``FLWR_HOME/config.toml``, submits the app with
-``flwr run . local-deploy --stream --run-config ...`` and waits for the run to finish. Every
-process it started (SuperLink, SuperNodes and what they spawn: SuperExec, ServerApp, ClientApp
-processes) carries an environment tag; whatever happens (success, failure, timeout, Ctrl-C)
-they are all stopped with SIGTERM, then SIGKILL, before the command returns.
+Starts ``flower-superlink`` (127.0.0.1, a free port) and one ``flower-supernode`` per client
+(``--node-config 'partition-id=K num-partitions=N data-dir="<shards>/party-K"'``, each on its
+own port), writes the connection into a temporary ``FLWR_HOME/config.toml``, submits the app
+with ``flwr run . local-deploy --stream --run-config ...`` and waits for the run to finish.
+
+Secure by default: every API runs over TLS (a CA and a server certificate from
+:mod:`simulations.keys`, new in the work folder unless ``--keys DIR``), the SuperLink runs
+with ``--enable-supernode-auth`` and admits only the SuperNodes whose public keys were
+registered with ``flwr supernode register``; ``--insecure`` is an explicit opt-in. Private by
+default: the config is split (``liquid-fed split``) into the work folder; node K reads only
+``party-K`` and the ServerApp only ``server`` (``--shards DIR`` uses an existing split,
+``--no-shards`` lets every node load the whole data set).
+
+Every process it started (SuperLink, SuperNodes and what they spawn: SuperExec, ServerApp,
+ClientApp processes) carries an environment tag; whatever happens (success, failure, timeout,
+Ctrl-C) they are all stopped with SIGTERM, then SIGKILL, before the command returns.
 
 The run folder is ``<DIR>/<name>`` (``--out`` is passed to the ServerApp as an absolute
 ``out``; without it, ``<out>/<name>`` of the config relative to the current directory).
@@ -40,7 +50,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from liquid_fed.config import ConfigError, RunConfig, load_config
+from liquid_fed.errors import LiquidFedError
 from simulations import procs
+from simulations.keys import KeySet, PartyKeys, ServerKeys, make_keys, write_node_key
 
 log = logging.getLogger("liquid_fed.deploy")
 
@@ -83,6 +95,9 @@ class DeployResult:
     ports: list[int]
     tag: str
     summary: dict[str, Any] = field(default_factory=dict)
+    secure: bool = False  # TLS and SuperNode authentication
+    shards: Path | None = None  # the private shards the nodes and the ServerApp read
+    rogue_exits: list[tuple[int | None, str]] = field(default_factory=list)
 
     @property
     def round_trip_seconds(self) -> float:
@@ -171,17 +186,73 @@ class _Child:
         self._reader.join(timeout)
 
 
+# --------------------------------------------------------------------------------------------
+# TLS and SuperNode authentication (the flags every process of a deployment gets)
+# --------------------------------------------------------------------------------------------
+
+
+def superlink_security_args(keys: ServerKeys | None) -> list[str]:
+    """``flower-superlink`` flags: TLS on every API and SuperNode authentication, or
+    ``--insecure`` when ``keys`` is None."""
+    if keys is None:
+        return ["--insecure"]
+    return ["--ssl-ca-certfile", str(keys.ca), "--ssl-certfile", str(keys.cert),
+            "--ssl-keyfile", str(keys.key), "--enable-supernode-auth"]
+
+
+def supernode_security_args(keys: PartyKeys | None, private_key: Path | None = None
+                            ) -> list[str]:
+    """``flower-supernode`` flags: the CA that signed the SuperLink's certificate and the
+    node's auth key (``private_key`` replaces the party's own), or ``--insecure``."""
+    if keys is None:
+        return ["--insecure"]
+    return ["--root-certificates", str(keys.ca),
+            "--auth-supernode-private-key", str(private_key or keys.private_key)]
+
+
+def connection_toml(name: str, address: str, ca: Path | None) -> str:
+    """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one connection, TLS unless ``ca`` is
+    None."""
+    security = f"root-certificates = {json.dumps(str(ca))}\n" if ca else "insecure = true\n"
+    return (f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+            f'address = "{address}"\n{security}')
+
+
+def node_config(k: int, n: int, data_dir: Path | None = None) -> str:
+    """A SuperNode's ``--node-config``: its partition and, with shards, its private folder."""
+    text = f"partition-id={k} num-partitions={n}"
+    if data_dir is not None:
+        path = str(Path(data_dir).resolve())
+        if any(c in path for c in "\"'\n"):
+            raise ConfigError(f"data-dir: got {path!r}; Flower's node config cannot carry "
+                              "quotes or newlines in a path")
+        text += f' data-dir="{path}"'
+    return text
+
+
 class LocalDeployment:
     """A SuperLink and ``n_nodes`` SuperNodes on 127.0.0.1, stopped by :meth:`stop`.
 
     Use as a context manager: every process started (and every process they spawn) carries
     ``LIQUID_FED_DEPLOY_TAG=<tag>`` and is gone after ``__exit__``.
+
+    With ``keys`` every API runs over TLS, the SuperLink admits only SuperNodes whose public
+    key it registered (party k signs with ``keys.party(k)``); ``keys=None`` is insecure.
+    ``shards``: party k's node config names ``<shards>/party-k`` as its ``data-dir``.
+    ``rogue``: that many extra SuperNodes with fresh keys the SuperLink never registered,
+    started after the others connected (each must be refused: see :attr:`rogue_exits`).
     """
 
-    def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None) -> None:
+    def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None,
+                 keys: KeySet | None = None, shards: Path | None = None,
+                 rogue: int = 0) -> None:
         self.n_nodes = n_nodes
         self.work_dir = Path(work_dir)
         self.echo = echo
+        self.keys = keys
+        self.shards = shards
+        self.rogue = rogue
+        self.rogue_exits: list[tuple[int | None, str]] = []  # (exit status, log tail) each
         self.tag = f"lf-deploy-{uuid.uuid4().hex}"
         self.children: list[_Child] = []
         self.ports: list[int] = []
@@ -217,7 +288,9 @@ class LocalDeployment:
         self.superlink_port = free_port()
         self.ports.append(self.superlink_port)
         link = self._spawn("superlink", [
-            _executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+            _executable("flower-superlink"),
+            *superlink_security_args(self.keys.server if self.keys else None),
+            "--host", "127.0.0.1",
             "--port", str(self.superlink_port), "--disable-runtime-dependency-installation",
         ], self.work_dir / "superlink-home")
         deadline = time.time() + wait
@@ -229,13 +302,17 @@ class LocalDeployment:
             time.sleep(0.1)
         self.superlink_ready_seconds = time.time() - t0
         self.write_connection()
+        if self.keys is not None:
+            for pub in self.keys.server.node_public_keys()[:self.n_nodes]:
+                self.register(pub)
         for k in range(self.n_nodes):
             port = free_port()
             self.ports.append(port)
             self.nodes.append(self._spawn(f"supernode-{k}", [
-                _executable("flower-supernode"), "--insecure",
+                _executable("flower-supernode"),
+                *supernode_security_args(self.keys.party(k) if self.keys else None),
                 "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
-                "--node-config", f"partition-id={k} num-partitions={self.n_nodes}",
+                "--node-config", self.node_config(k),
             ], self.work_dir / f"supernode-{k}-home"))
         connected: dict[int, float] = {}
         while len(connected) < self.n_nodes:
@@ -252,14 +329,58 @@ class LocalDeployment:
             time.sleep(0.1)
         self.node_connect_seconds = [connected[k] for k in range(self.n_nodes)]
         self._check_alive(link)
+        if self.rogue:
+            self.start_rogues(deadline)
+
+    def node_config(self, k: int) -> str:
+        shard = self.shards / f"party-{k}" if self.shards is not None else None
+        return node_config(k, self.n_nodes, shard)
+
+    def register(self, public_key: Path) -> None:
+        """Let the SuperNode holding ``public_key``'s private half in (Control API)."""
+        reg = self.flwr("supernode", "register", str(public_key), CONNECTION,
+                        name=f"flwr-register-{public_key.stem}")
+        rc = reg.proc.wait(timeout=120)
+        reg.wait_closed(5)
+        if rc != 0:
+            raise DeploymentError(f"`flwr supernode register {public_key}` failed (exit "
+                                  f"{rc}):\n{reg.tail()}")
+
+    def start_rogues(self, deadline: float) -> None:
+        """SuperNodes with keys nobody registered; wait until the SuperLink turned each away.
+
+        A rogue claims a partition-id beyond the parties': were it let in, the ServerApp
+        would refuse to start the run.
+        """
+        if self.keys is None:
+            raise DeploymentError("rogue nodes need a secure deployment (keys)")
+        rogues = []
+        for i in range(self.rogue):
+            key, _ = write_node_key(self.work_dir / "rogue-keys", f"rogue-{i}")
+            port = free_port()
+            self.ports.append(port)
+            rogues.append(self._spawn(f"rogue-{i}", [
+                _executable("flower-supernode"),
+                *supernode_security_args(self.keys.party(0), private_key=key),
+                "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
+                "--node-config", f"partition-id={self.n_nodes + i} "
+                                 f"num-partitions={self.n_nodes}",
+            ], self.work_dir / f"rogue-{i}-home"))
+        for child in rogues:
+            while child.proc.poll() is None and time.time() < deadline:
+                if child.find(_NODE_ID):
+                    raise DeploymentError(f"{child.name}, whose key was never registered, "
+                                          f"was let in:\n{child.tail()}")
+                time.sleep(0.1)
+            child.wait_closed(2)
+            self.rogue_exits.append((child.proc.poll(), child.tail()))
 
     def write_connection(self) -> Path:
-        """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one insecure connection."""
+        """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one connection (TLS with keys)."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         path = self.flwr_home / "config.toml"
-        path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-                        f"[superlink.{CONNECTION}]\n"
-                        f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n')
+        path.write_text(connection_toml(CONNECTION, f"127.0.0.1:{self.superlink_port}",
+                                        self.keys.server.ca if self.keys else None))
         return path
 
     def flwr(self, *args: str, name: str = "flwr", echo: bool = False) -> _Child:
@@ -380,8 +501,14 @@ def _run_status(dep: LocalDeployment, run_id: str | None, wait: float = 20.0) ->
 
 def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | None = None,
            out: str | Path | None = None, timeout: float = 900.0,
-           work_dir: str | Path | None = None, echo: IO[str] | None = None) -> DeployResult:
+           work_dir: str | Path | None = None, echo: IO[str] | None = None,
+           keys: str | Path | None = None, insecure: bool = False,
+           shards: str | Path | bool = True, rogue: int = 0) -> DeployResult:
     """Run the federation on a real SuperLink and SuperNodes on this machine.
+
+    By default every API runs over TLS, the SuperLink admits only the SuperNodes whose keys it
+    registered, and each node reads only its private shard (written by ``liquid-fed split``
+    into the work folder) while the ServerApp reads only the server's label folder.
 
     Args:
         config: YAML config (inside the app, or any path on this machine).
@@ -392,6 +519,12 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
         work_dir: where logs and the Flower homes go (default: a new temporary folder,
             removed afterwards).
         echo: a stream that receives the run's logs as ``flwr run --stream`` prints them.
+        keys: a folder written by ``liquid-fed keys`` (default: new keys in the work folder).
+        insecure: no TLS, no SuperNode authentication (explicit opt-in; ``keys`` must be None).
+        shards: a folder written by ``liquid-fed split`` for this config, True to split into
+            the work folder, False to let every node load the whole data set (a rehearsal
+            that is not private).
+        rogue: extra SuperNodes with unregistered keys, each of which must be refused.
 
     Returns:
         A :class:`DeployResult` (run folder, timings, the run's summary).
@@ -402,18 +535,46 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
             the message carries the ServerApp's error. Every process is stopped either way.
     """
     cfg, overrides, n_nodes = resolve(config, list(overrides), out, clients)
+    if insecure and (keys is not None or rogue):
+        raise ConfigError("--insecure: cannot be combined with --keys or rogue nodes")
+    key_set = None if insecure or keys is None else KeySet(Path(keys), n_nodes)
+    if key_set is not None:
+        key_set.server.check()
+        for k in range(n_nodes):
+            key_set.party(k).check()
+    shard_dir = None if shards is True or shards is False else Path(shards)
+    if shard_dir is not None:
+        from liquid_fed.shards import load_party_shard, load_server_shard
+
+        load_server_shard(shard_dir / "server", cfg)  # refused here, before anything starts
+        for k in range(cfg.n_clients):
+            load_party_shard(shard_dir / f"party-{k}", k, cfg)
     run_dir = Path(cfg.out) / cfg.name
     own_dir = work_dir is None
     base = Path(tempfile.mkdtemp(prefix="lf-deploy-")) if own_dir else Path(work_dir)
     base.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    dep = LocalDeployment(n_nodes, base, echo)
+    try:
+        if key_set is None and not insecure:
+            key_set = make_keys(base / "keys", n_nodes)
+        if shards is True:
+            from liquid_fed.shards import write_shards
+
+            shard_dir = base / "shards"
+            write_shards(cfg, shard_dir)
+    except BaseException:
+        if own_dir:
+            shutil.rmtree(base, ignore_errors=True)
+        raise
+    dep = LocalDeployment(n_nodes, base, echo, keys=key_set, shards=shard_dir, rogue=rogue)
     try:
         with dep:
             dep.start()
             run_config = base / "run-config.toml"
-            _write_toml(run_config, {"config": _config_for_app(config),
-                                     "set": shlex.join(overrides)})
+            settings = {"config": _config_for_app(config), "set": shlex.join(overrides)}
+            if shard_dir is not None:
+                settings["data-dir"] = str((shard_dir / "server").resolve())
+            _write_toml(run_config, settings)
             t_run = time.time()
             runner = dep.flwr("run", str(APP_DIR), CONNECTION, "--stream",
                               "--run-config", str(run_config), name="flwr-run", echo=True)
@@ -443,7 +604,9 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
                 node_connect_seconds=dep.node_connect_seconds, run_seconds=run_seconds,
                 total_seconds=time.time() - t0, exchange_seconds=dep.exchange_seconds(),
                 ports=list(dep.ports), tag=dep.tag,
-                summary=json.loads(summary_file.read_text()))
+                summary=json.loads(summary_file.read_text()),
+                secure=key_set is not None, shards=shard_dir,
+                rogue_exits=list(dep.rogue_exits))
     except DeploymentError as exc:
         exc.tag, exc.ports = dep.tag, tuple(dep.ports)
         raise
@@ -463,10 +626,10 @@ def _write_toml(path: Path, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m simulations.deploy_local",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``liquid-fed deploy-local`` (and ``python -m simulations.deploy_local``)."""
+    parser.add_argument("config_arg", nargs="?", metavar="CONFIG",
+                        help="YAML config (same as --config)")
     parser.add_argument("--config", default=str(APP_DIR / "configs" / "quickstart.yaml"),
                         help="YAML config (default: configs/quickstart.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -479,6 +642,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="keep the processes' logs and Flower homes in DIR")
     parser.add_argument("--quiet", action="store_true", help="don't stream the run's logs")
+    parser.add_argument("--keys", metavar="DIR", help="keys written by `liquid-fed keys` "
+                        "(default: new keys in the work folder)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no SuperNode authentication (explicit opt-in)")
+    shard = parser.add_mutually_exclusive_group()
+    shard.add_argument("--shards", metavar="DIR", help="shards written by `liquid-fed split` "
+                       "for this config (default: split into the work folder)")
+    shard.add_argument("--no-shards", action="store_true",
+                       help="every node loads the whole data set (a rehearsal, not private)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simulations.deploy_local",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -491,7 +670,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    return run_args(args)
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Deploy as the parsed command line says; the exit status."""
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the deployment like Ctrl-C
+    if args.config_arg:
+        args.config = args.config_arg
+    shards: str | bool = args.shards or not args.no_shards
     try:
         cfg, _, _ = resolve(args.config, args.set, args.out, args.clients)
         run_dir = Path(cfg.out) / cfg.name
@@ -499,8 +686,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"run folder {run_dir} already holds results; choose another "
                               "--out or --set name=...")
         result = deploy(args.config, args.set, args.clients, args.out, args.timeout,
-                        args.keep_logs, None if args.quiet else sys.stderr)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
+                        args.keep_logs, None if args.quiet else sys.stderr, keys=args.keys,
+                        insecure=args.insecure, shards=shards)
+    except (LiquidFedError, ValueError, FileNotFoundError) as exc:  # ConfigError: ValueError
         print(f"deploy_local: error: {exc}", file=sys.stderr)
         return 2
     except DeploymentError as exc:
@@ -520,9 +708,12 @@ def format_result(result: DeployResult) -> str:
     metric = summary.get("metric", "accuracy")
     score = summary.get("test", {}).get(metric, float("nan"))
     connect = ", ".join(f"{s:.1f}" for s in result.node_connect_seconds)
+    security = "TLS + SuperNode authentication" if result.secure else "INSECURE (no TLS/auth)"
+    data = f"private shards in {result.shards}" if result.shards else "the whole data set"
     return "\n".join([
         f"run {result.run_id} {result.status}: {summary.get('rounds', 0)} rounds, "
         f"test {metric} {score:.4f}",
+        f"  {security}; nodes read {data}",
         f"  SuperLink ready {result.superlink_ready_seconds:.1f} s; nodes connected after "
         f"[{connect}] s",
         f"  flwr run until finished {result.run_seconds:.1f} s; round trip per exchange "
