@@ -245,8 +245,11 @@ class LocalDeployment:
 
     def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None,
                  keys: KeySet | None = None, shards: Path | None = None,
-                 rogue: int = 0) -> None:
+                 rogue: int = 0, host: str = "127.0.0.1", port: int | None = None,
+                 server_keys: ServerKeys | None = None) -> None:
         self.n_nodes = n_nodes
+        self.host, self.port = host, port
+        self.server_keys = server_keys or (keys.server if keys is not None else None)
         self.work_dir = Path(work_dir)
         self.echo = echo
         self.keys = keys
@@ -285,16 +288,15 @@ class LocalDeployment:
     def start(self, wait: float = 60.0) -> None:
         """Start the SuperLink, then the SuperNodes; return once every node is connected."""
         t0 = time.time()
-        self.superlink_port = free_port()
+        self.superlink_port = self.port or free_port()
         self.ports.append(self.superlink_port)
         link = self._spawn("superlink", [
-            _executable("flower-superlink"),
-            *superlink_security_args(self.keys.server if self.keys else None),
-            "--host", "127.0.0.1",
+            _executable("flower-superlink"), *superlink_security_args(self.server_keys),
+            "--host", self.host,
             "--port", str(self.superlink_port), "--disable-runtime-dependency-installation",
         ], self.work_dir / "superlink-home")
         deadline = time.time() + wait
-        while not _accepts(self.superlink_port):
+        while not _accepts(self.superlink_port, self.local_host):
             self._check_alive(link)
             if time.time() > deadline:
                 raise DeploymentError(f"the SuperLink did not open port {self.superlink_port} "
@@ -302,9 +304,8 @@ class LocalDeployment:
             time.sleep(0.1)
         self.superlink_ready_seconds = time.time() - t0
         self.write_connection()
-        if self.keys is not None:
-            for pub in self.keys.server.node_public_keys()[:self.n_nodes]:
-                self.register(pub)
+        if self.server_keys is not None:
+            self.register(self.server_keys.node_public_keys()[:self.n_nodes])
         for k in range(self.n_nodes):
             port = free_port()
             self.ports.append(port)
@@ -336,15 +337,17 @@ class LocalDeployment:
         shard = self.shards / f"party-{k}" if self.shards is not None else None
         return node_config(k, self.n_nodes, shard)
 
-    def register(self, public_key: Path) -> None:
-        """Let the SuperNode holding ``public_key``'s private half in (Control API)."""
-        reg = self.flwr("supernode", "register", str(public_key), CONNECTION,
-                        name=f"flwr-register-{public_key.stem}")
-        rc = reg.proc.wait(timeout=120)
-        reg.wait_closed(5)
-        if rc != 0:
-            raise DeploymentError(f"`flwr supernode register {public_key}` failed (exit "
-                                  f"{rc}):\n{reg.tail()}")
+    def register(self, public_keys: list[Path]) -> None:
+        """Let the SuperNodes holding these keys' private halves in (Control API; one ``flwr``
+        CLI process per key, all at once: each spends seconds importing Flower)."""
+        regs = [(pub, self.flwr("supernode", "register", str(pub), CONNECTION,
+                                name=f"flwr-register-{pub.stem}")) for pub in public_keys]
+        for pub, reg in regs:
+            rc = reg.proc.wait(timeout=120)
+            reg.wait_closed(5)
+            if rc != 0:
+                raise DeploymentError(f"`flwr supernode register {pub}` failed (exit "
+                                      f"{rc}):\n{reg.tail()}")
 
     def start_rogues(self, deadline: float) -> None:
         """SuperNodes with keys nobody registered; wait until the SuperLink turned each away.
@@ -379,9 +382,19 @@ class LocalDeployment:
         """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one connection (TLS with keys)."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         path = self.flwr_home / "config.toml"
-        path.write_text(connection_toml(CONNECTION, f"127.0.0.1:{self.superlink_port}",
-                                        self.keys.server.ca if self.keys else None))
+        host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        path.write_text(connection_toml(CONNECTION, f"{host}:{self.superlink_port}",
+                                        self.server_keys.ca if self.server_keys else None))
         return path
+
+    @property
+    def local_host(self) -> str:
+        """How processes on this machine reach the SuperLink (a wildcard bind: loopback)."""
+        if self.host in ("0.0.0.0", ""):
+            return "127.0.0.1"
+        if self.host == "::":
+            return "::1"
+        return self.host
 
     def flwr(self, *args: str, name: str = "flwr", echo: bool = False) -> _Child:
         """Start the ``flwr`` CLI against this deployment's connection."""
@@ -426,10 +439,11 @@ class LocalDeployment:
             log.warning("processes still alive after cleanup: %s", sorted(left))
 
 
-def _accepts(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,6 +511,50 @@ def _run_status(dep: LocalDeployment, run_id: str | None, wait: float = 20.0) ->
         elif time.time() > deadline:
             return row
         time.sleep(1.0)
+
+
+def submit_run(dep: LocalDeployment, config: str | Path | None, overrides: list[str],
+               run_dir: Path, timeout: float, server_data: Path | None = None
+               ) -> tuple[str, str, dict[str, Any]]:
+    """``flwr run`` the app on ``dep``'s SuperLink and wait until the run has finished.
+
+    Args:
+        server_data: the server's label folder (the ServerApp's run config ``data-dir``).
+
+    Returns:
+        The run id, its final status and its ``summary.json``.
+
+    Raises:
+        DeploymentError: the run failed, ended otherwise than completed, or took longer than
+            ``timeout`` seconds.
+    """
+    run_config = dep.work_dir / "run-config.toml"
+    settings = {"config": _config_for_app(config), "set": shlex.join(overrides)}
+    if server_data is not None:
+        settings["data-dir"] = str(Path(server_data).resolve())
+    _write_toml(run_config, settings)
+    runner = dep.flwr("run", str(APP_DIR), CONNECTION, "--stream",
+                      "--run-config", str(run_config), name="flwr-run", echo=True)
+    try:
+        rc = runner.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeploymentError(
+            f"the run did not finish within {timeout:.0f} s (--timeout); stopped it. "
+            f"Logs: {dep.work_dir}") from None
+    runner.wait_closed(5)
+    started = runner.find(re.compile(r"Successfully started run (\d+)"))
+    if rc != 0 or not started:
+        raise DeploymentError(f"`flwr run` failed (exit {rc}):\n{runner.tail(25)}")
+    run_id = started[0][1].group(1)
+    row = _run_status(dep, run_id)
+    status = str(row.get("status", "unknown"))
+    if status != "finished:completed":
+        raise DeploymentError(
+            f"run {run_id} ended as {status}: {row.get('status-details', '')}")
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        raise DeploymentError(f"run {run_id} completed but wrote no {summary_file}")
+    return run_id, status, json.loads(summary_file.read_text())
 
 
 def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | None = None,
@@ -570,41 +628,18 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
     try:
         with dep:
             dep.start()
-            run_config = base / "run-config.toml"
-            settings = {"config": _config_for_app(config), "set": shlex.join(overrides)}
-            if shard_dir is not None:
-                settings["data-dir"] = str((shard_dir / "server").resolve())
-            _write_toml(run_config, settings)
             t_run = time.time()
-            runner = dep.flwr("run", str(APP_DIR), CONNECTION, "--stream",
-                              "--run-config", str(run_config), name="flwr-run", echo=True)
-            try:
-                rc = runner.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise DeploymentError(
-                    f"the run did not finish within {timeout:.0f} s (--timeout); stopped it. "
-                    f"Logs: {base}") from None
-            runner.wait_closed(5)
-            started = runner.find(re.compile(r"Successfully started run (\d+)"))
-            if rc != 0 or not started:
-                raise DeploymentError(f"`flwr run` failed (exit {rc}):\n{runner.tail(25)}")
-            run_id = started[0][1].group(1)
-            row = _run_status(dep, run_id)
+            run_id, status, summary = submit_run(
+                dep, config, overrides, run_dir, timeout,
+                shard_dir / "server" if shard_dir is not None else None)
             run_seconds = time.time() - t_run
-            status = str(row.get("status", "unknown"))
-            if status != "finished:completed":
-                raise DeploymentError(
-                    f"run {run_id} ended as {status}: {row.get('status-details', '')}")
-            summary_file = run_dir / "summary.json"
-            if not summary_file.exists():
-                raise DeploymentError(f"run {run_id} completed but wrote no {summary_file}")
             return DeployResult(
                 run_dir=run_dir, run_id=run_id, status=status,
                 superlink_ready_seconds=dep.superlink_ready_seconds,
                 node_connect_seconds=dep.node_connect_seconds, run_seconds=run_seconds,
                 total_seconds=time.time() - t0, exchange_seconds=dep.exchange_seconds(),
                 ports=list(dep.ports), tag=dep.tag,
-                summary=json.loads(summary_file.read_text()),
+                summary=summary,
                 secure=key_set is not None, shards=shard_dir,
                 rogue_exits=list(dep.rogue_exits))
     except DeploymentError as exc:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -284,7 +285,10 @@ def verify_server_cert(cert_path: str | Path, ca_path: str | Path, host: str) ->
     """
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
-    cert.verify_directly_issued_by(ca)  # raises on a wrong issuer or signature
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (InvalidSignature, TypeError, ValueError) as exc:
+        raise ValueError(f"{cert_path} was not signed by the CA in {ca_path}") from exc
     now = datetime.datetime.now(datetime.timezone.utc)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise ValueError(f"{cert_path} is not valid now ({cert.not_valid_before_utc} .. "
