@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,14 @@ from liquid_fed.rundir import load_checkpoint
 from liquid_fed.runs import run_federated
 from liquid_fed.shards import load_server_shard, write_shards
 from simulations import procs
-from simulations.deploy_local import TAG_ENV, DeploymentError, deploy, port_is_free, resolve
+from simulations.deploy_local import (
+    TAG_ENV,
+    DeploymentError,
+    deploy,
+    free_port,
+    port_is_free,
+    resolve,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -248,3 +256,53 @@ def test_party_host_refuses_another_partys_shard(tmp_path: Path, capsys) -> None
                  "--work-dir", str(tmp_path / "work")]) == 2
     assert "holds party 0's shard, not party 1's" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+@slow
+@deployment
+def test_three_machine_recipe_on_loopback(tmp_path: Path) -> None:
+    # The README's recipe, each machine's command a separate process: keys, split, two party
+    # hosts (started first, as people would), then the server host, which waits for them,
+    # runs once and stops; the parties are then stopped with SIGTERM.
+    cli = [sys.executable, "-m", "simulations.cli"]
+    sets = [a for s in TINY for a in ("--set", s)]
+    keys, shards = tmp_path / "keys", tmp_path / "shards"
+    subprocess.run([*cli, "keys", str(keys), "--nodes", "2"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run([*cli, "split", str(QUICKSTART), *sets, "--out", str(shards)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    link_port, node_ports = free_port(), [free_port(), free_port()]
+    parties = [subprocess.Popen(
+        [*cli, "party-host", "--superlink", f"127.0.0.1:{link_port}",
+         "--keys", str(keys / f"party-{k}"), "--data-dir", str(shards / f"party-{k}"),
+         "--partition-id", str(k), "--num-partitions", "2", "--port", str(node_ports[k]),
+         "--work-dir", str(tmp_path / f"party-{k}-work"), "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in range(2)]
+    try:
+        server = subprocess.run(
+            [*cli, "server-host", str(QUICKSTART), *sets, "--keys", str(keys / "server"),
+             "--data-dir", str(shards / "server"), "--port", str(link_port),
+             "--out", str(tmp_path / "runs"), "--work-dir", str(tmp_path / "server-work"),
+             "--timeout", "300", "--quiet"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert server.returncode == 0, server.stderr[-3000:]
+        assert "finished:completed: 1 rounds" in server.stdout
+        assert "TLS + SuperNode authentication" in server.stderr
+        for party in parties:
+            assert party.poll() is None, "a party host stopped before it was told to"
+    finally:
+        for party in parties:
+            party.send_signal(signal.SIGTERM)
+        outs = [party.communicate(timeout=60) for party in parties]
+    for k, (party, (_, err)) in enumerate(zip(parties, outs, strict=True)):
+        assert party.returncode == 130, err[-2000:]
+        assert f"party {k} connected to 127.0.0.1:{link_port} as SuperNode" in err
+    busy = [p for p in (link_port, *node_ports) if not port_is_free(p)]
+    assert busy == [], f"ports still in use: {busy}"
+    summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["rounds"] == 1
+    ckpt = load_checkpoint(tmp_path / "runs" / "quickstart", 2)
+    assert ckpt.clients == []  # each party kept its own expert
+    for k in range(2):
+        assert (shards / f"party-{k}" / "checkpoints" / ckpt.server["run_id"]).is_dir()
