@@ -6,10 +6,12 @@
     liquid-fed party-host --superlink HOST:PORT --keys KEYS/party-K --data-dir SHARDS/party-K
         --partition-id K --num-partitions N [--port PORT] [--work-dir DIR] [--insecure]
 
-``server-host`` starts a SuperLink (TLS on every API, SuperNode authentication on), registers
-the parties' public keys (``KEYS/server/supernodes/party-*.pub``), waits until that many
-SuperNodes are online, submits the run with ``flwr run`` (the ServerApp reads only the label
-folder ``--data-dir``), waits for it to finish, then stops the SuperLink.
+``server-host`` starts a SuperLink (TLS on every API, SuperNode authentication on) bound to
+127.0.0.1 and publishes only its Fleet API on ``--host:--port`` through
+:mod:`simulations.fleet_gate`; it registers the parties' public keys
+(``KEYS/server/supernodes/party-*.pub``), waits until that many SuperNodes are online, submits
+the run with ``flwr run`` (the ServerApp reads only the label folder ``--data-dir``), waits for
+it to finish, then stops the SuperLink and the gate.
 
 ``party-host`` starts one SuperNode that trusts only the CA in ``KEYS/party-K/ca.crt``, signs
 its requests with ``KEYS/party-K/supernode.key`` and gives its ClientApp the node config
@@ -35,10 +37,11 @@ from typing import Any
 
 from liquid_fed.errors import ConfigError, LiquidFedError
 from simulations.deploy_local import (
-    CONNECTION,
     _NODE_ID,
+    CONNECTION,
     DeploymentError,
     LocalDeployment,
+    _accepts,
     _executable,
     free_port,
     node_config,
@@ -111,6 +114,25 @@ def wait_for_nodes(dep: LocalDeployment, n: int, wait: float, poll: float = 3.0)
         time.sleep(poll)
 
 
+def start_gate(dep: LocalDeployment, host: str, port: int, keys: ServerKeys,
+               wait: float = 60.0) -> None:
+    """Put :mod:`simulations.fleet_gate` on ``host:port`` in front of ``dep``'s SuperLink."""
+    dep.ports.append(port)
+    gate = dep._spawn("fleet-gate", [
+        sys.executable, str(Path(__file__).resolve().parent / "fleet_gate.py"),
+        "--host", host, "--port", str(port),
+        "--upstream", f"127.0.0.1:{dep.superlink_port}", "--certfile", str(keys.cert),
+        "--keyfile", str(keys.key), "--ca", str(keys.ca)], dep.work_dir / "gate-home")
+    local = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    deadline = time.time() + wait
+    while not _accepts(port, local):
+        dep._check_alive(gate)
+        if time.time() > deadline:
+            raise DeploymentError(f"the Fleet gate did not open {host}:{port} within "
+                                  f"{wait:.0f} s:\n{gate.tail()}")
+        time.sleep(0.1)
+
+
 def server_host(args: argparse.Namespace) -> int:
     """Start a SuperLink, register the parties, run the federation once, stop."""
     _check_security(args.insecure, [args.host], "--host")
@@ -133,14 +155,17 @@ def server_host(args: argparse.Namespace) -> int:
         raise ConfigError(f"run folder {run_dir} already holds results; choose another --out "
                           "or --set name=...")
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="lf-server-"))
-    dep = LocalDeployment(0, work, None if args.quiet else sys.stderr, host=args.host,
-                          port=args.port, server_keys=keys)
+    # Secure: the SuperLink (all its APIs) on loopback, only the Fleet API through the gate.
+    dep = LocalDeployment(0, work, None if args.quiet else sys.stderr,
+                          host="127.0.0.1" if keys else args.host,
+                          port=free_port() if keys else args.port, server_keys=keys)
     with dep:
         dep.start()
         if keys is not None:
             dep.register(keys.node_public_keys()[:n_nodes])
-        print(f"SuperLink on {args.host}:{dep.superlink_port} "
-              f"({'TLS + SuperNode authentication' if keys else 'INSECURE'}); "
+            start_gate(dep, args.host, args.port, keys)
+        print(f"SuperLink on {args.host}:{args.port} "
+              f"({'TLS + SuperNode authentication, Fleet API only' if keys else 'INSECURE'}); "
               f"waiting for {n_nodes} parties (logs: {work})", file=sys.stderr)
         online = wait_for_nodes(dep, n_nodes, args.wait_nodes)
         print(f"{len(online)} SuperNodes online; starting the run", file=sys.stderr)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import math
 import signal
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
-
+import httpx
 import numpy as np
+import pytest
 
 from liquid_fed import rundir
 from liquid_fed.federation import LocalTransport
@@ -239,6 +241,9 @@ def test_hosts_refuse_to_go_off_loopback_without_tls_and_auth(tmp_path: Path,
     assert main(["server-host", str(QUICKSTART), "--data-dir", str(shards / "server"),
                  "--work-dir", str(work)]) == 2  # no keys: refused, not silently insecure
     assert "--keys: missing" in capsys.readouterr().err
+    assert main(["deploy-local", str(QUICKSTART), "--insecure", "--keys", str(tmp_path),
+                 "--out", str(tmp_path / "runs"), "--keep-logs", str(work), "--quiet"]) == 2
+    assert "--insecure: cannot be combined with --keys" in capsys.readouterr().err
     assert not work.exists(), "processes were started for a command that was refused"
 
 
@@ -279,19 +284,35 @@ def test_three_machine_recipe_on_loopback(tmp_path: Path) -> None:
          "--work-dir", str(tmp_path / f"party-{k}-work"), "--quiet"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for k in range(2)]
+    server = None
     try:
-        server = subprocess.run(
+        server = subprocess.Popen(
             [*cli, "server-host", str(QUICKSTART), *sets, "--keys", str(keys / "server"),
              "--data-dir", str(shards / "server"), "--port", str(link_port),
              "--out", str(tmp_path / "runs"), "--work-dir", str(tmp_path / "server-work"),
              "--timeout", "300", "--quiet"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert server.returncode == 0, server.stderr[-3000:]
-        assert "finished:completed: 1 rounds" in server.stdout
-        assert "TLS + SuperNode authentication" in server.stderr
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The public port serves the Fleet API only: the Control API (flwr run, supernode
+        # register) is not reachable through it, even over TLS with the right CA.
+        deadline = time.monotonic() + 300
+        while port_is_free(link_port) and server.poll() is None:
+            assert time.monotonic() < deadline, "the server host never opened its port"
+            time.sleep(0.2)
+        trust = ssl.create_default_context(cafile=str(keys / "party-0" / "ca.crt"))
+        for path in ("/v1/control/list-runs", "/v1/control/register-node"):
+            probe = httpx.post(f"https://127.0.0.1:{link_port}{path}", content=b"",
+                               verify=trust, timeout=30)
+            assert probe.status_code == 404, (path, probe.status_code)
+        out, err = server.communicate(timeout=600)
+        assert server.returncode == 0, err[-3000:]
+        assert "finished:completed: 1 rounds" in out
+        assert "TLS + SuperNode authentication, Fleet API only" in err
         for party in parties:
             assert party.poll() is None, "a party host stopped before it was told to"
     finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.communicate(timeout=60)
         for party in parties:
             party.send_signal(signal.SIGTERM)
         outs = [party.communicate(timeout=60) for party in parties]
