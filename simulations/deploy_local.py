@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -55,6 +56,10 @@ CHILD_ENV = {
     "MKL_NUM_THREADS": "1",
 }
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+#: How SuperNodes run the ClientApp (clients/supernode.py): "stock" (Flower's process per
+#: message), "warm" (one long-lived worker per node), "fast" (warm + shorter SuperNode waits).
+MODES = ("stock", "warm", "fast")
+DEFAULT_MODE = "fast"
 _ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
 
 
@@ -83,6 +88,7 @@ class DeployResult:
     ports: list[int]
     tag: str
     summary: dict[str, Any] = field(default_factory=dict)
+    mode: str = DEFAULT_MODE  # how the SuperNodes ran the ClientApp (asked for; see logs)
 
     @property
     def round_trip_seconds(self) -> float:
@@ -178,8 +184,12 @@ class LocalDeployment:
     ``LIQUID_FED_DEPLOY_TAG=<tag>`` and is gone after ``__exit__``.
     """
 
-    def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None) -> None:
+    def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None,
+                 mode: str = DEFAULT_MODE) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
         self.n_nodes = n_nodes
+        self.mode = mode
         self.work_dir = Path(work_dir)
         self.echo = echo
         self.tag = f"lf-deploy-{uuid.uuid4().hex}"
@@ -193,8 +203,11 @@ class LocalDeployment:
 
     def env(self, home: Path) -> dict[str, str]:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        # clients.supernode / clients.worker come from this app, not another install.
+        pythonpath = os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH"))
+                                     if p)
         return {**os.environ, **CHILD_ENV, TAG_ENV: self.tag, "FLWR_HOME": str(home),
-                "PATH": path}
+                "PATH": path, "PYTHONPATH": pythonpath}
 
     def _spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> _Child:
         home.mkdir(parents=True, exist_ok=True)
@@ -203,13 +216,29 @@ class LocalDeployment:
         self.children.append(child)
         return child
 
-    def _check_alive(self, child: _Child) -> None:
+    def _check_alive(self, child: _Child, during: str = "start-up") -> None:
         if child.proc.poll() is not None:
             child.wait_closed(2)
             raise DeploymentError(
-                f"{child.name} exited with status {child.proc.returncode} during start-up:\n"
+                f"{child.name} exited with status {child.proc.returncode} during {during}:\n"
                 f"{child.tail()}"
             )
+
+    def check_nodes(self) -> None:
+        """Raise :class:`DeploymentError` naming the first SuperNode that has exited (in warm
+        modes a SuperNode stops as soon as its ClientApp worker dies)."""
+        for node in self.nodes:
+            self._check_alive(node, "the run")
+
+    def supernode_command(self, k: int, port: int) -> list[str]:
+        """The command of SuperNode ``k`` for :attr:`mode` (its Runtime API on ``port``)."""
+        flower = ["--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
+                  "--port", str(port),
+                  "--node-config", f"partition-id={k} num-partitions={self.n_nodes}"]
+        if self.mode == "stock":
+            return [_executable("flower-supernode"), *flower]
+        return [sys.executable, "-m", "clients.supernode", "--mode", self.mode,
+                "--name", f"supernode-{k}", "--", *flower, "--host", "127.0.0.1"]
 
     def start(self, wait: float = 60.0) -> None:
         """Start the SuperLink, then the SuperNodes; return once every node is connected."""
@@ -232,11 +261,8 @@ class LocalDeployment:
         for k in range(self.n_nodes):
             port = free_port()
             self.ports.append(port)
-            self.nodes.append(self._spawn(f"supernode-{k}", [
-                _executable("flower-supernode"), "--insecure",
-                "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
-                "--node-config", f"partition-id={k} num-partitions={self.n_nodes}",
-            ], self.work_dir / f"supernode-{k}-home"))
+            self.nodes.append(self._spawn(f"supernode-{k}", self.supernode_command(k, port),
+                                          self.work_dir / f"supernode-{k}-home"))
         connected: dict[int, float] = {}
         while len(connected) < self.n_nodes:
             for k, node in enumerate(self.nodes):
@@ -380,7 +406,9 @@ def _run_status(dep: LocalDeployment, run_id: str | None, wait: float = 20.0) ->
 
 def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | None = None,
            out: str | Path | None = None, timeout: float = 900.0,
-           work_dir: str | Path | None = None, echo: IO[str] | None = None) -> DeployResult:
+           work_dir: str | Path | None = None, echo: IO[str] | None = None,
+           mode: str = DEFAULT_MODE,
+           after_run: Callable[[LocalDeployment], None] | None = None) -> DeployResult:
     """Run the federation on a real SuperLink and SuperNodes on this machine.
 
     Args:
@@ -392,6 +420,12 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
         work_dir: where logs and the Flower homes go (default: a new temporary folder,
             removed afterwards).
         echo: a stream that receives the run's logs as ``flwr run --stream`` prints them.
+        mode: how SuperNodes run the ClientApp: ``"fast"`` (default: a long-lived worker per
+            node and shorter SuperNode waits), ``"warm"`` (the worker, Flower's waits) or
+            ``"stock"`` (Flower's process per message). A faster mode falls back to
+            ``"stock"`` with a warning when the installed Flower does not fit it.
+        after_run: called with the still running deployment once the run has finished
+            (e.g. to measure it while idle).
 
     Returns:
         A :class:`DeployResult` (run folder, timings, the run's summary).
@@ -407,7 +441,7 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
     base = Path(tempfile.mkdtemp(prefix="lf-deploy-")) if own_dir else Path(work_dir)
     base.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    dep = LocalDeployment(n_nodes, base, echo)
+    dep = LocalDeployment(n_nodes, base, echo, mode)
     try:
         with dep:
             dep.start()
@@ -417,12 +451,14 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
             t_run = time.time()
             runner = dep.flwr("run", str(APP_DIR), CONNECTION, "--stream",
                               "--run-config", str(run_config), name="flwr-run", echo=True)
-            try:
-                rc = runner.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise DeploymentError(
-                    f"the run did not finish within {timeout:.0f} s (--timeout); stopped it. "
-                    f"Logs: {base}") from None
+            deadline = time.time() + timeout
+            while (rc := runner.proc.poll()) is None:
+                dep.check_nodes()  # a node (or its worker) died: fail now, naming it
+                if time.time() > deadline:
+                    raise DeploymentError(
+                        f"the run did not finish within {timeout:.0f} s (--timeout); stopped "
+                        f"it. Logs: {base}")
+                time.sleep(0.2)
             runner.wait_closed(5)
             started = runner.find(re.compile(r"Successfully started run (\d+)"))
             if rc != 0 or not started:
@@ -437,13 +473,16 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
             summary_file = run_dir / "summary.json"
             if not summary_file.exists():
                 raise DeploymentError(f"run {run_id} completed but wrote no {summary_file}")
+            exchanges = dep.exchange_seconds()
+            if after_run is not None:
+                after_run(dep)
             return DeployResult(
                 run_dir=run_dir, run_id=run_id, status=status,
                 superlink_ready_seconds=dep.superlink_ready_seconds,
                 node_connect_seconds=dep.node_connect_seconds, run_seconds=run_seconds,
-                total_seconds=time.time() - t0, exchange_seconds=dep.exchange_seconds(),
+                total_seconds=time.time() - t0, exchange_seconds=exchanges,
                 ports=list(dep.ports), tag=dep.tag,
-                summary=json.loads(summary_file.read_text()))
+                summary=json.loads(summary_file.read_text()), mode=mode)
     except DeploymentError as exc:
         exc.tag, exc.ports = dep.tag, tuple(dep.ports)
         raise
@@ -478,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds the run may take once submitted (default: 900)")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="keep the processes' logs and Flower homes in DIR")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                        help="how SuperNodes run the ClientApp: fast (default: a long-lived "
+                        "worker per node, shorter waits), warm (the worker only) or stock "
+                        "(Flower's process per message)")
     parser.add_argument("--quiet", action="store_true", help="don't stream the run's logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -499,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"run folder {run_dir} already holds results; choose another "
                               "--out or --set name=...")
         result = deploy(args.config, args.set, args.clients, args.out, args.timeout,
-                        args.keep_logs, None if args.quiet else sys.stderr)
+                        args.keep_logs, None if args.quiet else sys.stderr, args.mode)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
         print(f"deploy_local: error: {exc}", file=sys.stderr)
         return 2
