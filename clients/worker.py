@@ -65,13 +65,13 @@ def _runtime_client(address: str, token: str | None) -> Any:
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     """Flower's ``run_clientapp.pull_task_input`` with a short object-pull backoff."""
+    from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
     from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
         PullAppMessagesRequest,
         PullTaskInputRequest,
     )
-    from flwr.app import Message
     from flwr.supercore.inflatable.inflatable_protobuf_utils import (
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
