@@ -43,8 +43,6 @@ log = logging.getLogger("liquid_fed.supernode")
 
 MODES = ("stock", "warm", "fast")
 EXIT_WORKER_DIED = 75
-PULL_INITIAL_BACKOFF = 0.05
-PULL_BACKOFF_CAP = 0.5
 
 
 def resolve_mode(mode: str) -> str:
@@ -115,8 +113,8 @@ def install_waits(hot_poll: float = 0.1, idle_poll: float = 1.0, hot_window: flo
     sci._pull_and_store_message = pull_and_store_message
     sci.time = waits  # type: ignore[assignment]
     sci.pull_objects = functools.partial(inflatable_utils.pull_objects,
-                                         initial_backoff=PULL_INITIAL_BACKOFF,
-                                         backoff_cap=PULL_BACKOFF_CAP)
+                                         initial_backoff=fastpath.PULL_INITIAL_BACKOFF,
+                                         backoff_cap=fastpath.PULL_BACKOFF_CAP)
     return waits
 
 

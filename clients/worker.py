@@ -34,7 +34,7 @@ log = logging.getLogger("liquid_fed.worker")
 EXIT_UNFIT = 3
 #: Object pulls from the node's local store: the task is handed out before the SuperNode has
 #: finished pulling its objects from the SuperLink, so retry quickly (Flower: 1 s doubling).
-PULL_INITIAL_BACKOFF = 0.05
+PULL_INITIAL_BACKOFF = 0.05  # the same as clients.fastpath
 PULL_BACKOFF_CAP = 0.5
 
 

@@ -1,7 +1,7 @@
 """Rehearse a real deployment on one machine: a SuperLink, N SuperNodes and ``flwr run``.
 
     python -m simulations.deploy_local [--config configs/quickstart.yaml] [--set key=value ...]
-        [--clients N] [--out DIR] [--timeout SECONDS] [--keep-logs]
+        [--clients N] [--out DIR] [--timeout SECONDS] [--keep-logs] [--mode fast|warm|stock]
 
 Starts ``flower-superlink`` (insecure, 127.0.0.1, a free port) and one ``flower-supernode``
 per client (``--node-config 'partition-id=K num-partitions=N'``, each on its own port), writes
@@ -10,6 +10,11 @@ the connection into a temporary ``FLWR_HOME/config.toml``, submits the app with
 process it started (SuperLink, SuperNodes and what they spawn: SuperExec, ServerApp, ClientApp
 processes) carries an environment tag; whatever happens (success, failure, timeout, Ctrl-C)
 they are all stopped with SIGTERM, then SIGKILL, before the command returns.
+
+``--mode`` says how the SuperNodes run the ClientApp (:mod:`clients.supernode`): ``fast``
+(default) keeps one ClientApp worker per node warm and shortens the SuperNodes' waits, ``warm``
+only keeps the worker, ``stock`` is Flower's own process per message. In the warm modes a
+SuperNode stops as soon as its worker dies, and the run fails at once naming that node.
 
 The run folder is ``<DIR>/<name>`` (``--out`` is passed to the ServerApp as an absolute
 ``out``; without it, ``<out>/<name>`` of the config relative to the current directory).

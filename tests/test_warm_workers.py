@@ -107,6 +107,24 @@ def test_install_waits_shortens_only_flowers_fixed_sleeps(monkeypatch) -> None:
     assert waits.monotonic is time.monotonic
 
 
+def test_server_pulls_retry_missing_objects_sooner_or_fall_back(monkeypatch, caplog) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after
+    ref = "flwr.superlink.grid.http_grid:HttpGrid.pull_messages"
+    monkeypatch.setitem(fastpath.SOURCE_SHA256, ref, "0" * 64)
+    with caplog.at_level(logging.WARNING, logger="clients.fastpath"):
+        assert fastpath.install_server_pulls() is False
+    assert http_grid.pull_objects is inflatable_utils.pull_objects
+    assert "HttpGrid.pull_messages changed" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    assert fastpath.install_server_pulls() is True
+    assert http_grid.pull_objects.func is inflatable_utils.pull_objects
+    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
 def test_flower_args_choose_the_isolation() -> None:
     args = ["--insecure", "--isolation", "subprocess", "--port", "9"]
     assert supernode.flower_args(args, True) == ["--insecure", "--port", "9",
