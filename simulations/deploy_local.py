@@ -1,7 +1,8 @@
 """Rehearse a real deployment on one machine: a SuperLink, N SuperNodes and ``flwr run``.
 
     liquid-fed deploy-local [CONFIG] [--set key=value ...] [--clients N] [--out DIR]
-        [--timeout SECONDS] [--keep-logs DIR] [--keys DIR | --insecure] [--shards DIR | --no-shards]
+        [--timeout SECONDS] [--keep-logs DIR] [--mode fast|warm|stock]
+        [--keys DIR | --insecure] [--shards DIR | --no-shards]
     python -m simulations.deploy_local ...   (the same options)
 
 Starts ``flower-superlink`` (127.0.0.1, a free port) and one ``flower-supernode`` per client
@@ -20,6 +21,11 @@ default: the config is split (``liquid-fed split``) into the work folder; node K
 Every process it started (SuperLink, SuperNodes and what they spawn: SuperExec, ServerApp,
 ClientApp processes) carries an environment tag; whatever happens (success, failure, timeout,
 Ctrl-C) they are all stopped with SIGTERM, then SIGKILL, before the command returns.
+
+``--mode`` says how the SuperNodes run the ClientApp (:mod:`clients.supernode`): ``fast``
+(default) keeps one ClientApp worker per node warm and shortens the SuperNodes' waits, ``warm``
+only keeps the worker, ``stock`` is Flower's own process per message. In the warm modes a
+SuperNode stops as soon as its worker dies, and the run fails at once naming that node.
 
 The run folder is ``<DIR>/<name>`` (``--out`` is passed to the ServerApp as an absolute
 ``out``; without it, ``<out>/<name>`` of the config relative to the current directory).
@@ -45,6 +51,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -67,6 +74,10 @@ CHILD_ENV = {
     "MKL_NUM_THREADS": "1",
 }
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+#: How SuperNodes run the ClientApp (clients/supernode.py): "stock" (Flower's process per
+#: message), "warm" (one long-lived worker per node), "fast" (warm + shorter SuperNode waits).
+MODES = ("stock", "warm", "fast")
+DEFAULT_MODE = "fast"
 _ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
 
 
@@ -98,6 +109,7 @@ class DeployResult:
     secure: bool = False  # TLS and SuperNode authentication
     shards: Path | None = None  # the private shards the nodes and the ServerApp read
     rogue_exits: list[tuple[int | None, str]] = field(default_factory=list)
+    mode: str = DEFAULT_MODE  # how the SuperNodes ran the ClientApp (asked for; see logs)
 
     @property
     def round_trip_seconds(self) -> float:
@@ -246,8 +258,11 @@ class LocalDeployment:
     def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None,
                  keys: KeySet | None = None, shards: Path | None = None,
                  rogue: int = 0, host: str = "127.0.0.1", port: int | None = None,
-                 server_keys: ServerKeys | None = None) -> None:
+                 server_keys: ServerKeys | None = None, mode: str = DEFAULT_MODE) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
         self.n_nodes = n_nodes
+        self.mode = mode
         self.host, self.port = host, port
         self.server_keys = server_keys or (keys.server if keys is not None else None)
         self.work_dir = Path(work_dir)
@@ -267,8 +282,11 @@ class LocalDeployment:
 
     def env(self, home: Path) -> dict[str, str]:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        # clients.supernode / clients.worker come from this app, not another install.
+        pythonpath = os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH"))
+                                     if p)
         return {**os.environ, **CHILD_ENV, TAG_ENV: self.tag, "FLWR_HOME": str(home),
-                "PATH": path}
+                "PATH": path, "PYTHONPATH": pythonpath}
 
     def _spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> _Child:
         home.mkdir(parents=True, exist_ok=True)
@@ -277,13 +295,29 @@ class LocalDeployment:
         self.children.append(child)
         return child
 
-    def _check_alive(self, child: _Child) -> None:
+    def _check_alive(self, child: _Child, during: str = "start-up") -> None:
         if child.proc.poll() is not None:
             child.wait_closed(2)
             raise DeploymentError(
-                f"{child.name} exited with status {child.proc.returncode} during start-up:\n"
+                f"{child.name} exited with status {child.proc.returncode} during {during}:\n"
                 f"{child.tail()}"
             )
+
+    def check_nodes(self) -> None:
+        """Raise :class:`DeploymentError` naming the first SuperNode that has exited (in warm
+        modes a SuperNode stops as soon as its ClientApp worker dies)."""
+        for node in self.nodes:
+            self._check_alive(node, "the run")
+
+    def supernode_command(self, k: int, port: int) -> list[str]:
+        """The command of SuperNode ``k`` for :attr:`mode` (its Runtime API on ``port``)."""
+        flower = [*supernode_security_args(self.keys.party(k) if self.keys else None),
+                  "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
+                  "--node-config", self.node_config(k)]
+        if self.mode == "stock":
+            return [_executable("flower-supernode"), *flower]
+        return [sys.executable, "-m", "clients.supernode", "--mode", self.mode,
+                "--name", f"supernode-{k}", "--", *flower, "--host", "127.0.0.1"]
 
     def start(self, wait: float = 60.0) -> None:
         """Start the SuperLink, then the SuperNodes; return once every node is connected."""
@@ -309,12 +343,8 @@ class LocalDeployment:
         for k in range(self.n_nodes):
             port = free_port()
             self.ports.append(port)
-            self.nodes.append(self._spawn(f"supernode-{k}", [
-                _executable("flower-supernode"),
-                *supernode_security_args(self.keys.party(k) if self.keys else None),
-                "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
-                "--node-config", self.node_config(k),
-            ], self.work_dir / f"supernode-{k}-home"))
+            self.nodes.append(self._spawn(f"supernode-{k}", self.supernode_command(k, port),
+                                          self.work_dir / f"supernode-{k}-home"))
         connected: dict[int, float] = {}
         while len(connected) < self.n_nodes:
             for k, node in enumerate(self.nodes):
@@ -535,12 +565,14 @@ def submit_run(dep: LocalDeployment, config: str | Path | None, overrides: list[
     _write_toml(run_config, settings)
     runner = dep.flwr("run", str(APP_DIR), CONNECTION, "--stream",
                       "--run-config", str(run_config), name="flwr-run", echo=True)
-    try:
-        rc = runner.proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise DeploymentError(
-            f"the run did not finish within {timeout:.0f} s (--timeout); stopped it. "
-            f"Logs: {dep.work_dir}") from None
+    deadline = time.time() + timeout
+    while (rc := runner.proc.poll()) is None:
+        dep.check_nodes()  # a node (or its worker) died: fail now, naming it
+        if time.time() > deadline:
+            raise DeploymentError(
+                f"the run did not finish within {timeout:.0f} s (--timeout); stopped it. "
+                f"Logs: {dep.work_dir}")
+        time.sleep(0.2)
     runner.wait_closed(5)
     started = runner.find(re.compile(r"Successfully started run (\d+)"))
     if rc != 0 or not started:
@@ -561,7 +593,8 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
            out: str | Path | None = None, timeout: float = 900.0,
            work_dir: str | Path | None = None, echo: IO[str] | None = None,
            keys: str | Path | None = None, insecure: bool = False,
-           shards: str | Path | bool = True, rogue: int = 0) -> DeployResult:
+           shards: str | Path | bool = True, rogue: int = 0, mode: str = DEFAULT_MODE,
+           after_run: Callable[[LocalDeployment], None] | None = None) -> DeployResult:
     """Run the federation on a real SuperLink and SuperNodes on this machine.
 
     By default every API runs over TLS, the SuperLink admits only the SuperNodes whose keys it
@@ -583,6 +616,12 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
             the work folder, False to let every node load the whole data set (a rehearsal
             that is not private).
         rogue: extra SuperNodes with unregistered keys, each of which must be refused.
+        mode: how SuperNodes run the ClientApp: ``"fast"`` (default: a long-lived worker per
+            node and shorter SuperNode waits), ``"warm"`` (the worker, Flower's waits) or
+            ``"stock"`` (Flower's process per message). A faster mode falls back to
+            ``"stock"`` with a warning when the installed Flower does not fit it.
+        after_run: called with the still running deployment once the run has finished
+            (e.g. to measure it while idle).
 
     Returns:
         A :class:`DeployResult` (run folder, timings, the run's summary).
@@ -624,7 +663,8 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
         raise
-    dep = LocalDeployment(n_nodes, base, echo, keys=key_set, shards=shard_dir, rogue=rogue)
+    dep = LocalDeployment(n_nodes, base, echo, keys=key_set, shards=shard_dir, rogue=rogue,
+                          mode=mode)
     try:
         with dep:
             dep.start()
@@ -633,13 +673,16 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
                 dep, config, overrides, run_dir, timeout,
                 shard_dir / "server" if shard_dir is not None else None)
             run_seconds = time.time() - t_run
+            exchanges = dep.exchange_seconds()
+            if after_run is not None:
+                after_run(dep)
             return DeployResult(
                 run_dir=run_dir, run_id=run_id, status=status,
                 superlink_ready_seconds=dep.superlink_ready_seconds,
                 node_connect_seconds=dep.node_connect_seconds, run_seconds=run_seconds,
-                total_seconds=time.time() - t0, exchange_seconds=dep.exchange_seconds(),
+                total_seconds=time.time() - t0, exchange_seconds=exchanges,
                 ports=list(dep.ports), tag=dep.tag,
-                summary=summary,
+                summary=summary, mode=mode,
                 secure=key_set is not None, shards=shard_dir,
                 rogue_exits=list(dep.rogue_exits))
     except DeploymentError as exc:
@@ -676,6 +719,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds the run may take once submitted (default: 900)")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="keep the processes' logs and Flower homes in DIR")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                        help="how SuperNodes run the ClientApp: fast (default: a long-lived "
+                        "worker per node, shorter waits), warm (the worker only) or stock "
+                        "(Flower's process per message)")
     parser.add_argument("--quiet", action="store_true", help="don't stream the run's logs")
     parser.add_argument("--keys", metavar="DIR", help="keys written by `liquid-fed keys` "
                         "(default: new keys in the work folder)")
@@ -722,7 +769,7 @@ def run_args(args: argparse.Namespace) -> int:
                               "--out or --set name=...")
         result = deploy(args.config, args.set, args.clients, args.out, args.timeout,
                         args.keep_logs, None if args.quiet else sys.stderr, keys=args.keys,
-                        insecure=args.insecure, shards=shards)
+                        insecure=args.insecure, shards=shards, mode=args.mode)
     except (LiquidFedError, ValueError, FileNotFoundError) as exc:  # ConfigError: ValueError
         print(f"deploy_local: error: {exc}", file=sys.stderr)
         return 2
