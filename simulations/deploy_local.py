@@ -791,7 +791,10 @@ def format_result(result: DeployResult) -> str:
     score = summary.get("test", {}).get(metric, float("nan"))
     connect = ", ".join(f"{s:.1f}" for s in result.node_connect_seconds)
     security = "TLS + SuperNode authentication" if result.secure else "INSECURE (no TLS/auth)"
-    data = f"private shards in {result.shards}" if result.shards else "the whole data set"
+    data = "the whole data set"
+    if result.shards is not None:
+        data = (f"private shards in {result.shards}" if result.shards.exists()
+                else "private shards (split into the work folder, now removed)")
     return "\n".join([
         f"run {result.run_id} {result.status}: {summary.get('rounds', 0)} rounds, "
         f"test {metric} {score:.4f}",
