@@ -230,6 +230,15 @@ def connection_toml(name: str, address: str, ca: Path | None) -> str:
             f'address = "{address}"\n{security}')
 
 
+def supernode_command(mode: str, name: str, flower: list[str]) -> list[str]:
+    """A SuperNode with ``flower-supernode`` flags ``flower``, run as ``mode`` says
+    (:mod:`clients.supernode`); its runtime API on 127.0.0.1."""
+    if mode == "stock":
+        return [_executable("flower-supernode"), *flower, "--host", "127.0.0.1"]
+    return [sys.executable, "-m", "clients.supernode", "--mode", mode, "--name", name, "--",
+            *flower, "--host", "127.0.0.1"]
+
+
 def node_config(k: int, n: int, data_dir: Path | None = None) -> str:
     """A SuperNode's ``--node-config``: its partition and, with shards, its private folder."""
     text = f"partition-id={k} num-partitions={n}"
@@ -314,10 +323,7 @@ class LocalDeployment:
         flower = [*supernode_security_args(self.keys.party(k) if self.keys else None),
                   "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
                   "--node-config", self.node_config(k)]
-        if self.mode == "stock":
-            return [_executable("flower-supernode"), *flower]
-        return [sys.executable, "-m", "clients.supernode", "--mode", self.mode,
-                "--name", f"supernode-{k}", "--", *flower, "--host", "127.0.0.1"]
+        return supernode_command(self.mode, f"supernode-{k}", flower)
 
     def start(self, wait: float = 60.0) -> None:
         """Start the SuperLink, then the SuperNodes; return once every node is connected."""

@@ -39,14 +39,16 @@ from liquid_fed.errors import ConfigError, LiquidFedError
 from simulations.deploy_local import (
     _NODE_ID,
     CONNECTION,
+    DEFAULT_MODE,
+    MODES,
     DeploymentError,
     LocalDeployment,
     _accepts,
-    _executable,
     free_port,
     node_config,
     resolve,
     submit_run,
+    supernode_command,
     supernode_security_args,
 )
 from simulations.keys import PartyKeys, ServerKeys
@@ -215,11 +217,12 @@ def party_host(args: argparse.Namespace) -> int:
     with dep:
         runtime_port = args.port or free_port()
         dep.ports.append(runtime_port)
-        node = dep._spawn(f"supernode-{args.partition_id}", [
-            _executable("flower-supernode"), *supernode_security_args(keys),
-            "--superlink", superlink, "--host", "127.0.0.1", "--port", str(runtime_port),
-            "--node-config", node_config(args.partition_id, args.num_partitions, data_dir),
-        ], work / "supernode-home", echo=not args.quiet)
+        node = dep._spawn(f"supernode-{args.partition_id}", supernode_command(
+            args.mode, f"supernode-{args.partition_id}", [
+                *supernode_security_args(keys), "--superlink", superlink,
+                "--port", str(runtime_port),
+                "--node-config", node_config(args.partition_id, args.num_partitions, data_dir),
+            ]), work / "supernode-home", echo=not args.quiet)
         announced = False
         while node.proc.poll() is None:
             if not announced and (hits := node.find(_NODE_ID)):
@@ -272,6 +275,9 @@ def add_party_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-partitions", type=int, required=True, metavar="N")
     p.add_argument("--port", type=int, help="the SuperNode's local runtime API port on "
                    "127.0.0.1 (default: a free one)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="how the SuperNode runs the ClientApp: fast (default: a warm worker, "
+                   "shorter waits), warm, or stock (Flower's process per message)")
     p.add_argument("--work-dir", help="logs and Flower home (default: a new temporary folder)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no authentication (only with a 127.0.0.1 SuperLink)")
