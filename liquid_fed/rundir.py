@@ -94,8 +94,11 @@ def json_text(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(strict_json(obj), indent=indent, allow_nan=False)
 
 
-def atomic_write(target: str | Path, data: bytes) -> Path:
+def atomic_write(target: str | Path, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``target`` whole: a temporary name beside it, fsync, rename.
+
+    ``mode`` (e.g. ``0o600`` for a private key) is set on the temporary file before any byte
+    is written, so the content is never readable with wider permissions.
 
     Raises:
         RunFolderError: the file could not be written (a full disk, say); the target keeps its
@@ -105,7 +108,11 @@ def atomic_write(target: str | Path, data: bytes) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+        if mode is not None:
+            os.fchmod(fd, mode)  # the umask may have narrowed it; never widen by accident
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -6,6 +6,10 @@
     liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
     liquid-fed compare STUDY.yaml [--out DIR] [--workers N] [--resume] [--set key=value ...]
     liquid-fed split CONFIG.yaml --out DIR [--set key=value ...]
+    liquid-fed keys DIR --nodes N [--host ADDRESS ...] [--days D]
+    liquid-fed deploy-local [CONFIG.yaml] [--set key=value ...] [--keys DIR | --insecure] ...
+    liquid-fed server-host CONFIG.yaml --keys DIR --data-dir DIR [--host H] [--port P] ...
+    liquid-fed party-host --superlink H:P --keys DIR --data-dir DIR --partition-id K ...
 
 ``run`` starts Flower's simulation engine on Ray in a child process that leads its own
 session (:mod:`simulations.simulate`); whatever happens (success, error, Ctrl-C, SIGTERM,
@@ -243,6 +247,37 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """A CA, the SuperLink's certificate and one auth key pair per party."""
+    from simulations.keys import DEFAULT_HOSTS, make_keys
+
+    keys = make_keys(args.dir, args.nodes, [*DEFAULT_HOSTS, *(args.host or [])], args.days)
+    print(keys.server.folder)
+    for k in range(args.nodes):
+        print(keys.party(k).folder)
+    print(f"copy {keys.server.folder} to the server host and {keys.root}/party-k to party k's "
+          f"host; keep {keys.root}/ca (the CA's private key) off both", file=sys.stderr)
+    return 0
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from simulations.deploy_local import run_args
+
+    return run_args(args)
+
+
+def cmd_server_host(args: argparse.Namespace) -> int:
+    from simulations.hosts import run_command, server_host
+
+    return run_command(server_host, args, "server-host")
+
+
+def cmd_party_host(args: argparse.Namespace) -> int:
+    from simulations.hosts import party_host, run_command
+
+    return run_command(party_host, args, "party-host")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Figures of finished runs: each run's own, plus a comparison when given several."""
     from liquid_fed.plots import load_run, plot_comparison, plot_run
@@ -303,6 +338,32 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--out", required=True, help="where the shards go (a new folder)")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("keys", help="TLS certificates and SuperNode auth keys for a deployment")
+    p.add_argument("dir", help="a new folder (one subfolder per machine)")
+    p.add_argument("--nodes", type=int, required=True, help="number of parties")
+    p.add_argument("--host", action="append", metavar="ADDRESS",
+                   help="an IP address or DNS name the parties use to reach the server "
+                        "(repeatable; 127.0.0.1 and localhost are always included)")
+    p.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
+    p.set_defaults(func=cmd_keys)
+
+    from simulations.deploy_local import add_arguments as deploy_arguments
+    from simulations.hosts import add_party_arguments, add_server_arguments
+
+    p = sub.add_parser("deploy-local", help="a real deployment on this machine (SuperLink, "
+                       "SuperNodes, flwr run): TLS, authentication and private shards")
+    deploy_arguments(p)
+    p.set_defaults(func=cmd_deploy_local)
+
+    p = sub.add_parser("server-host", help="on the server's machine: SuperLink (TLS + auth), "
+                       "then the run")
+    add_server_arguments(p)
+    p.set_defaults(func=cmd_server_host)
+
+    p = sub.add_parser("party-host", help="on party K's machine: its SuperNode with its shard")
+    add_party_arguments(p)
+    p.set_defaults(func=cmd_party_host)
 
     p = sub.add_parser("compare", help="a study: methods x settings x seeds, report, figures")
     p.add_argument("study", help="study YAML (see liquid_fed/study.py and configs/studies/)")

@@ -3,22 +3,39 @@
 Each test starts (through :mod:`simulations.deploy_local`) a real ``flower-superlink`` and
 ``flower-supernode`` processes that spawn SuperExec, ServerApp and one ClientApp process per
 message. A round trip costs seconds (an idle SuperNode polls every 3 s and starts a new
-ClientApp process per message), so the federation is tiny: 2 clients, one round.
+ClientApp process per message), so the federation is tiny: 2 clients, one round. By default a
+deployment runs over TLS with SuperNode authentication and each node reads its private shard.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 
+from liquid_fed import rundir
+from liquid_fed.federation import LocalTransport
 from liquid_fed.rundir import load_checkpoint
+from liquid_fed.runs import run_federated
+from liquid_fed.shards import load_server_shard, write_shards
 from simulations import procs
-from simulations.deploy_local import TAG_ENV, DeploymentError, deploy, port_is_free
+from simulations.deploy_local import (
+    TAG_ENV,
+    DeploymentError,
+    deploy,
+    free_port,
+    port_is_free,
+    resolve,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -59,26 +76,80 @@ def assert_all_stopped(tag: str, ports: list[int] | tuple[int, ...]) -> None:
     assert busy == [], f"ports still in use: {busy}"
 
 
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _numbers(row: dict) -> dict[str, float]:
+    """A metrics row without what differs between engines by design (bytes on the wire)."""
+    return {k: v for k, v in row.items() if not k.startswith("bytes")
+            and isinstance(v, (int, float))}
+
+
 @slow
 @deployment
-def test_deployment_trains_writes_outputs_and_cleans_up(tmp_path: Path) -> None:
-    result = deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300,
-                    work_dir=tmp_path / "deploy")
+def test_secure_deployment_with_shards_reproduces_the_simulation_and_keeps_experts_home(
+        tmp_path: Path) -> None:
+    work = tmp_path / "deploy"
+    result = deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300, work_dir=work)
     assert_all_stopped(result.tag, result.ports)
     assert len(result.ports) == 3  # SuperLink + 2 SuperNodes
+    assert result.secure and result.shards == work / "shards"
+    link_log = (work / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in link_log  # TLS on every API
+    assert "SuperNode authentication is disabled" not in link_log
+    assert link_log.count("register-node HTTP/1.1\" 200") == 2  # each party's key, once
+    assert str(work / "shards" / "server") in (work / "run-config.toml").read_text()
 
     run = tmp_path / "runs" / "quickstart"
     assert result.run_dir == run and result.status == "finished:completed"
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), f"{name} missing from {sorted(run.rglob('*'))}"
-    assert len(load_checkpoint(run, 2).clients) == 2
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["split"] == "test" for r in rows)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] > 0
     assert math.isfinite(summary["test"]["accuracy"]) and summary["test"]["accuracy"] > 0.3
     assert "views.n_views=2" not in (run / "config.yaml").read_text()  # resolved, not raw
     assert "n_views: 2" in (run / "config.yaml").read_text()
+
+    # (a) The same config and seed in process (the library's run over LocalTransport, from a
+    # fresh split of the same config) gives the same metrics, row by row.
+    cfg, _, _ = resolve(QUICKSTART, TINY, tmp_path / "ref-runs")
+    ref_shards = tmp_path / "ref-shards"
+    write_shards(cfg, ref_shards)
+    ref_run = tmp_path / "ref-run"
+    rundir.prepare(cfg, ref_run, resume=False)
+    ref = run_federated(cfg, LocalTransport(2, [ref_shards / f"party-{k}" for k in range(2)]),
+                        ref_run, server_data=load_server_shard(ref_shards / "server", cfg))
+    deployed, simulated = _rows(run), _rows(ref_run)
+    assert [(r["round"], r["split"]) for r in deployed] == [
+        (r["round"], r["split"]) for r in simulated]
+    assert any(r["split"] == "test" for r in deployed)
+    for got, want in zip(deployed, simulated, strict=True):
+        assert _numbers(got).keys() == _numbers(want).keys()
+        for key, value in _numbers(want).items():
+            assert got[key] == pytest.approx(value, abs=1e-6, rel=0), (got["split"], key)
+    for key, value in _numbers(ref["test"]).items():
+        assert summary["test"][key] == pytest.approx(value, abs=1e-6, rel=0), key
+
+    # (c) Experts stay home: the server's checkpoint holds only receipts, and no file on the
+    # server's side (the run folder, the SuperLink's home) holds a byte of any party's expert.
+    ckpt = load_checkpoint(run, 2)
+    assert ckpt.clients == [] and len(ckpt.server["parties"]) == 2
+    server_files = [f for f in [*run.rglob("*"), *(work / "superlink-home").rglob("*")]
+                    if f.is_file()]
+    assert len(server_files) > 5
+    for k in range(2):
+        party = load_checkpoint(work / "shards" / f"party-{k}" / "checkpoints" /
+                                ckpt.server["run_id"], 1)
+        weights = [v for name, v in party.clients[0].items() if name.startswith("model/")]
+        assert weights, f"party {k} kept no expert of its own"
+        needles = [np.ascontiguousarray(w).tobytes()[:64] for w in weights if w.size >= 16]
+        for f in server_files:
+            data = f.read_bytes()
+            assert not [n for n in needles if n in data], f"party {k}'s expert is in {f}"
+            if f.suffix == ".npz":
+                with np.load(f, allow_pickle=False) as z:
+                    assert not [n for n in z.files if n.startswith(("model/", "optimizer/"))]
 
     # Timings the README quotes: nodes connect in seconds; every exchange is one round trip.
     assert len(result.node_connect_seconds) == 2
@@ -87,6 +158,22 @@ def test_deployment_trains_writes_outputs_and_cleans_up(tmp_path: Path) -> None:
     print(f"\nconnect {result.node_connect_seconds} s, round trips "
           f"{[round(s, 1) for s in result.exchange_seconds]} s, run {result.run_seconds:.1f} s, "
           f"total {result.total_seconds:.1f} s")
+
+
+@slow
+@deployment
+def test_a_node_with_an_unregistered_key_is_refused_and_the_run_completes(
+        tmp_path: Path) -> None:
+    # The rogue claims partition-id 2: had it been let in, the ServerApp would refuse the run.
+    result = deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300,
+                    work_dir=tmp_path / "deploy", rogue=1)
+    assert_all_stopped(result.tag, result.ports)
+    assert result.status == "finished:completed" and result.summary["rounds"] == 1
+    [(status, tail)] = result.rogue_exits
+    assert status is not None and status != 0, f"the rogue node is still running:\n{tail}"
+    assert "Failed to initialize the connection" in tail, tail
+    link_log = (tmp_path / "deploy" / "superlink.log").read_text()
+    assert link_log.count("activate-node HTTP/1.1\" 200") == 2  # only the registered pair
 
 
 @slow
@@ -128,3 +215,115 @@ def test_timeout_stops_a_running_federation(tmp_path: Path) -> None:
         deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=15,
                work_dir=tmp_path / "deploy")
     assert_all_stopped(caught.value.tag, caught.value.ports)
+
+
+# --------------------------------------------------------------------------------------------
+# Host commands (what a person types on each machine)
+# --------------------------------------------------------------------------------------------
+
+
+def test_hosts_refuse_to_go_off_loopback_without_tls_and_auth(tmp_path: Path,
+                                                              capsys) -> None:
+    from simulations.cli import main
+    from simulations.hosts import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5")
+    work = tmp_path / "work"
+    shards = tmp_path / "shards"
+    assert main(["server-host", str(QUICKSTART), "--data-dir", str(shards / "server"),
+                 "--host", "0.0.0.0", "--insecure", "--work-dir", str(work)]) == 2
+    assert "--insecure with --host 0.0.0.0: refused" in capsys.readouterr().err
+    assert main(["party-host", "--superlink", "10.0.0.5:9092", "--insecure",
+                 "--data-dir", str(shards / "party-0"), "--partition-id", "0",
+                 "--num-partitions", "2", "--work-dir", str(work)]) == 2
+    assert "--insecure with --superlink 10.0.0.5: refused" in capsys.readouterr().err
+    assert main(["server-host", str(QUICKSTART), "--data-dir", str(shards / "server"),
+                 "--work-dir", str(work)]) == 2  # no keys: refused, not silently insecure
+    assert "--keys: missing" in capsys.readouterr().err
+    assert main(["deploy-local", str(QUICKSTART), "--insecure", "--keys", str(tmp_path),
+                 "--out", str(tmp_path / "runs"), "--keep-logs", str(work), "--quiet"]) == 2
+    assert "--insecure: cannot be combined with --keys" in capsys.readouterr().err
+    assert not work.exists(), "processes were started for a command that was refused"
+
+
+def test_party_host_refuses_another_partys_shard(tmp_path: Path, capsys) -> None:
+    from liquid_fed.config import load_config
+    from simulations.cli import main
+    from simulations.keys import make_keys
+
+    cfg = load_config(QUICKSTART, TINY)
+    write_shards(cfg, tmp_path / "shards")
+    keys = make_keys(tmp_path / "keys", 2)
+    assert main(["party-host", "--superlink", "127.0.0.1:9092", "--keys",
+                 str(keys.party(1).folder), "--data-dir", str(tmp_path / "shards" / "party-0"),
+                 "--partition-id", "1", "--num-partitions", "2",
+                 "--work-dir", str(tmp_path / "work")]) == 2
+    assert "holds party 0's shard, not party 1's" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+@slow
+@deployment
+def test_three_machine_recipe_on_loopback(tmp_path: Path) -> None:
+    # The README's recipe, each machine's command a separate process: keys, split, two party
+    # hosts (started first, as people would), then the server host, which waits for them,
+    # runs once and stops; the parties are then stopped with SIGTERM.
+    cli = [sys.executable, "-m", "simulations.cli"]
+    sets = [a for s in TINY for a in ("--set", s)]
+    keys, shards = tmp_path / "keys", tmp_path / "shards"
+    subprocess.run([*cli, "keys", str(keys), "--nodes", "2"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run([*cli, "split", str(QUICKSTART), *sets, "--out", str(shards)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    link_port, node_ports = free_port(), [free_port(), free_port()]
+    parties = [subprocess.Popen(
+        [*cli, "party-host", "--superlink", f"127.0.0.1:{link_port}",
+         "--keys", str(keys / f"party-{k}"), "--data-dir", str(shards / f"party-{k}"),
+         "--partition-id", str(k), "--num-partitions", "2", "--port", str(node_ports[k]),
+         "--work-dir", str(tmp_path / f"party-{k}-work"), "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in range(2)]
+    server = None
+    try:
+        server = subprocess.Popen(
+            [*cli, "server-host", str(QUICKSTART), *sets, "--keys", str(keys / "server"),
+             "--data-dir", str(shards / "server"), "--port", str(link_port),
+             "--out", str(tmp_path / "runs"), "--work-dir", str(tmp_path / "server-work"),
+             "--timeout", "300", "--quiet"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The public port serves the Fleet API only: the Control API (flwr run, supernode
+        # register) is not reachable through it, even over TLS with the right CA.
+        deadline = time.monotonic() + 300
+        while port_is_free(link_port) and server.poll() is None:
+            assert time.monotonic() < deadline, "the server host never opened its port"
+            time.sleep(0.2)
+        trust = ssl.create_default_context(cafile=str(keys / "party-0" / "ca.crt"))
+        for path in ("/v1/control/list-runs", "/v1/control/register-node"):
+            probe = httpx.post(f"https://127.0.0.1:{link_port}{path}", content=b"",
+                               verify=trust, timeout=30)
+            assert probe.status_code == 404, (path, probe.status_code)
+        out, err = server.communicate(timeout=600)
+        assert server.returncode == 0, err[-3000:]
+        assert "finished:completed: 1 rounds" in out
+        assert "TLS + SuperNode authentication, Fleet API only" in err
+        for party in parties:
+            assert party.poll() is None, "a party host stopped before it was told to"
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.communicate(timeout=60)
+        for party in parties:
+            party.send_signal(signal.SIGTERM)
+        outs = [party.communicate(timeout=60) for party in parties]
+    for k, (party, (_, err)) in enumerate(zip(parties, outs, strict=True)):
+        assert party.returncode == 130, err[-2000:]
+        assert f"party {k} connected to 127.0.0.1:{link_port} as SuperNode" in err
+    busy = [p for p in (link_port, *node_ports) if not port_is_free(p)]
+    assert busy == [], f"ports still in use: {busy}"
+    summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["rounds"] == 1
+    ckpt = load_checkpoint(tmp_path / "runs" / "quickstart", 2)
+    assert ckpt.clients == []  # each party kept its own expert
+    for k in range(2):
+        assert (shards / f"party-{k}" / "checkpoints" / ckpt.server["run_id"]).is_dir()

@@ -1,0 +1,181 @@
+"""Benchmark: a real Flower deployment on loopback, per way of running the ClientApp.
+
+For each mode of :mod:`simulations.deploy_local` (``stock``: Flower's process per message;
+``warm``: one long-lived ClientApp worker per SuperNode; ``fast``: the worker plus shorter
+SuperNode waits) it deploys the quickstart config with 4 parties (a SuperLink and 4 SuperNodes
+on 127.0.0.1), runs a few training epochs, and prints ONE table, all measured in this run:
+
+* *round*: one protocol exchange (the server sends a message to every node and has all
+  replies), timed from the SuperNodes' logs as the time between the ends of successive
+  exchanges (the last node's ``[RUN r, ROUND g]`` reply line), training rounds only (the
+  ``hello`` and ``setup`` exchanges, which load the app and the data, are left out):
+  median, inter-quartile range and min-max;
+* *nodes up*: from starting the SuperLink until every SuperNode has connected;
+* *run start-up*: from ``flwr run`` until the ``setup`` exchange has ended (the ServerApp
+  started, the app and data loaded on every node: what a run pays once);
+* *idle CPU*: once the run has finished the deployment stays up and waits for the next run;
+  after ``--settle`` seconds (longer than the 10 s in which nodes keep polling fast after a
+  message) the CPU time (user + system, from ``/proc/PID/stat``) of every process of the
+  deployment (SuperLink, SuperNodes, their workers or SuperExecs) is summed over ``--idle``
+  seconds, as a percentage of one core; *idle PSS* is their memory at that point;
+* *test acc*: the run's test accuracy (every mode must give the same).
+
+Run: ``python -m simulations.bench_deployment [--epochs 2] [--modes stock,warm,fast]
+[--hundred]``; ``--hundred`` also times a 100-round quickstart deployment (20 epochs) in the
+fast mode, from ``flwr run`` to the run's end. Timings depend on the machine's load: the load
+average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simulations import procs
+from simulations.deploy_local import (
+    _ROUND,
+    APP_DIR,
+    MODES,
+    TAG_ENV,
+    DeploymentError,
+    LocalDeployment,
+    deploy,
+)
+
+QUICKSTART = APP_DIR / "configs" / "quickstart.yaml"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: set[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process (those that still exist)."""
+    out = {}
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
+@dataclass
+class Row:
+    mode: str
+    rounds: list[float] = field(default_factory=list)
+    nodes_up: float = float("nan")
+    run_startup: float = float("nan")
+    run_seconds: float = float("nan")
+    idle_cpu: float = float("nan")
+    idle_pss: int = 0
+    accuracy: float = float("nan")
+    error: str = ""
+
+
+def measure(mode: str, epochs: int, settle: float, idle: float, work: Path,
+            extra: list[str] = ()) -> Row:
+    row = Row(mode)
+
+    def after_run(dep: LocalDeployment) -> None:
+        ends: dict[int, float] = {}
+        for node in dep.nodes:
+            for t, m in node.find(_ROUND):
+                ends[int(m.group(1))] = max(ends.get(int(m.group(1)), 0.0), t)
+        times = [ends[g] for g in sorted(ends)]
+        submit = next(c.started for c in dep.children if c.name == "flwr-run")
+        row.run_startup = times[1] - submit if len(times) > 1 else float("nan")
+        # exchanges: 1 hello, 2 setup, then training rounds (and evaluations, checkpoints)
+        row.rounds = [b - a for a, b in zip(times[2:-1], times[3:], strict=True)]
+        time.sleep(settle)
+        pids = procs.tagged(TAG_ENV, dep.tag)
+        before, t0 = cpu_seconds(pids), time.monotonic()
+        time.sleep(idle)
+        after, t1 = cpu_seconds(pids), time.monotonic()
+        used = sum(after[p] - before[p] for p in after if p in before)
+        row.idle_cpu = 100.0 * used / (t1 - t0)
+        row.idle_pss = procs.pss_bytes(set(after))
+
+    out = work / mode
+    try:
+        result = deploy(QUICKSTART, [f"train.epochs={epochs}", *extra], out=out / "runs",
+                        timeout=3600, work_dir=out / "deploy", mode=mode, after_run=after_run)
+    except DeploymentError as exc:
+        row.error = str(exc).splitlines()[0]
+        return row
+    row.nodes_up = result.superlink_ready_seconds + max(result.node_connect_seconds)
+    row.run_seconds = result.run_seconds
+    row.accuracy = float(result.summary.get("test", {}).get("accuracy", float("nan")))
+    return row
+
+
+HEAD = (f"{'mode':<6} {'rounds':>6} {'round median':>12} {'IQR':>13} {'min-max':>13} "
+        f"{'nodes up':>8} {'run start-up':>12} {'idle CPU':>8} {'idle PSS':>8} "
+        f"{'test acc':>8}")
+
+
+def line(row: Row) -> str:
+    if row.error:
+        return f"{row.mode:<6} failed: {row.error}"
+    r = sorted(row.rounds)
+    q = statistics.quantiles(r, n=4) if len(r) >= 2 else [float("nan")] * 3
+    return (f"{row.mode:<6} {len(r):>6} {statistics.median(r):>10.2f} s "
+            f"{q[0]:>5.2f}-{q[2]:<5.2f} s {r[0]:>5.2f}-{r[-1]:<5.2f} s "
+            f"{row.nodes_up:>6.1f} s {row.run_startup:>10.1f} s {row.idle_cpu:>7.1f}% "
+            f"{row.idle_pss / 2**30:>5.2f} GiB {row.accuracy:>8.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated, of {', '.join(MODES)} (default: all)")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="training epochs per run (5 rounds each; default 2)")
+    parser.add_argument("--settle", type=float, default=12.0,
+                        help="seconds after the run before idle CPU is measured (default 12)")
+    parser.add_argument("--idle", type=float, default=10.0,
+                        help="seconds over which idle CPU is measured (default 10)")
+    parser.add_argument("--hundred", action="store_true",
+                        help="also time a 100-round (20-epoch) deployment in the fast mode")
+    parser.add_argument("--work", help="keep logs and run folders here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: got {unknown}; accepted: {', '.join(MODES)}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-deploy-"))
+    print(f"load average before: {os.getloadavg()}; {os.cpu_count()} CPUs; logs in {work}",
+          flush=True)
+    rows = []
+    for mode in modes:
+        print(f"... {mode}", file=sys.stderr, flush=True)
+        rows.append(measure(mode, args.epochs, args.settle, args.idle, work))
+    print(f"\n4 parties on 127.0.0.1, quickstart config, {args.epochs} epochs "
+          f"({5 * args.epochs} training rounds + evaluations/checkpoint), one run per mode")
+    print(HEAD)
+    print("-" * len(HEAD))
+    for row in rows:
+        print(line(row))
+    if args.hundred:
+        print("... fast, 100 rounds", file=sys.stderr, flush=True)
+        row = measure("fast", 20, 0.0, 1.0, work / "hundred")
+        if row.error:
+            print(f"\n100-round fast deployment failed: {row.error}")
+        else:
+            print(f"\n100-round quickstart deployment (20 epochs, fast): flwr run until "
+                  f"finished {row.run_seconds:.0f} s ({row.run_seconds / 60:.1f} min; target "
+                  f"< 5 min), round median {statistics.median(row.rounds):.2f} s, "
+                  f"test acc {row.accuracy:.4f}")
+    print(f"load average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The Fleet gate: over TLS, only ``POST /v1/fleet/...`` reaches the SuperLink behind it, with
+its body and authentication headers intact; the Control API and anything else never do."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from simulations.deploy_local import free_port
+from simulations.fleet_gate import make_app
+from simulations.keys import make_keys
+
+
+def _trust(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def _serve(app: object, port: int, keys) -> tuple[uvicorn.Server, threading.Thread]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           ssl_certfile=str(keys.server.cert),
+                                           ssl_keyfile=str(keys.server.key),
+                                           log_level="error", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    return server, thread
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, list]]:
+    keys = make_keys(tmp_path_factory.mktemp("k") / "keys", 1)
+    seen: list[tuple[str, str, bytes, str | None]] = []
+
+    async def echo(request: Request) -> Response:
+        body = await request.body()
+        seen.append((request.method, request.url.path, body,
+                     request.headers.get("flwr-signature")))
+        return Response(b"upstream:" + body, status_code=201,
+                        headers={"content-type": "application/protobuf", "x-upstream": "1"})
+
+    upstream_app = Starlette(routes=[Route("/{rest:path}", echo, methods=["GET", "POST"])])
+    up_port, gate_port = free_port(), free_port()
+    upstream, t1 = _serve(upstream_app, up_port, keys)
+    front, t2 = _serve(make_app(f"127.0.0.1:{up_port}", str(keys.server.ca)), gate_port, keys)
+    try:
+        yield f"https://127.0.0.1:{gate_port}", keys.party(0).ca, seen, upstream
+    finally:
+        for server, thread in ((front, t2), (upstream, t1)):
+            server.should_exit = True
+            thread.join(10)
+
+
+def test_fleet_requests_pass_with_body_and_auth_headers(gate) -> None:
+    url, ca, seen, _ = gate
+    seen.clear()
+    body = bytes(range(256)) * 40_000  # 10 MB: bigger than Flower's 5 MiB chunks
+    reply = httpx.post(f"{url}/v1/fleet/push-object", content=body, verify=_trust(ca),
+                       headers={"flwr-signature": "c2ln", "content-type": "application/protobuf"},
+                       timeout=60)
+    assert reply.status_code == 201 and reply.content == b"upstream:" + body
+    assert reply.headers["x-upstream"] == "1"
+    assert seen == [("POST", "/v1/fleet/push-object", body, "c2ln")]
+
+
+def test_everything_but_the_fleet_api_is_refused_before_the_superlink(gate) -> None:
+    url, ca, seen, _ = gate
+    seen.clear()
+    for method, path in [("POST", "/v1/control/start-run"),
+                         ("POST", "/v1/control/register-node"),
+                         ("POST", "/v1/runtime/pull-task-input"),
+                         ("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/fleetx"),
+                         ("POST", "/v1/fleet/../control/start-run"),
+                         ("POST", "/v1/fleet/%2e%2e/control/start-run"),
+                         ("POST", "/v1/fleet/..%2fcontrol%2fstart-run"),
+                         ("POST", "/v1/fleet/x/../../control/start-run"), ("GET", "/")]:
+        reply = httpx.request(method, url + path, content=b"x", verify=_trust(ca), timeout=30)
+        assert reply.status_code in (404, 405), (method, path, reply.status_code)
+    assert seen == [], "a refused request reached the SuperLink"
+
+
+def test_a_client_not_trusting_the_ca_is_refused(gate, tmp_path: Path) -> None:
+    url, _, seen, _ = gate
+    other = make_keys(tmp_path / "other", 1)
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"{url}/v1/fleet/x", content=b"x", verify=_trust(other.ca_cert), timeout=30)

@@ -1,0 +1,234 @@
+"""Warm ClientApp workers and shorter SuperNode waits (clients/worker.py, clients/supernode.py).
+
+The unit tests check the guards on Flower internals (a changed source or another Flower version
+falls back to Flower's stock path with a warning) and what the patches change. The slow tests
+run real deployments on loopback: the fast mode gives the in-process run's metrics, and a
+killed worker fails the run at once with an error naming its node.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clients import fastpath, supernode, worker
+from simulations import procs
+from simulations.deploy_local import TAG_ENV, DeploymentError, deploy, port_is_free
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+slow = pytest.mark.slow
+deployment = pytest.mark.xdist_group("deployment")
+
+#: As tests/test_deployment.py: 2 clients (left and right half of the image), one epoch.
+TINY = ["train.epochs=1", "train.chunk_size=100000", "train.eval_every=0",
+        "baselines.uniform=false", "baselines.independent=false",
+        "views.n_views=2", "views.options={grid: [1, 2]}"]
+WORKER_REF = "flwr.supernode.runtime.run_clientapp:pull_task_input"
+WAITS_REF = "flwr.supernode.start_client_internal:_push_messages"
+
+
+# --------------------------------------------------------------------------------------------
+# Guards
+# --------------------------------------------------------------------------------------------
+
+
+def test_guards_fit_the_installed_flower() -> None:
+    import flwr
+
+    if flwr.__version__ != fastpath.FLOWER_VERSION:
+        pytest.skip(f"Flower {flwr.__version__}: the fast paths are off (warned) until the "
+                    "guards are re-checked")
+    assert fastpath.problems("worker") == []
+    assert fastpath.problems("waits") == []
+    assert supernode.resolve_mode("fast") == "fast"
+
+
+def test_a_changed_flower_function_falls_back_to_stock_with_a_warning(monkeypatch,
+                                                                      caplog) -> None:
+    monkeypatch.setitem(fastpath.SOURCE_SHA256, WORKER_REF, "0" * 64)
+    with caplog.at_level(logging.WARNING, logger="clients.fastpath"):
+        assert supernode.resolve_mode("fast") == "stock"
+        assert supernode.resolve_mode("warm") == "stock"
+    assert "pull_task_input changed" in caplog.text
+    assert "falling back to Flower's stock path" in caplog.text
+    assert supernode.resolve_mode("stock") == "stock"
+
+
+def test_another_flower_version_falls_back_to_stock(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(fastpath, "FLOWER_VERSION", "0.0.0")
+    with caplog.at_level(logging.WARNING, logger="clients.fastpath"):
+        assert supernode.resolve_mode("fast") == "stock"
+    assert "written for 0.0.0" in caplog.text
+
+
+def test_changed_waits_keep_the_worker_and_flowers_waits(monkeypatch, caplog) -> None:
+    from flwr.supernode import start_client_internal as sci
+
+    monkeypatch.setitem(fastpath.SOURCE_SHA256, WAITS_REF, "0" * 64)
+    with caplog.at_level(logging.WARNING, logger="clients.fastpath"):
+        assert supernode.resolve_mode("fast") == "warm"
+        assert supernode.install_waits() is None
+    assert "_push_messages changed" in caplog.text
+    assert sci.time is time  # Flower's module left as it was
+
+
+def test_unknown_mode_is_refused_naming_the_accepted_ones() -> None:
+    with pytest.raises(ValueError, match="got 'turbo'; accepted: stock, warm, fast"):
+        supernode.resolve_mode("turbo")
+
+
+def test_install_waits_shortens_only_flowers_fixed_sleeps(monkeypatch) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal as sci
+
+    for name in ("time", "pull_objects", "_pull_and_store_message"):
+        monkeypatch.setattr(sci, name, getattr(sci, name))  # restored after the test
+    original = sci._pull_and_store_message
+    waits = supernode.install_waits(hot_poll=0.1, idle_poll=1.0, hot_window=10.0,
+                                    reply_poll=0.05)
+    assert waits is not None and sci.time is waits
+    assert sci.pull_objects.func is inflatable_utils.pull_objects
+    assert sci.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+    assert sci._pull_and_store_message.__wrapped__ is original
+    assert waits.seconds(3) == 1.0  # idle, no message yet: Flower sleeps 3 s
+    assert waits.seconds(0.5) == 0.05  # waiting for the reply (and now hot)
+    assert waits.seconds(3) == 0.1  # a message came less than 10 s ago
+    assert waits.seconds(2) == 2  # any other sleep is left alone
+    assert waits.monotonic is time.monotonic
+
+
+def test_server_pulls_retry_missing_objects_sooner_or_fall_back(monkeypatch, caplog) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after
+    ref = "flwr.superlink.grid.http_grid:HttpGrid.pull_messages"
+    monkeypatch.setitem(fastpath.SOURCE_SHA256, ref, "0" * 64)
+    with caplog.at_level(logging.WARNING, logger="clients.fastpath"):
+        assert fastpath.install_server_pulls() is False
+    assert http_grid.pull_objects is inflatable_utils.pull_objects
+    assert "HttpGrid.pull_messages changed" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    assert fastpath.install_server_pulls() is True
+    assert http_grid.pull_objects.func is inflatable_utils.pull_objects
+    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
+def test_flower_args_choose_the_isolation() -> None:
+    args = ["--insecure", "--isolation", "subprocess", "--port", "9"]
+    assert supernode.flower_args(args, True) == ["--insecure", "--port", "9",
+                                                 "--isolation", "process"]
+    assert supernode.flower_args(["--isolation=process"], False) == ["--isolation",
+                                                                     "subprocess"]
+
+
+def test_worker_restarts_for_a_new_app_bundle_before_touching_the_task() -> None:
+    w = worker.Worker("127.0.0.1:1", "node", 0.05, 0.5, 10.0, [])
+    w.fab_hash = "a" * 64
+    with pytest.raises(worker._Reload) as caught:  # raised before any request is made
+        w.run_task("token", "b" * 64)
+    assert (caught.value.token, caught.value.fab_hash) == ("token", "b" * 64)
+
+
+def test_worker_forgets_modules_the_app_bundle_provides(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "pkg_lf_test").mkdir()
+    (tmp_path / "pkg_lf_test" / "__init__.py").write_text("")
+    (tmp_path / "mod_lf_test.py").write_text("")
+    for name in ("pkg_lf_test", "pkg_lf_test.sub", "mod_lf_test", "other_lf_test"):
+        monkeypatch.setitem(sys.modules, name, object())
+    worker._forget_app_modules(tmp_path)
+    assert "pkg_lf_test" not in sys.modules and "pkg_lf_test.sub" not in sys.modules
+    assert "mod_lf_test" not in sys.modules and "other_lf_test" in sys.modules
+
+
+# --------------------------------------------------------------------------------------------
+# Deployments
+# --------------------------------------------------------------------------------------------
+
+
+def assert_all_stopped(tag: str, ports: list[int] | tuple[int, ...]) -> None:
+    assert procs.tagged(TAG_ENV, tag) == set(), "processes outlived the deployment"
+    busy = [p for p in ports if not port_is_free(p)]
+    assert busy == [], f"ports still in use: {busy}"
+
+
+@slow
+@deployment
+def test_fast_deployment_equals_the_in_process_run(tmp_path: Path) -> None:
+    from liquid_fed.config import load_config
+    from liquid_fed.federation import LocalTransport
+    from liquid_fed.runs import run_federated
+
+    # Same-length run folders: the byte counts include the config text, which holds `out`.
+    result = deploy(QUICKSTART, TINY, out=tmp_path / "a", timeout=300,
+                    work_dir=tmp_path / "deploy", mode="fast")
+    assert_all_stopped(result.tag, result.ports)
+    cfg = load_config(QUICKSTART, [*TINY, f"out={tmp_path / 'b'}"])
+    local = run_federated(cfg, LocalTransport(cfg.n_clients), tmp_path / "b" / cfg.name)
+
+    deployed = result.summary["test"]
+    assert set(deployed) == set(local["test"])
+    for key, value in local["test"].items():
+        if isinstance(value, float):
+            assert math.isclose(deployed[key], value, rel_tol=0, abs_tol=1e-6), key
+        else:
+            assert deployed[key] == value, key
+    assert result.summary["rounds"] == local["rounds"]
+
+    # Every message of a node went to one warm worker: the app was loaded once per node.
+    for k in range(2):
+        text = (tmp_path / "deploy" / f"supernode-{k}.log").read_text()
+        assert "mode fast (asked: fast)" in text
+        assert len(re.findall(rf"worker supernode-{k} loaded app", text)) == 1
+        assert len(re.findall(r"Receiving: ", text)) >= result.summary["rounds"] + 2
+    assert len(result.exchange_seconds) >= 4
+
+
+@slow
+@deployment
+def test_a_killed_worker_fails_the_run_naming_its_node(tmp_path: Path) -> None:
+    work = tmp_path / "deploy"
+    outcome: dict[str, BaseException | float] = {}
+
+    def run() -> None:
+        try:
+            deploy(QUICKSTART, [*TINY, "train.epochs=50"], out=tmp_path / "runs",
+                   timeout=600, work_dir=work, mode="fast")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+        outcome["end"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    log1 = work / "supernode-1.log"
+    deadline = time.monotonic() + 240
+    pid = None
+    while pid is None and time.monotonic() < deadline and thread.is_alive():
+        text = log1.read_text() if log1.exists() else ""
+        if "loaded app" in text:  # the run is under way and the worker is warm
+            pid = int(re.search(r"ClientApp worker started \(pid (\d+)\)", text).group(1))
+        time.sleep(0.2)
+    assert pid is not None, f"the run never reached the worker: {outcome}"
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the run kept waiting after its worker died"
+    error = outcome.get("error")
+    assert isinstance(error, DeploymentError), error
+    message = str(error)
+    assert "supernode-1 exited with status 75 during the run" in message
+    assert f"ClientApp worker (pid {pid}) exited with status -9" in message
+    # Flower would let the task expire after about 60 s; the launcher ends the run at once.
+    assert outcome["end"] - killed < 30
+    assert_all_stopped(error.tag, error.ports)
