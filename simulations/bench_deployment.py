@@ -179,6 +179,8 @@ def measure(mode: str, epochs: int, settle: float, idle: float, work: Path,
         return row
     finally:
         sampler.stop()
+    if result.mode != mode:  # the installed Flower did not fit: the nodes fell back
+        row.mode = f"{mode}>{result.mode}"
     row.nodes_up = result.superlink_ready_seconds + max(result.node_connect_seconds)
     row.run_seconds = result.run_seconds
     row.accuracy = float(result.summary.get("test", {}).get("accuracy", float("nan")))

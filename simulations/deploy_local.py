@@ -66,6 +66,7 @@ _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 MODES = ("stock", "warm", "fast")
 DEFAULT_MODE = "fast"
 _ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
+_MODE = re.compile(r"SuperNode \S+: mode (\w+) \(asked")
 
 
 class DeploymentError(RuntimeError):
@@ -93,7 +94,7 @@ class DeployResult:
     ports: list[int]
     tag: str
     summary: dict[str, Any] = field(default_factory=dict)
-    mode: str = DEFAULT_MODE  # how the SuperNodes ran the ClientApp (asked for; see logs)
+    mode: str = DEFAULT_MODE  # how the SuperNodes ran the ClientApp (after any fallback)
 
     @property
     def round_trip_seconds(self) -> float:
@@ -283,6 +284,14 @@ class LocalDeployment:
             time.sleep(0.1)
         self.node_connect_seconds = [connected[k] for k in range(self.n_nodes)]
         self._check_alive(link)
+
+    def node_modes(self) -> list[str]:
+        """The mode each SuperNode runs in: the one asked for unless the installed Flower
+        did not fit it (then the SuperNode fell back and logged why)."""
+        if self.mode == "stock":
+            return ["stock"] * len(self.nodes)
+        return [hits[0][1].group(1) if (hits := node.find(_MODE)) else "unknown"
+                for node in self.nodes]
 
     def write_connection(self) -> Path:
         """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one insecure connection."""
@@ -487,7 +496,8 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
                 node_connect_seconds=dep.node_connect_seconds, run_seconds=run_seconds,
                 total_seconds=time.time() - t0, exchange_seconds=exchanges,
                 ports=list(dep.ports), tag=dep.tag,
-                summary=json.loads(summary_file.read_text()), mode=mode)
+                summary=json.loads(summary_file.read_text()),
+                mode=",".join(sorted(set(dep.node_modes()))))
     except DeploymentError as exc:
         exc.tag, exc.ports = dep.tag, tuple(dep.ports)
         raise

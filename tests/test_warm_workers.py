@@ -174,6 +174,7 @@ def test_fast_deployment_equals_the_in_process_run(tmp_path: Path) -> None:
     result = deploy(QUICKSTART, TINY, out=tmp_path / "a", timeout=300,
                     work_dir=tmp_path / "deploy", mode="fast")
     assert_all_stopped(result.tag, result.ports)
+    assert result.mode == "fast"  # no node fell back to Flower's stock path
     cfg = load_config(QUICKSTART, [*TINY, f"out={tmp_path / 'b'}"])
     local = run_federated(cfg, LocalTransport(cfg.n_clients), tmp_path / "b" / cfg.name)
 
