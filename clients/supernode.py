@@ -184,6 +184,9 @@ class Supervisor(threading.Thread):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=prepare)
         log.info("SuperNode %s: ClientApp worker started (pid %d)", self.node, self.proc.pid)
         status = self.proc.wait()
+        # SIGTERM reaches the worker and this process together (one process group): give
+        # Flower's exit handlers (which call stop()) a moment before calling it a failure.
+        time.sleep(1.0)
         if not self.stopping:
             self._fail(f"its ClientApp worker (pid {self.proc.pid}) exited with status "
                        f"{status}")
@@ -233,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or _option(rest, "--node-config", "") or "supernode"
     log.info("SuperNode %s: mode %s (asked: %s)", name, mode, args.mode)
     supervisor = None
+    if mode != "stock" and _option(rest, "--ssl-certfile", ""):
+        log.warning("SuperNode %s: the warm worker does not speak TLS to the Runtime API "
+                    "(--ssl-certfile); keeping Flower's stock isolation", name)
+        mode = "stock"
     if mode in ("warm", "fast"):
         host = _option(rest, "--host", "127.0.0.1")
         port = int(_option(rest, "--port", "9094"))

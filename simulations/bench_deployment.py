@@ -18,6 +18,13 @@ on 127.0.0.1), runs a few training epochs, and prints ONE table, all measured in
   message) the CPU time (user + system, from ``/proc/PID/stat``) of every process of the
   deployment (SuperLink, SuperNodes, their workers or SuperExecs) is summed over ``--idle``
   seconds, as a percentage of one core; *idle PSS* is their memory at that point;
+* *CPU/round*: CPU seconds (user + system) that all processes of the deployment together
+  spend per training round, from the end of the ``setup`` exchange to the end of the last
+  exchange, divided by the exchanges in between. It barely depends on the machine's load,
+  unlike wall times. Sampled every 0.25 s as ``utime + stime + cutime + cstime`` summed over
+  the deployment's live processes (found by their working folder, then their tag), so the
+  time of a process that has exited counts in its parent's ``cutime`` (e.g. Flower's
+  ``flwr-clientapp`` per message in its SuperExec, the ServerApp in the SuperLink's);
 * *test acc*: the run's test accuracy (every mode must give the same).
 
 Run: ``python -m simulations.bench_deployment [--epochs 2] [--modes stock,warm,fast]
@@ -33,6 +40,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +60,9 @@ QUICKSTART = APP_DIR / "configs" / "quickstart.yaml"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: set[int]) -> dict[int, float]:
-    """User + system CPU seconds of each process (those that still exist)."""
+def cpu_seconds(pids: set[int], children: bool = False) -> dict[int, float]:
+    """User + system CPU seconds of each process (those that still exist); with
+    ``children``, plus that of its exited and reaped descendants."""
     out = {}
     for pid in pids:
         try:
@@ -61,8 +70,60 @@ def cpu_seconds(pids: set[int]) -> dict[int, float]:
         except OSError:
             continue
         fields = text[text.rfind(")") + 2:].split()
-        out[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        ticks = int(fields[11]) + int(fields[12])
+        if children:
+            ticks += int(fields[13]) + int(fields[14])
+        out[pid] = ticks / CLOCK_TICKS
     return out
+
+
+class CpuSampler(threading.Thread):
+    """Every ``interval`` s: (time, total CPU seconds) of the deployment working in ``cwd``."""
+
+    def __init__(self, cwd: Path, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.cwd, self.interval = str(cwd.resolve()), interval
+        self.samples: list[tuple[float, float]] = []
+        self.tag: str | None = None
+        self._stop_event = threading.Event()
+
+    def _find_tag(self) -> str | None:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{pid}/cwd") != self.cwd:
+                    continue
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            prefix = f"{TAG_ENV}=".encode()
+            for item in env:
+                if item.startswith(prefix):
+                    return item[len(prefix):].decode()
+        return None
+
+    def run(self) -> None:
+        total = 0.0
+        while not self._stop_event.is_set():
+            if self.tag is None:
+                self.tag = self._find_tag()
+            if self.tag is not None:
+                # An exited process's time leaves the sum until its parent reaps it (then it
+                # is in the parent's cutime): keep the running maximum over those gaps.
+                now = cpu_seconds(procs.tagged(TAG_ENV, self.tag), children=True)
+                total = max(total, sum(now.values()))
+                self.samples.append((time.time(), total))
+            self._stop_event.wait(self.interval)
+
+    def at(self, t: float) -> float:
+        """Total CPU seconds at the last sample before ``t``."""
+        before = [c for s, c in self.samples if s <= t]
+        return before[-1] if before else float("nan")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
 
 
 @dataclass
@@ -74,6 +135,7 @@ class Row:
     run_seconds: float = float("nan")
     idle_cpu: float = float("nan")
     idle_pss: int = 0
+    cpu_per_round: float = float("nan")
     accuracy: float = float("nan")
     error: str = ""
 
@@ -81,6 +143,10 @@ class Row:
 def measure(mode: str, epochs: int, settle: float, idle: float, work: Path,
             extra: list[str] = ()) -> Row:
     row = Row(mode)
+    out = work / mode
+    (out / "deploy").mkdir(parents=True, exist_ok=True)
+    sampler = CpuSampler(out / "deploy")
+    sampler.start()
 
     def after_run(dep: LocalDeployment) -> None:
         ends: dict[int, float] = {}
@@ -92,6 +158,10 @@ def measure(mode: str, epochs: int, settle: float, idle: float, work: Path,
         row.run_startup = times[1] - submit if len(times) > 1 else float("nan")
         # exchanges: 1 hello, 2 setup, then training rounds (and evaluations, checkpoints)
         row.rounds = [b - a for a, b in zip(times[2:-1], times[3:], strict=True)]
+        if len(times) > 2:
+            used = sampler.at(times[-1] + 0.3) - sampler.at(times[1])
+            row.cpu_per_round = used / (len(times) - 2)
+        sampler.stop()
         time.sleep(settle)
         pids = procs.tagged(TAG_ENV, dep.tag)
         before, t0 = cpu_seconds(pids), time.monotonic()
@@ -101,13 +171,16 @@ def measure(mode: str, epochs: int, settle: float, idle: float, work: Path,
         row.idle_cpu = 100.0 * used / (t1 - t0)
         row.idle_pss = procs.pss_bytes(set(after))
 
-    out = work / mode
     try:
         result = deploy(QUICKSTART, [f"train.epochs={epochs}", *extra], out=out / "runs",
                         timeout=3600, work_dir=out / "deploy", mode=mode, after_run=after_run)
     except DeploymentError as exc:
         row.error = str(exc).splitlines()[0]
         return row
+    finally:
+        sampler.stop()
+    if result.mode != mode:  # the installed Flower did not fit: the nodes fell back
+        row.mode = f"{mode}>{result.mode}"
     row.nodes_up = result.superlink_ready_seconds + max(result.node_connect_seconds)
     row.run_seconds = result.run_seconds
     row.accuracy = float(result.summary.get("test", {}).get("accuracy", float("nan")))
@@ -115,8 +188,8 @@ def measure(mode: str, epochs: int, settle: float, idle: float, work: Path,
 
 
 HEAD = (f"{'mode':<6} {'rounds':>6} {'round median':>12} {'IQR':>13} {'min-max':>13} "
-        f"{'nodes up':>8} {'run start-up':>12} {'idle CPU':>8} {'idle PSS':>8} "
-        f"{'test acc':>8}")
+        f"{'CPU/round':>9} {'nodes up':>8} {'run start-up':>12} {'idle CPU':>8} "
+        f"{'idle PSS':>8} {'test acc':>8}")
 
 
 def line(row: Row) -> str:
@@ -126,7 +199,8 @@ def line(row: Row) -> str:
     q = statistics.quantiles(r, n=4) if len(r) >= 2 else [float("nan")] * 3
     return (f"{row.mode:<6} {len(r):>6} {statistics.median(r):>10.2f} s "
             f"{q[0]:>5.2f}-{q[2]:<5.2f} s {r[0]:>5.2f}-{r[-1]:<5.2f} s "
-            f"{row.nodes_up:>6.1f} s {row.run_startup:>10.1f} s {row.idle_cpu:>7.1f}% "
+            f"{row.cpu_per_round:>7.2f} s {row.nodes_up:>6.1f} s {row.run_startup:>10.1f} s "
+            f"{row.idle_cpu:>7.1f}% "
             f"{row.idle_pss / 2**30:>5.2f} GiB {row.accuracy:>8.4f}")
 
 

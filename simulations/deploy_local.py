@@ -79,6 +79,7 @@ _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 MODES = ("stock", "warm", "fast")
 DEFAULT_MODE = "fast"
 _ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
+_MODE = re.compile(r"SuperNode \S+: mode (\w+) \(asked")
 
 
 class DeploymentError(RuntimeError):
@@ -109,7 +110,7 @@ class DeployResult:
     secure: bool = False  # TLS and SuperNode authentication
     shards: Path | None = None  # the private shards the nodes and the ServerApp read
     rogue_exits: list[tuple[int | None, str]] = field(default_factory=list)
-    mode: str = DEFAULT_MODE  # how the SuperNodes ran the ClientApp (asked for; see logs)
+    mode: str = DEFAULT_MODE  # how the SuperNodes ran the ClientApp (after any fallback)
 
     @property
     def round_trip_seconds(self) -> float:
@@ -414,6 +415,14 @@ class LocalDeployment:
             child.wait_closed(2)
             self.rogue_exits.append((child.proc.poll(), child.tail()))
 
+    def node_modes(self) -> list[str]:
+        """The mode each SuperNode runs in: the one asked for unless the installed Flower
+        did not fit it (then the SuperNode fell back and logged why)."""
+        if self.mode == "stock":
+            return ["stock"] * len(self.nodes)
+        return [hits[0][1].group(1) if (hits := node.find(_MODE)) else "unknown"
+                for node in self.nodes]
+
     def write_connection(self) -> Path:
         """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one connection (TLS with keys)."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -688,7 +697,7 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
                 node_connect_seconds=dep.node_connect_seconds, run_seconds=run_seconds,
                 total_seconds=time.time() - t0, exchange_seconds=exchanges,
                 ports=list(dep.ports), tag=dep.tag,
-                summary=summary, mode=mode,
+                summary=summary, mode=",".join(sorted(set(dep.node_modes()))),
                 secure=key_set is not None, shards=shard_dir,
                 rogue_exits=list(dep.rogue_exits))
     except DeploymentError as exc:

@@ -174,6 +174,7 @@ def test_fast_deployment_equals_the_in_process_run(tmp_path: Path) -> None:
     result = deploy(QUICKSTART, TINY, out=tmp_path / "a", timeout=300,
                     work_dir=tmp_path / "deploy", mode="fast")
     assert_all_stopped(result.tag, result.ports)
+    assert result.mode == "fast"  # no node fell back to Flower's stock path
     cfg = load_config(QUICKSTART, [*TINY, f"out={tmp_path / 'b'}"])
     local = run_federated(cfg, LocalTransport(cfg.n_clients), tmp_path / "b" / cfg.name)
 
@@ -232,3 +233,42 @@ def test_a_killed_worker_fails_the_run_naming_its_node(tmp_path: Path) -> None:
     # Flower would let the task expire after about 60 s; the launcher ends the run at once.
     assert outcome["end"] - killed < 30
     assert_all_stopped(error.tag, error.ports)
+
+
+@slow
+@deployment
+def test_worker_restarts_when_the_app_bundle_changes(tmp_path: Path) -> None:
+    import shlex
+    import shutil
+
+    from simulations.deploy_local import CONNECTION, LocalDeployment, _run_status, _write_toml
+
+    apps = []
+    for variant in (1, 2):  # two app bundles that differ by one comment: two FAB hashes
+        app = tmp_path / f"app{variant}"
+        shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(
+            ".git", ".pytest_cache", ".ruff_cache", "__pycache__", "tests", "runs"))
+        with (app / "clients" / "app.py").open("a") as f:
+            f.write(f"# variant {variant}\n")
+        apps.append(app)
+    with LocalDeployment(2, tmp_path / "deploy", mode="fast") as dep:
+        dep.start()
+        for variant, app in enumerate(apps, 1):
+            run_config = tmp_path / f"run-config-{variant}.toml"
+            overrides = [*TINY, f"out={tmp_path / 'runs'}", f"name=v{variant}"]
+            _write_toml(run_config, {"config": "configs/quickstart.yaml",
+                                     "set": shlex.join(overrides)})
+            runner = dep.flwr("run", str(app), CONNECTION, "--stream", "--run-config",
+                              str(run_config), name=f"flwr-run-{variant}")
+            assert runner.proc.wait(timeout=300) == 0, runner.tail(25)
+            runner.wait_closed(5)
+            run_id = runner.find(re.compile(r"Successfully started run (\d+)"))[0][1].group(1)
+            assert _run_status(dep, run_id)["status"] == "finished:completed"
+            assert (tmp_path / "runs" / f"v{variant}" / "summary.json").is_file()
+        dep.check_nodes()  # the restarted workers kept their SuperNodes up
+        logs = [node.tail(100000) for node in dep.nodes]
+        tag, ports = dep.tag, list(dep.ports)
+    for text in logs:
+        assert len(re.findall(r"restarting the worker \(same pid\)", text)) == 1
+        assert len(re.findall(r"loaded app", text)) == 2
+    assert_all_stopped(tag, ports)
