@@ -6,7 +6,8 @@ checkpoints, client replies, signals and Ray, each case in its own subprocess.
     python simulations/probe_hostile.py --tree . --out probe-after.json
     python simulations/probe_hostile.py --compare probe-before.json probe-after.json
 
-Every case runs with cwd=TREE and PYTHONPATH=TREE under this interpreter (``sys.executable``), with a
+Every case runs with cwd=TREE and PYTHONPATH=TREE under this interpreter (``sys.executable``),
+with a
 timeout, and is classified as exactly one of :data:`CLASSES` (or ``n/a`` with a reason where
 the tree cannot express it). ``--only SUBSTR`` runs the cases whose id contains SUBSTR;
 ``--no-ray`` skips the cases that start Ray (each costs 20-60 s).
