@@ -445,6 +445,23 @@ class LocalDeployment:
         """Start the ``flwr`` CLI against this deployment's connection."""
         return self._spawn(name, [_executable("flwr"), *args], self.flwr_home, echo)
 
+    def flwr_list(self, *args: str, key: str, name: str, timeout: float = 120.0
+                  ) -> list[dict[str, Any]]:
+        """Run ``flwr ARGS --format json`` to the end and return its list under ``key``.
+
+        Raises:
+            DeploymentError: the output holds no such list (its tail is in the message).
+        """
+        ls = self.flwr(*args, "--format", "json", name=name)
+        ls.proc.wait(timeout=timeout)
+        ls.wait_closed(5)
+        text = "\n".join(line for _, line in ls.lines)
+        try:
+            return json.loads(text[text.index("{"):])[key]
+        except (ValueError, KeyError) as exc:
+            raise DeploymentError(f"`flwr {' '.join(args)}` gave no {key} list:\n"
+                                  f"{text[-2000:]}") from exc
+
     def exchange_seconds(self) -> list[float]:
         """Time between successive protocol exchanges, from the nodes' time-stamped logs.
 
@@ -540,14 +557,7 @@ def _run_status(dep: LocalDeployment, run_id: str | None, wait: float = 20.0) ->
     deadline = time.time() + wait
     row: dict[str, Any] = {}
     while True:
-        ls = dep.flwr("ls", CONNECTION, "--format", "json", name="flwr-ls")
-        ls.proc.wait(timeout=60)
-        ls.wait_closed(5)
-        text = "\n".join(line for _, line in ls.lines)
-        try:
-            runs = json.loads(text[text.index("{"):])["runs"]
-        except (ValueError, KeyError) as exc:
-            raise DeploymentError(f"`flwr ls` gave no run list:\n{text[-2000:]}") from exc
+        runs = dep.flwr_list("ls", CONNECTION, key="runs", name="flwr-ls", timeout=60)
         rows = [r for r in runs if run_id is None or str(r["run-id"]) == run_id]
         if rows:
             row = rows[-1]

@@ -96,15 +96,7 @@ def wait_for_nodes(dep: LocalDeployment, n: int, wait: float, poll: float = 3.0)
     deadline = time.time() + wait
     online: list[str] = []
     while True:
-        ls = dep.flwr("supernode", "ls", CONNECTION, "--format", "json", name="flwr-nodes")
-        ls.proc.wait(timeout=120)
-        ls.wait_closed(5)
-        text = "\n".join(line for _, line in ls.lines)
-        try:
-            nodes = json.loads(text[text.index("{"):])["nodes"]
-        except (ValueError, KeyError) as exc:
-            raise DeploymentError(f"`flwr supernode ls` gave no node list:\n{text[-2000:]}"
-                                  ) from exc
+        nodes = dep.flwr_list("supernode", "ls", CONNECTION, key="nodes", name="flwr-nodes")
         online = [str(node["node-id"]) for node in nodes if node.get("status") == "online"]
         if len(online) >= n:
             return online
@@ -135,16 +127,22 @@ def start_gate(dep: LocalDeployment, host: str, port: int, keys: ServerKeys,
         time.sleep(0.1)
 
 
+def _keys(args: argparse.Namespace, kind: type, which: str) -> Any:
+    """The checked key folder of ``--keys``, or None with ``--insecure``."""
+    if args.insecure:
+        return None
+    if not args.keys:
+        raise ConfigError(f"--keys: missing; give {which} written by `liquid-fed keys` (or "
+                          "--insecure on 127.0.0.1 only)")
+    keys = kind(Path(args.keys))
+    keys.check()
+    return keys
+
+
 def server_host(args: argparse.Namespace) -> int:
     """Start a SuperLink, register the parties, run the federation once, stop."""
     _check_security(args.insecure, [args.host], "--host")
-    keys = None
-    if not args.insecure:
-        if not args.keys:
-            raise ConfigError("--keys: missing; give the server folder written by "
-                              "`liquid-fed keys` (or --insecure on 127.0.0.1 only)")
-        keys = ServerKeys(Path(args.keys))
-        keys.check()
+    keys = _keys(args, ServerKeys, "the server folder")
     cfg, overrides, n_nodes = resolve(args.config, args.set or [], args.out, args.nodes)
     from liquid_fed.shards import load_server_shard
 
@@ -202,13 +200,7 @@ def party_host(args: argparse.Namespace) -> int:
     if not 0 <= args.partition_id < args.num_partitions:
         raise ConfigError(f"--partition-id: got {args.partition_id}; accepted: 0.."
                           f"{args.num_partitions - 1} (--num-partitions {args.num_partitions})")
-    keys = None
-    if not args.insecure:
-        if not args.keys:
-            raise ConfigError("--keys: missing; give this party's folder written by "
-                              "`liquid-fed keys` (or --insecure on 127.0.0.1 only)")
-        keys = PartyKeys(Path(args.keys))
-        keys.check()
+    keys = _keys(args, PartyKeys, "this party's folder")
     data_dir = Path(args.data_dir).resolve()
     _check_shard(data_dir, args.partition_id)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="lf-party-"))

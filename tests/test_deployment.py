@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import ssl
 import subprocess
@@ -150,6 +151,15 @@ def test_secure_deployment_with_shards_reproduces_the_simulation_and_keeps_exper
             if f.suffix == ".npz":
                 with np.load(f, allow_pickle=False) as z:
                     assert not [n for n in z.files if n.startswith(("model/", "optimizer/"))]
+
+    # Warm workers (the default fast mode): no node fell back to Flower's stock path, and every
+    # message of a node went to one worker, which loaded the app once.
+    assert result.mode == "fast"
+    for k in range(2):
+        text = (work / f"supernode-{k}.log").read_text()
+        assert "mode fast (asked: fast)" in text
+        assert len(re.findall(rf"worker supernode-{k} loaded app", text)) == 1
+        assert len(re.findall(r"Receiving: ", text)) >= summary["rounds"] + 2
 
     # Timings the README quotes: nodes connect in seconds; every exchange is one round trip.
     assert len(result.node_connect_seconds) == 2

@@ -27,6 +27,9 @@ from liquid_fed.rundir import RunLock, has_checkpoint, load_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
+#: The signal and process tests run beside the others (a second group: its own xdist worker);
+#: every check they make is by their own run's tag, so another run on the machine is no harm.
+live = pytest.mark.xdist_group("live")
 
 OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "views.json")
 
@@ -197,6 +200,7 @@ def run_environment(tag: str) -> dict[str, str]:
     raise AssertionError("no simulation child found")
 
 
+@live
 def test_ctrl_c_stops_everything_and_keeps_the_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "interrupt"
     env, tag = tagged_env()
@@ -223,6 +227,7 @@ print("JOINED", ray.get(f.remote(), timeout=30))
 """
 
 
+@live
 def test_a_live_run_is_private_locked_and_stops_on_sigterm(tmp_path: Path) -> None:
     run = tmp_path / "private"
     env, tag = tagged_env()
@@ -258,6 +263,7 @@ def test_a_live_run_is_private_locked_and_stops_on_sigterm(tmp_path: Path) -> No
     assert load_checkpoint(run, 4).round > 0
 
 
+@live
 def test_a_killed_launcher_takes_its_run_down(tmp_path: Path) -> None:
     run = tmp_path / "orphan"
     env, tag = tagged_env()

@@ -2,14 +2,14 @@
 
 The unit tests check the guards on Flower internals (a changed source or another Flower version
 falls back to Flower's stock path with a warning) and what the patches change. The slow tests
-run real deployments on loopback: the fast mode gives the in-process run's metrics, and a
-killed worker fails the run at once with an error naming its node.
+run real deployments on loopback: a killed worker fails the run at once with an error naming
+its node, and a worker restarts for a new app bundle. That the fast mode (the default) gives
+the in-process run's metrics is checked by tests/test_deployment.py's secure deployment.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import signal
@@ -19,20 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_deployment import QUICKSTART, ROOT, TINY, assert_all_stopped, deployment, slow
 
 from clients import fastpath, supernode, worker
-from simulations import procs
-from simulations.deploy_local import TAG_ENV, DeploymentError, deploy, port_is_free
+from simulations.deploy_local import DeploymentError, deploy
 
-ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-slow = pytest.mark.slow
-deployment = pytest.mark.xdist_group("deployment")
-
-#: As tests/test_deployment.py: 2 clients (left and right half of the image), one epoch.
-TINY = ["train.epochs=1", "train.chunk_size=100000", "train.eval_every=0",
-        "baselines.uniform=false", "baselines.independent=false",
-        "views.n_views=2", "views.options={grid: [1, 2]}"]
 WORKER_REF = "flwr.supernode.runtime.run_clientapp:pull_task_input"
 WAITS_REF = "flwr.supernode.start_client_internal:_push_messages"
 
@@ -157,45 +148,6 @@ def test_worker_forgets_modules_the_app_bundle_provides(tmp_path: Path, monkeypa
 # --------------------------------------------------------------------------------------------
 
 
-def assert_all_stopped(tag: str, ports: list[int] | tuple[int, ...]) -> None:
-    assert procs.tagged(TAG_ENV, tag) == set(), "processes outlived the deployment"
-    busy = [p for p in ports if not port_is_free(p)]
-    assert busy == [], f"ports still in use: {busy}"
-
-
-@slow
-@deployment
-def test_fast_deployment_equals_the_in_process_run(tmp_path: Path) -> None:
-    from liquid_fed.config import load_config
-    from liquid_fed.federation import LocalTransport
-    from liquid_fed.runs import run_federated
-
-    # Same-length run folders: the byte counts include the config text, which holds `out`.
-    result = deploy(QUICKSTART, TINY, out=tmp_path / "a", timeout=300,
-                    work_dir=tmp_path / "deploy", mode="fast")
-    assert_all_stopped(result.tag, result.ports)
-    assert result.mode == "fast"  # no node fell back to Flower's stock path
-    cfg = load_config(QUICKSTART, [*TINY, f"out={tmp_path / 'b'}"])
-    local = run_federated(cfg, LocalTransport(cfg.n_clients), tmp_path / "b" / cfg.name)
-
-    deployed = result.summary["test"]
-    assert set(deployed) == set(local["test"])
-    for key, value in local["test"].items():
-        if isinstance(value, float):
-            assert math.isclose(deployed[key], value, rel_tol=0, abs_tol=1e-6), key
-        else:
-            assert deployed[key] == value, key
-    assert result.summary["rounds"] == local["rounds"]
-
-    # Every message of a node went to one warm worker: the app was loaded once per node.
-    for k in range(2):
-        text = (tmp_path / "deploy" / f"supernode-{k}.log").read_text()
-        assert "mode fast (asked: fast)" in text
-        assert len(re.findall(rf"worker supernode-{k} loaded app", text)) == 1
-        assert len(re.findall(r"Receiving: ", text)) >= result.summary["rounds"] + 2
-    assert len(result.exchange_seconds) >= 4
-
-
 @slow
 @deployment
 def test_a_killed_worker_fails_the_run_naming_its_node(tmp_path: Path) -> None:
@@ -247,7 +199,8 @@ def test_worker_restarts_when_the_app_bundle_changes(tmp_path: Path) -> None:
     for variant in (1, 2):  # two app bundles that differ by one comment: two FAB hashes
         app = tmp_path / f"app{variant}"
         shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(
-            ".git", ".pytest_cache", ".ruff_cache", "__pycache__", "tests", "runs"))
+            ".git", ".venv", ".pytest_cache", ".ruff_cache", "__pycache__", "tests", "runs",
+            "docs", "*.egg-info"))
         with (app / "clients" / "app.py").open("a") as f:
             f.write(f"# variant {variant}\n")
         apps.append(app)
