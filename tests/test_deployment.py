@@ -89,18 +89,26 @@ def _numbers(row: dict) -> dict[str, float]:
 
 @slow
 @deployment
-def test_secure_deployment_with_shards_reproduces_the_simulation_and_keeps_experts_home(
+def test_secure_deployment_refuses_a_rogue_reproduces_the_simulation_and_keeps_experts_home(
         tmp_path: Path) -> None:
+    # One deployment checks (a) metrics, (b) a node with an unregistered key is refused while
+    # the run completes with the registered ones, (c) experts stay home.
     work = tmp_path / "deploy"
-    result = deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300, work_dir=work)
+    result = deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300, work_dir=work,
+                    rogue=1)
     assert_all_stopped(result.tag, result.ports)
-    assert len(result.ports) == 3  # SuperLink + 2 SuperNodes
+    assert len(result.ports) == 4  # SuperLink + 2 SuperNodes + the rogue
     assert result.secure and result.shards == work / "shards"
     link_log = (work / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1" in link_log  # TLS on every API
     assert "SuperNode authentication is disabled" not in link_log
     assert link_log.count("register-node HTTP/1.1\" 200") == 2  # each party's key, once
     assert str(work / "shards" / "server") in (work / "run-config.toml").read_text()
+    # (b) The rogue claims partition-id 2: had it been let in, the ServerApp would refuse the run.
+    [(status, tail)] = result.rogue_exits
+    assert status is not None and status != 0, f"the rogue node is still running:\n{tail}"
+    assert "Failed to initialize the connection" in tail, tail
+    assert link_log.count("activate-node HTTP/1.1\" 200") == 2  # only the registered pair
 
     run = tmp_path / "runs" / "quickstart"
     assert result.run_dir == run and result.status == "finished:completed"
@@ -168,22 +176,6 @@ def test_secure_deployment_with_shards_reproduces_the_simulation_and_keeps_exper
     print(f"\nconnect {result.node_connect_seconds} s, round trips "
           f"{[round(s, 1) for s in result.exchange_seconds]} s, run {result.run_seconds:.1f} s, "
           f"total {result.total_seconds:.1f} s")
-
-
-@slow
-@deployment
-def test_a_node_with_an_unregistered_key_is_refused_and_the_run_completes(
-        tmp_path: Path) -> None:
-    # The rogue claims partition-id 2: had it been let in, the ServerApp would refuse the run.
-    result = deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300,
-                    work_dir=tmp_path / "deploy", rogue=1)
-    assert_all_stopped(result.tag, result.ports)
-    assert result.status == "finished:completed" and result.summary["rounds"] == 1
-    [(status, tail)] = result.rogue_exits
-    assert status is not None and status != 0, f"the rogue node is still running:\n{tail}"
-    assert "Failed to initialize the connection" in tail, tail
-    link_log = (tmp_path / "deploy" / "superlink.log").read_text()
-    assert link_log.count("activate-node HTTP/1.1\" 200") == 2  # only the registered pair
 
 
 @slow
