@@ -194,14 +194,14 @@ class RunLock:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in (folder, *folder.parents)
+                            if p.exists() and not p.is_dir()), folder)
+            raise RunFolderError(f"run folder {folder} cannot be a folder: {blocker} is a file; "
+                                 "choose another --out") from None
         except OSError as exc:
-            what = ("is a file, not a folder" if folder.exists() and not folder.is_dir()
-                    else f"cannot be created or written ({exc.strerror or exc})")
-            if isinstance(exc, (FileExistsError, NotADirectoryError)):
-                blocker = next((p for p in (folder, *folder.parents)
-                                if p.exists() and not p.is_dir()), folder)
-                what = f"cannot be a folder: {blocker} is a file"
-            raise RunFolderError(f"run folder {folder} {what}; choose another --out") from None
+            raise RunFolderError(f"run folder {folder} cannot be created or written "
+                                 f"({exc.strerror or exc}); choose another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,15 @@ from liquid_fed.metrics import CONFIDENCES
 from liquid_fed.plots import ANNOTATE_MAX_K, new_figure, save_figure
 from liquid_fed.report import interval
 from liquid_fed.rundir import OUTPUTS_FILE, RunDir
-from liquid_fed.study import LIQUID, Setting, Study, cell_dir, method_slug, read_results
+from liquid_fed.study import (
+    LIQUID,
+    Setting,
+    Study,
+    _short,
+    cell_dir,
+    method_slug,
+    read_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +97,17 @@ def knob_data(study: Study, rows: Sequence[dict[str, Any]], knob: str
 def _as_key(value: Any) -> Any:
     """A hashable, printable form of a setting value."""
     if isinstance(value, (dict, list)):
-        from liquid_fed.study import _short
-
         return _short(value)
     return value
+
+
+def _seed_outputs(out: Path, setting: Setting, seeds: Sequence[int], method: str
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """The test outputs of a method's run for each seed that has them."""
+    for seed in seeds:
+        run = cell_dir(out, setting.id, seed) / method_slug(method)
+        if (run / OUTPUTS_FILE).is_file():
+            yield RunDir(run).read_outputs()
 
 
 def mean_delegation(out: Path, setting: Setting, seeds: Sequence[int], method: str,
@@ -105,11 +120,7 @@ def mean_delegation(out: Path, setting: Setting, seeds: Sequence[int], method: s
     """
     sums: dict[Any, np.ndarray] = {}
     counts: dict[Any, int] = {}
-    for seed in seeds:
-        path = cell_dir(out, setting.id, seed) / method_slug(method) / OUTPUTS_FILE
-        if not path.is_file():
-            continue
-        arrays = RunDir(path.parent).read_outputs()
+    for arrays in _seed_outputs(out, setting, seeds, method):
         if "delegation" not in arrays:
             continue
         d = np.asarray(arrays["delegation"], dtype=np.float64)
@@ -140,11 +151,8 @@ def mean_power(out: Path, setting: Setting, seeds: Sequence[int], method: str
                ) -> np.ndarray | None:
     """Mean voting power per party (sums to K) over the test samples of every seed."""
     total, n = None, 0
-    for seed in seeds:
-        path = cell_dir(out, setting.id, seed) / method_slug(method) / OUTPUTS_FILE
-        if not path.is_file():
-            continue
-        power = np.asarray(RunDir(path.parent).read_outputs()["power"], dtype=np.float64)
+    for arrays in _seed_outputs(out, setting, seeds, method):
+        power = np.asarray(arrays["power"], dtype=np.float64)
         total = power.sum(axis=0) if total is None else total + power.sum(axis=0)
         n += power.shape[0]
     return None if total is None else total / n
@@ -263,8 +271,6 @@ def settings_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any:
 
 def _tick(setting: Setting) -> str:
     """A setting's axis label: its id, then ``key=value`` per line with the key's last part."""
-    from liquid_fed.study import _short
-
     return "\n".join([setting.id, *(f"{k.rsplit('.', 1)[-1]}={_short(v)}"
                                      for k, v in setting.values.items())])
 
