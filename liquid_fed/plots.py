@@ -586,3 +586,26 @@ def plot_comparison(run_dirs: Sequence[str | Path], out_path: str | Path) -> Pat
         if names.count(r.name) > 1 and r.path is not None:
             r.name = f"{r.path.resolve().parent.name}/{r.name}"
     return save_figure(comparison_figure(runs), out_path)
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
+    """``liquid-fed plot``: each run's own figures, plus a comparison when given several.
+
+    Every folder is checked before anything is drawn.
+
+    Args:
+        run_dirs: finished run folders (each holding ``test_outputs.npz``).
+        out: one run: where its figures go (default ``RUN_DIR/figures``); several: where
+            ``comparison.png`` goes (default ``./figures``).
+
+    Returns:
+        The files written.
+    """
+    for run_dir in run_dirs:
+        load_run(run_dir)
+    if len(run_dirs) == 1:
+        return plot_run(run_dirs[0], out)
+    written = [path for run_dir in run_dirs for path in plot_run(run_dir)]
+    written.append(plot_comparison(run_dirs, Path(out or "figures") / "comparison.png"))
+    return written
+

@@ -42,7 +42,7 @@ from liquid_fed.errors import ParameterError
 log = logging.getLogger(__name__)
 
 #: Largest K for which ``backend="auto"`` uses the vectorised elimination (measured crossover
-#: on CPU and CUDA in ``simulations/bench_solvers.py``).
+#: on CPU and CUDA in ``benchmarks/bench_solvers.py``).
 ELIMINATION_MAX_K = 24
 
 BACKENDS = ("auto", "elimination", "lapack")

@@ -79,7 +79,8 @@ DRAWS = ("choice", "uniform", "loguniform", "int")
 LIQUID = "liquid"
 
 #: Runs the Liquid Ensemble of one cell through Flower on Ray: ``(cfg, run_dir) -> None``,
-#: leaving a finished run folder (the CLI passes :func:`simulations.simulate.launch`'s user).
+#: leaving a finished run folder (``liquid-fed compare`` passes
+#: :func:`simulations.studies.federated_runner`).
 FederatedRunner = Callable[[RunConfig, Path], None]
 
 

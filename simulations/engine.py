@@ -3,7 +3,7 @@
 1. A faster dispatch loop. Flower moves the server's messages to the Ray actors in
    ``vce_api.add_messages_to_queue``, which checks for new messages every 0.1 s: on average
    50 ms of dead time per round, most of a round's cost for small experts
-   (``simulations/bench_federation.py`` measures it). :func:`install_dispatch_loop` swaps in the
+   (``benchmarks/bench_federation.py`` measures it). :func:`install_dispatch_loop` swaps in the
    same loop with a short poll that backs off while idle.
 2. A watch on the simulation runtime. When ``vce_api.run_api`` fails (the Ray backend cannot be
    built, a thread of the runtime dies), Flower sets its stop event but the ServerApp thread

@@ -1,9 +1,10 @@
 """One run on Flower's simulation engine (Ray): the supervisor and the child it starts.
 
-``liquid-fed run`` calls :func:`launch`, which starts ``python -m simulations.simulate`` as the
-leader of a new session and watches it. Whatever ends the run — success, an error, Ctrl-C,
-SIGTERM or SIGHUP to the launcher, or the launcher being killed outright — every process of the
-run (Ray's daemons and workers included) and the run's temporary folder are gone afterwards:
+``liquid-fed run`` calls :func:`run`, whose :func:`launch` starts ``python -m
+simulations.simulate`` as the leader of a new session and watches it. Whatever ends the run —
+success, an error, Ctrl-C, SIGTERM or SIGHUP to the launcher, or the launcher being killed
+outright — every process of the run (Ray's daemons and workers included) and the run's
+temporary folder are gone afterwards:
 
 - the launcher treats SIGTERM and SIGHUP as Ctrl-C: it stops the child's tree (SIGINT, then
   SIGTERM, then SIGKILL), sweeps up every process carrying the run's environment tag and removes
@@ -23,7 +24,7 @@ kept on 127.0.0.1; the token is what keeps it private.
 
 Why ``run_simulation`` stays although flwr 1.41 deprecates it (issue 8): the supported path,
 ``flwr run . local`` against a ``":local:"`` connection, costs 2.8x per training round.
-``python -m simulations.bench_launch`` (quickstart, 4 clients, 3 vs 1 epochs, references off,
+``python -m benchmarks.bench_launch`` (quickstart, 4 clients, 3 vs 1 epochs, references off,
 OMP_NUM_THREADS=1, flwr 1.41.0, ray 2.55.1, 2 shared cores) measured 50 ms per steady-state
 round here against 139 ms through ``flwr run`` (mean per exchange 62 vs 122 ms; same test
 accuracy); the issue's bar was 1.2x. That path runs the same ``_run_simulation`` inside a
@@ -38,8 +39,8 @@ the detached SuperLink, which outlives the run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -55,10 +56,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from liquid_fed import procs
 from liquid_fed.config import RunConfig, config_from_yaml_text
 from liquid_fed.errors import LiquidFedError
 from liquid_fed.rundir import RunDir
-from simulations import procs
 
 log = logging.getLogger("liquid_fed.simulate")
 
@@ -136,10 +137,8 @@ def launch(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_after: int 
     env = {**os.environ, **ray_environment(cfg, tmp), CONFIG_ENV: cfg.to_yaml(),
            RUN_TAG_ENV: tag, TMP_ENV: str(tmp)}
     env.setdefault("FLWR_HOME", str(tmp / "flwr"))
-    cmd = [sys.executable, "-m", "simulations.simulate", str(run_dir)]
-    cmd += ["--resume"] if resume else []
-    cmd += ["--stop-after", str(stop_after)] if stop_after is not None else []
-    cmd += ["--quiet"] if quiet else []
+    options = {"resume": resume, "stop_after": stop_after, "quiet": quiet}
+    cmd = [sys.executable, "-m", "simulations.simulate", str(run_dir), json.dumps(options)]
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in SIGNALS}
     proc = memory = None
     signal_name = None
@@ -169,6 +168,50 @@ def launch(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_after: int 
             signal.signal(sig, handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     return LaunchResult(rc, signal_name, peak, len(left))
+
+
+@dataclass
+class RunOutcome:
+    """How ``liquid-fed run`` ended: the exit status and what to tell the user."""
+
+    returncode: int
+    summary: dict[str, Any] | None = None  # the finished run's summary.json
+    message: str | None = None  # a line for stderr (interrupted or failed)
+    stopped_after: int | None = None  # stopped early on purpose after that many rounds
+
+
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, force: bool = False,
+        stop_after: int | None = None, quiet: bool = False, command: str = "liquid-fed run"
+        ) -> RunOutcome:
+    """``liquid-fed run``: lock and prepare the run folder, launch, record the peak memory.
+
+    Args:
+        cfg: the resolved, checked config.
+        run_dir: the run folder.
+        resume: continue from the folder's newest complete checkpoint.
+        force: overwrite a folder holding results.
+        stop_after: stop after that many rounds, leaving a checkpoint.
+        quiet: no progress bar.
+        command: what the run folder's lock records as its holder.
+
+    Raises:
+        RunFolderError: the folder is locked by another run, or holds results.
+    """
+    from liquid_fed import rundir
+
+    with rundir.RunLock(run_dir).acquire(command) as lock:
+        run_folder = rundir.prepare(cfg, run_dir, resume, force)
+        result = launch(cfg, run_dir, resume, stop_after, quiet, lock.fd)
+        if result.signal_name is not None:
+            return RunOutcome(result.returncode, message=f"the last checkpoint in {run_dir} is "
+                              "intact; continue with --resume")
+        if result.returncode != 0:
+            return RunOutcome(result.returncode, message=f"liquid-fed run failed (exit "
+                              f"{result.returncode}); see the messages above")
+        if not run_folder.finished:
+            return RunOutcome(0, stopped_after=stop_after)
+        summary = run_folder.update_summary(peak_memory_bytes=result.peak_memory_bytes)
+    return RunOutcome(0, summary=summary)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,22 +316,19 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the child (``python -m simulations.simulate RUN_DIR ...``)."""
+    """Entry point of the child (``python -m simulations.simulate RUN_DIR OPTIONS_JSON``)."""
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _die)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True,
                      name="watch-parent").start()
-    parser = argparse.ArgumentParser(prog="simulations.simulate")
-    parser.add_argument("run_dir")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--stop-after", type=int)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    run_dir, options = (sys.argv[1:] if argv is None else argv)[:2]
+    opts = json.loads(options)  # written by launch(), never by a user
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from simulations.progress import Progress
+    from liquid_fed.progress import Progress
 
     try:
-        return _simulate(args.run_dir, args.resume, args.stop_after, args.quiet, Progress)
+        return _simulate(run_dir, bool(opts["resume"]), opts["stop_after"], bool(opts["quiet"]),
+                         Progress)
     except LiquidFedError as exc:
         print(f"liquid-fed: error: {exc}", file=sys.stderr)
         return 2

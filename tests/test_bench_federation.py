@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_bench_federation_quick_prints_a_finite_table() -> None:
-    proc = subprocess.run([sys.executable, "-m", "simulations.bench_federation", "--quick"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_federation", "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

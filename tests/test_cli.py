@@ -14,7 +14,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def liquid_fed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "liquid_fed.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

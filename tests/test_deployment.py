@@ -1,6 +1,6 @@
 """Deployment on real Flower processes: a SuperLink and SuperNodes on loopback.
 
-Each test starts (through :mod:`simulations.deploy_local`) a real ``flower-superlink`` and
+Each test starts (through :mod:`server.deploy_local`) a real ``flower-superlink`` and
 ``flower-supernode`` processes that spawn SuperExec, ServerApp and one ClientApp process per
 message. A round trip costs seconds (an idle SuperNode polls every 3 s and starts a new
 ClientApp process per message), so the federation is tiny: 2 clients, one round. By default a
@@ -23,20 +23,14 @@ import httpx
 import numpy as np
 import pytest
 
-from liquid_fed import rundir
+from liquid_fed import procs, rundir
+from liquid_fed.errors import DeploymentError
 from liquid_fed.federation import LocalTransport
+from liquid_fed.procs import TAG_ENV, free_port, port_is_free
 from liquid_fed.rundir import load_checkpoint
 from liquid_fed.runs import run_federated
 from liquid_fed.shards import load_server_shard, write_shards
-from simulations import procs
-from simulations.deploy_local import (
-    TAG_ENV,
-    DeploymentError,
-    deploy,
-    free_port,
-    port_is_free,
-    resolve,
-)
+from server.deploy_local import deploy, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -183,7 +177,7 @@ def test_secure_deployment_refuses_a_rogue_reproduces_the_simulation_and_keeps_e
 def test_bad_expert_options_are_rejected_before_anything_starts(tmp_path: Path) -> None:
     logs = tmp_path / "deploy"
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.deploy_local", "--config", str(QUICKSTART),
+        [sys.executable, "-m", "liquid_fed.cli", "deploy-local", "--config", str(QUICKSTART),
          *[a for s in TINY for a in ("--set", s)], "--set", "experts.options={bogus: 1}",
          "--out", str(tmp_path / "runs"), "--keep-logs", str(logs)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -204,7 +198,7 @@ def test_failed_run_is_reported_with_the_serverapp_error_and_cleaned_up(
     (run / "summary.json").write_text("{}")
     with pytest.raises(DeploymentError, match="already holds results") as caught:
         deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=300,
-               work_dir=tmp_path / "deploy")
+               work_dir=tmp_path / "deploy", check_run_dir=False)
     assert "finished:failed" in str(caught.value)
     assert_all_stopped(caught.value.tag, caught.value.ports)
     assert (run / "summary.json").read_text() == "{}"  # left as it was
@@ -226,8 +220,8 @@ def test_timeout_stops_a_running_federation(tmp_path: Path) -> None:
 
 def test_hosts_refuse_to_go_off_loopback_without_tls_and_auth(tmp_path: Path,
                                                               capsys) -> None:
-    from simulations.cli import main
-    from simulations.hosts import is_loopback
+    from liquid_fed.cli import main
+    from liquid_fed.procs import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5")
@@ -250,9 +244,9 @@ def test_hosts_refuse_to_go_off_loopback_without_tls_and_auth(tmp_path: Path,
 
 
 def test_party_host_refuses_another_partys_shard(tmp_path: Path, capsys) -> None:
+    from liquid_fed.cli import main
     from liquid_fed.config import load_config
-    from simulations.cli import main
-    from simulations.keys import make_keys
+    from server.keys import make_keys
 
     cfg = load_config(QUICKSTART, TINY)
     write_shards(cfg, tmp_path / "shards")
@@ -271,7 +265,7 @@ def test_three_machine_recipe_on_loopback(tmp_path: Path) -> None:
     # The README's recipe, each machine's command a separate process: keys, split, two party
     # hosts (started first, as people would), then the server host, which waits for them,
     # runs once and stops; the parties are then stopped with SIGTERM.
-    cli = [sys.executable, "-m", "simulations.cli"]
+    cli = [sys.executable, "-m", "liquid_fed.cli"]
     sets = [a for s in TINY for a in ("--set", s)]
     keys, shards = tmp_path / "keys", tmp_path / "shards"
     subprocess.run([*cli, "keys", str(keys), "--nodes", "2"], cwd=ROOT, check=True,

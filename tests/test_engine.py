@@ -40,7 +40,7 @@ def test_loop_forwards_every_message_quickly_and_backs_off_when_idle() -> None:
     stop.set()
     worker.join(timeout=2)
     assert sorted(got) == ["a", "b", "c"]
-    assert latency < 2.0  # forwarded while polling (speed itself: simulations/bench_federation)
+    assert latency < 2.0  # forwarded while polling (speed itself: benchmarks/bench_federation)
     assert not worker.is_alive()
 
 

@@ -435,7 +435,7 @@ def test_vmap_auto_falls_back_for_mixed_input_shapes():
 
 def test_bench_ensemble_quick_prints_its_table():
     res = subprocess.run(
-        [sys.executable, "-m", "simulations.bench_ensemble", "--quick", "--device", "cpu"],
+        [sys.executable, "-m", "benchmarks.bench_ensemble", "--quick", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert res.returncode == 0, res.stderr

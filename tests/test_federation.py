@@ -58,7 +58,7 @@ def live_processes(tag: str) -> list[str]:
 
 def liquid_fed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env, tag = tagged_env()
-    cmd = [sys.executable, "-m", "simulations.cli", *args]
+    cmd = [sys.executable, "-m", "liquid_fed.cli", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)
     assert live_processes(tag) == [], "processes outlived `liquid-fed run`"
@@ -174,7 +174,7 @@ def test_heterogeneous_experts_in_one_federation(tmp_path: Path) -> None:
 
 def start_live_run(run: Path, env: dict[str, str]) -> subprocess.Popen:
     """A long `liquid-fed run`, returned once it has written its first checkpoint."""
-    cmd = [sys.executable, "-m", "simulations.cli", "run", str(QUICKSTART), "--out", str(run),
+    cmd = [sys.executable, "-m", "liquid_fed.cli", "run", str(QUICKSTART), "--out", str(run),
            "--quiet", "--set", "train.checkpoint_every=5", "--set", "train.epochs=200",
            "--set", "baselines.uniform=false", "--set", "baselines.independent=false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from simulations.deploy_local import free_port
-from simulations.fleet_gate import make_app
-from simulations.keys import make_keys
+from liquid_fed.procs import free_port
+from server.gate import make_app
+from server.keys import make_keys
 
 
 def _trust(ca: Path) -> ssl.SSLContext:

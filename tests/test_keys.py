@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
+from liquid_fed.cli import main
 from liquid_fed.errors import ConfigError, RunFolderError
-from simulations.cli import main
-from simulations.keys import make_keys, verify_server_cert
+from server.keys import make_keys, verify_server_cert
 
 
 @pytest.fixture(scope="module")

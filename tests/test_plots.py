@@ -283,7 +283,7 @@ def test_figures_of_a_federated_run_agree_with_its_metrics(regions_run, tmp_path
 
 
 def test_cli_plot(regions_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.cli import main
+    from liquid_fed.cli import main
 
     run_dir, _ = regions_run
     other = tmp_path / "copy"

@@ -145,13 +145,13 @@ def test_misaligned_shards_name_the_party_and_its_folder(shards, tmp_path: Path)
 
 def test_split_command(tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "split",
+    proc = subprocess.run([sys.executable, "-m", "liquid_fed.cli", "split",
                            str(ROOT / "configs" / "quickstart.yaml"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(out / f"party-{k}") for k in range(4)] + [
         str(out / "server")]
-    again = subprocess.run([sys.executable, "-m", "simulations.cli", "split",
+    again = subprocess.run([sys.executable, "-m", "liquid_fed.cli", "split",
                             str(ROOT / "configs" / "quickstart.yaml"), "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already holds shards" in again.stderr

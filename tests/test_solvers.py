@@ -514,7 +514,7 @@ def test_validation_of_parameters():
 
 def test_bench_solvers_quick_prints_its_tables():
     res = subprocess.run(
-        [sys.executable, "-m", "simulations.bench_solvers", "--quick", "--device", "cpu"],
+        [sys.executable, "-m", "benchmarks.bench_solvers", "--quick", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert res.returncode == 0, res.stderr

@@ -44,7 +44,7 @@ TINY = """
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulations.cli", "compare", *args,
+    return subprocess.run([sys.executable, "-m", "liquid_fed.cli", "compare", *args,
                            "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -90,7 +90,7 @@ def test_a_tiny_study_writes_every_file_and_resumes_with_identical_rows(
     assert all((out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
     # Resume (in this process): lose two runs; only those train again, rows come out the same.
-    from simulations.cli import main
+    from liquid_fed.cli import main
 
     before = (out / "results.csv").read_text()
     shutil.rmtree(out / "cells" / "c01" / "seed-1" / "moe")

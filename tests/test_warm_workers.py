@@ -22,7 +22,8 @@ import pytest
 from test_deployment import QUICKSTART, ROOT, TINY, assert_all_stopped, deployment, slow
 
 from clients import fastpath, supernode, worker
-from simulations.deploy_local import DeploymentError, deploy
+from liquid_fed.errors import DeploymentError
+from server.deploy_local import deploy
 
 WORKER_REF = "flwr.supernode.runtime.run_clientapp:pull_task_input"
 WAITS_REF = "flwr.supernode.start_client_internal:_push_messages"
@@ -193,7 +194,7 @@ def test_worker_restarts_when_the_app_bundle_changes(tmp_path: Path) -> None:
     import shlex
     import shutil
 
-    from simulations.deploy_local import CONNECTION, LocalDeployment, _run_status, _write_toml
+    from server.deploy_local import CONNECTION, LocalDeployment, run_status, write_toml
 
     apps = []
     for variant in (1, 2):  # two app bundles that differ by one comment: two FAB hashes
@@ -209,14 +210,14 @@ def test_worker_restarts_when_the_app_bundle_changes(tmp_path: Path) -> None:
         for variant, app in enumerate(apps, 1):
             run_config = tmp_path / f"run-config-{variant}.toml"
             overrides = [*TINY, f"out={tmp_path / 'runs'}", f"name=v{variant}"]
-            _write_toml(run_config, {"config": "configs/quickstart.yaml",
+            write_toml(run_config, {"config": "configs/quickstart.yaml",
                                      "set": shlex.join(overrides)})
             runner = dep.flwr("run", str(app), CONNECTION, "--stream", "--run-config",
                               str(run_config), name=f"flwr-run-{variant}")
             assert runner.proc.wait(timeout=300) == 0, runner.tail(25)
             runner.wait_closed(5)
             run_id = runner.find(re.compile(r"Successfully started run (\d+)"))[0][1].group(1)
-            assert _run_status(dep, run_id)["status"] == "finished:completed"
+            assert run_status(dep, run_id)["status"] == "finished:completed"
             assert (tmp_path / "runs" / f"v{variant}" / "summary.json").is_file()
         dep.check_nodes()  # the restarted workers kept their SuperNodes up
         logs = [node.tail(100000) for node in dep.nodes]

@@ -1,4 +1,4 @@
-"""In-process operations of the hostile probe (``simulations/probe_hostile.py``), run in a
+"""In-process operations of the hostile probe (``benchmarks/probe_hostile.py``), run in a
 subprocess whose cwd and PYTHONPATH are the tree under test.
 
     python probe_child.py OP JSON_ARGS

@@ -26,7 +26,7 @@ How the Flower numbers are split:
   references) and Flower's and Ray's shutdown.
 * *peak memory* is the CLI's PSS peak of the whole process tree (``peak_memory_bytes``).
 
-Run: ``python -m simulations.bench_federation [--quick] [--clients 4,16,64] [--epochs N]``.
+Run: ``python -m benchmarks.bench_federation [--quick] [--clients 4,16,64] [--epochs N]``.
 Timings depend on the machine's load: the load average is printed before and after.
 """
 
@@ -132,7 +132,7 @@ def in_process(overrides: list[str], epochs: int, repeats: int) -> InProcess:
 
 def run_cli(overrides: list[str], out: Path) -> dict[str, Any]:
     """One ``liquid-fed run`` in a subprocess; its summary plus timings read from its files."""
-    cmd = [sys.executable, "-m", "simulations.cli", "run", str(CONFIG), "--quiet", "--force",
+    cmd = [sys.executable, "-m", "liquid_fed.cli", "run", str(CONFIG), "--quiet", "--force",
            "--out", str(out)]
     for item in BASE_SET + overrides:
         cmd += ["--set", item]

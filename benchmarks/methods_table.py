@@ -1,6 +1,6 @@
 """Every study method on one run config, side by side, and the observability of its views.
 
-    python -m simulations.methods_table CONFIG.yaml [--set key=value ...]
+    python -m benchmarks.methods_table CONFIG.yaml [--set key=value ...]
         [--methods liquid,splitnn,...] [--top-hidden 64] [--gate-hidden ...]
 
 Trains each method of :data:`liquid_fed.methods.METHODS` centrally on the run's data, views,

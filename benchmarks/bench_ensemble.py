@@ -4,7 +4,7 @@ For K MLP experts of one architecture and batch sizes B, times forward + backwar
 ``LiquidEnsemble(..., batched=True)`` against ``batched=False`` (one call per expert) and prints
 the speed ratio side by side. Both share the same experts, so they compute the same thing.
 
-Run: ``python -m simulations.bench_ensemble [--quick] [--device cpu|cuda]``.
+Run: ``python -m benchmarks.bench_ensemble [--quick] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.timing import bench_arguments, median_ms
 from liquid_fed import LiquidEnsemble, MLPExpert
-from simulations.timing import bench_arguments, median_ms
 
 
 def _step(ens: LiquidEnsemble, xs: list[torch.Tensor], y: torch.Tensor) -> Callable[[], None]:

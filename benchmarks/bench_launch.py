@@ -34,7 +34,7 @@ Every process a launch starts carries ``LIQUID_FED_BENCH_TAG=<tag>`` in its envi
 Ctrl-C, SIGTERM or SIGHUP, they are stopped (SIGTERM, then SIGKILL) and the temporary folders
 removed; a small reaper process does the same if the benchmark itself is killed outright.
 
-Run: ``OMP_NUM_THREADS=1 python -m simulations.bench_launch [--epochs 3] [--repeats 1]``.
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.bench_launch [--epochs 3] [--repeats 1]``.
 Timings depend on the machine's load: the load average is printed before and after.
 """
 
@@ -57,7 +57,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from simulations import procs
+from liquid_fed import procs
 
 ROOT = Path(__file__).resolve().parents[1]  # the Flower App (pyproject.toml)
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -132,7 +132,7 @@ def _wait(proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
 def launch_today(overrides: list[str], run_dir: Path, work: Path, timeout: float,
                  tag: str) -> Launch:
     """(a): ``liquid-fed run`` (simulations.simulate.launch -> run_simulation)."""
-    cmd = [sys.executable, "-m", "simulations.cli", "run", str(CONFIG), "--quiet", "--force",
+    cmd = [sys.executable, "-m", "liquid_fed.cli", "run", str(CONFIG), "--quiet", "--force",
            "--out", str(run_dir)]
     for item in [*overrides, f"name={run_dir.name}"]:
         cmd += ["--set", item]
@@ -154,7 +154,8 @@ def launch_today(overrides: list[str], run_dir: Path, work: Path, timeout: float
 def launch_flwr_run(cfg: Any, overrides: list[str], run_dir: Path, work: Path,
                     timeout: float, tag: str) -> Launch:
     """(b): ``flwr run . local --stream`` against a ``:local:`` simulation SuperLink."""
-    from simulations.deploy_local import _write_toml, free_port
+    from liquid_fed.procs import free_port
+    from server.deploy_local import write_toml
     from simulations.simulate import QUIET_ENV, ray_environment
 
     tmp = Path(tempfile.mkdtemp(prefix=f"lfb-{tag[-8:]}-", dir="/tmp"))  # short: Ray's socket paths
@@ -163,7 +164,7 @@ def launch_flwr_run(cfg: Any, overrides: list[str], run_dir: Path, work: Path,
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     sets = [*overrides, f"out={run_dir.parent}", f"name={run_dir.name}"]
-    _write_toml(tmp / "run-config.toml", {"config": str(CONFIG.relative_to(ROOT)),
+    write_toml(tmp / "run-config.toml", {"config": str(CONFIG.relative_to(ROOT)),
                                           "set": shlex.join(sets)})
     sim = cfg.simulation
     if sim.num_cpus_per_client != int(sim.num_cpus_per_client):
@@ -236,7 +237,7 @@ def _fmt(value: float, unit: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.bench_launch", description=__doc__.splitlines()[0])
+        prog="python -m benchmarks.bench_launch", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the long run "
                         "(default: 3)")
     parser.add_argument("--short-epochs", type=int, default=1, help="epochs of the short run "
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-launch-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tag = f"lf-bench-{uuid.uuid4().hex}"  # every process of every launch carries it
-    reaper = subprocess.Popen([sys.executable, "-m", "simulations.bench_launch", "--_reap",
+    reaper = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_launch", "--_reap",
                                str(os.getpid()), tag, "" if args.keep else str(work)],
                               cwd=ROOT, start_new_session=True)
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -2,9 +2,9 @@
 checkpoints, client replies, signals and Ray, each case in its own subprocess.
 
     git worktree add --detach ../before 1a6eed7      # the tree before issue 7
-    python simulations/probe_hostile.py --tree ../before --out probe-before.json
-    python simulations/probe_hostile.py --tree . --out probe-after.json
-    python simulations/probe_hostile.py --compare probe-before.json probe-after.json
+    python benchmarks/probe_hostile.py --tree ../before --out probe-before.json
+    python benchmarks/probe_hostile.py --tree . --out probe-after.json
+    python benchmarks/probe_hostile.py --compare probe-before.json probe-after.json
 
 Every case runs with cwd=TREE and PYTHONPATH=TREE under this interpreter (``sys.executable``),
 with a
@@ -94,9 +94,17 @@ def env_for(ctx: Ctx) -> dict[str, str]:
     return env
 
 
+def tree_argv(ctx: Ctx, argv: list[str]) -> list[str]:
+    """``argv`` for the tree: trees before issue 14 have their CLI in ``simulations.cli``."""
+    if (ctx.tree / "liquid_fed" / "cli.py").is_file():
+        return argv
+    return ["simulations.cli" if a == "liquid_fed.cli" else a for a in argv]
+
+
 def run_cmd(ctx: Ctx, argv: list[str], timeout: float) -> Outcome:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([PY, *argv], cwd=ctx.tree, env=env_for(ctx), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PY, *tree_argv(ctx, argv)], cwd=ctx.tree, env=env_for(ctx),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace",
                             start_new_session=True)
     try:
@@ -219,7 +227,7 @@ QUICK = "configs/quickstart.yaml"
 def validate(*sets: str, config: str | Callable[[Ctx], str] = QUICK) -> Callable[[Ctx], list]:
     def argv(ctx: Ctx) -> list[str]:
         path = config(ctx) if callable(config) else config
-        out = ["-m", "simulations.cli", "validate", path]
+        out = ["-m", "liquid_fed.cli", "validate", path]
         for s in sets:
             out += ["--set", s]
         return out
@@ -693,7 +701,7 @@ def disk_full_runner(ctx: Ctx) -> tuple[str, str, str]:
         if line.startswith("PROBE_RESULT "):
             facts = json.loads(line[len("PROBE_RESULT "):])
     repro = ("unshare -rm sh -c 'mount -t tmpfs -o size=4m tmpfs MNT && python "
-             "simulations/probe_child.py ckpt {\"case\":\"disk_full\",...}'")
+             "benchmarks/probe_child.py ckpt {\"case\":\"disk_full\",...}'")
     if not facts:
         if "Operation not permitted" in o.stderr or proc.returncode and "mount" in o.stderr:
             return "n/a", "could not mount a tmpfs in a user namespace", repro
@@ -738,7 +746,7 @@ def ckpt_cases() -> list[Case]:
              names=("test_outputs.npz",)),
         Case("run-out-is-file", "checkpoint", "--out names a regular file",
              lambda ctx: (ctx.work.joinpath("f").write_text("x"), [
-                 "-m", "simulations.cli", "run", QUICK, "--out", str(ctx.work / "f"),
+                 "-m", "liquid_fed.cli", "run", QUICK, "--out", str(ctx.work / "f"),
                  "--set", "train.epochs=1"])[1], names=("/f", "run folder"),
              timeout=120),
     ]
@@ -756,7 +764,7 @@ def _plot_pickle(ctx: Ctx) -> list[str]:
     (run / "config.yaml").write_text("name: x\n")
     (run / "summary.json").write_text("{}")
     (run / "test_outputs.npz").write_bytes(pickle.dumps(Payload()))
-    return ["-m", "simulations.cli", "plot", str(run)]
+    return ["-m", "liquid_fed.cli", "plot", str(run)]
 
 
 # -- Ray runs --------------------------------------------------------------------------------
@@ -769,7 +777,7 @@ SHORT = [s if not s.startswith("train.epochs") else "train.epochs=20" for s in R
 
 
 def cli_run_argv(out: Path, *extra: str, sets: list[str] = RAY_SET) -> list[str]:
-    argv = ["-m", "simulations.cli", "run", QUICK, "--out", str(out), "--quiet", *extra]
+    argv = ["-m", "liquid_fed.cli", "run", QUICK, "--out", str(out), "--quiet", *extra]
     for s in sets:
         argv += ["--set", s]
     return argv
@@ -777,7 +785,7 @@ def cli_run_argv(out: Path, *extra: str, sets: list[str] = RAY_SET) -> list[str]
 
 def start(ctx: Ctx, argv: list[str], log: Path) -> subprocess.Popen:
     fh = log.open("w")
-    return subprocess.Popen([PY, *argv], cwd=ctx.tree, env=env_for(ctx), stdout=fh,
+    return subprocess.Popen([PY, *tree_argv(ctx, argv)], cwd=ctx.tree, env=env_for(ctx), stdout=fh,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -967,7 +975,7 @@ def planted_cli_runner(ctx: Ctx) -> tuple[str, str, str]:
 
     out = ctx.work / "run"
     # the tree's own resolved config for these settings
-    o = run_cmd(ctx, ["-m", "simulations.cli", "validate", QUICK,
+    o = run_cmd(ctx, ["-m", "liquid_fed.cli", "validate", QUICK,
                       *sum((["--set", s] for s in SHORT), [])], 120)
     out.mkdir()
     (out / "config.yaml").write_text(o.stdout)

@@ -3,7 +3,10 @@
     liquid-fed deploy-local [CONFIG] [--set key=value ...] [--clients N] [--out DIR]
         [--timeout SECONDS] [--keep-logs DIR] [--mode fast|warm|stock]
         [--keys DIR | --insecure] [--shards DIR | --no-shards]
-    python -m simulations.deploy_local ...   (the same options)
+
+The loopback rehearsal composes the two sides of a deployment: the server's SuperLink (this
+package) and the parties' SuperNodes (:mod:`clients.host`), all children of one
+:class:`liquid_fed.procs.ProcessGroup`.
 
 Starts ``flower-superlink`` (127.0.0.1, a free port) and one ``flower-supernode`` per client
 (``--node-config 'partition-id=K num-partitions=N data-dir="<shards>/party-K"'``, each on its
@@ -11,7 +14,7 @@ own port), writes the connection into a temporary ``FLWR_HOME/config.toml``, sub
 with ``flwr run . local-deploy --stream --run-config ...`` and waits for the run to finish.
 
 Secure by default: every API runs over TLS (a CA and a server certificate from
-:mod:`simulations.keys`, new in the work folder unless ``--keys DIR``), the SuperLink runs
+:mod:`server.keys`, new in the work folder unless ``--keys DIR``), the SuperLink runs
 with ``--enable-supernode-auth`` and admits only the SuperNodes whose public keys were
 registered with ``flwr supernode register``; ``--insecure`` is an explicit opt-in. Private by
 default: the config is split (``liquid-fed split``) into the work folder; node K reads only
@@ -35,61 +38,38 @@ Exit status: 0 when the run finished and wrote its summary, 1 when it failed or 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from clients.host import (
+    DEFAULT_MODE,
+    MODES,
+    NODE_ID,
+    node_config,
+    supernode_command,
+    supernode_security_args,
+)
+from liquid_fed import procs
 from liquid_fed.config import ConfigError, RunConfig, load_config
-from liquid_fed.errors import LiquidFedError
-from simulations import procs
-from simulations.keys import KeySet, PartyKeys, ServerKeys, make_keys, write_node_key
+from liquid_fed.errors import DeploymentError
+from liquid_fed.procs import APP_DIR, Child, ProcessGroup
+from server.keys import KeySet, ServerKeys, make_keys, write_node_key
 
 log = logging.getLogger("liquid_fed.deploy")
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App (pyproject.toml)
-TAG_ENV = "LIQUID_FED_DEPLOY_TAG"
 CONNECTION = "local-deploy"
-CHILD_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "PYTHONUNBUFFERED": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
-#: How SuperNodes run the ClientApp (clients/supernode.py): "stock" (Flower's process per
-#: message), "warm" (one long-lived worker per node), "fast" (warm + shorter SuperNode waits).
-MODES = ("stock", "warm", "fast")
-DEFAULT_MODE = "fast"
-_ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
-_MODE = re.compile(r"SuperNode \S+: mode (\w+) \(asked")
-
-
-class DeploymentError(RuntimeError):
-    """The deployment could not start, the run failed, or it did not finish in time.
-
-    ``tag`` and ``ports`` name what the deployment used (all stopped and freed by then).
-    """
-
-    tag: str = ""
-    ports: tuple[int, ...] = ()
+ROUND = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
+MODE_LINE = re.compile(r"SuperNode \S+: mode (\w+) \(asked")
 
 
 @dataclass
@@ -123,82 +103,6 @@ class DeployResult:
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    """True when nothing listens on 127.0.0.1:``port`` (it can be bound again)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _executable(name: str) -> str:
-    """A Flower entry point next to this interpreter (the venv), else on PATH."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise DeploymentError(f"{name} is not installed (looked in {local.parent} and PATH)")
-    return found
-
-
-class _Child:
-    """A child process in its own session whose output goes, time-stamped, to a log file."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path,
-                 log_path: Path, echo: IO[str] | None = None) -> None:
-        self.name, self.log_path, self.echo = name, log_path, echo
-        self.started = time.time()
-        self.lines: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, text=True, errors="replace")
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        with self.log_path.open("w") as out:
-            for line in self.proc.stdout:  # type: ignore[union-attr]
-                now = time.time()
-                with self._lock:
-                    self.lines.append((now, line.rstrip("\n")))
-                out.write(f"{now:.3f} {line}")
-                out.flush()
-                if self.echo is not None:
-                    self.echo.write(line)
-                    self.echo.flush()
-
-    def find(self, pattern: re.Pattern[str]) -> list[tuple[float, re.Match[str]]]:
-        with self._lock:
-            lines = list(self.lines)
-        return [(t, m) for t, line in lines if (m := pattern.search(line))]
-
-    def tail(self, n: int = 15) -> str:
-        with self._lock:
-            return "\n".join(line for _, line in self.lines[-n:])
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def wait_closed(self, timeout: float) -> None:
-        self._reader.join(timeout)
-
-
 # --------------------------------------------------------------------------------------------
 # TLS and SuperNode authentication (the flags every process of a deployment gets)
 # --------------------------------------------------------------------------------------------
@@ -213,16 +117,6 @@ def superlink_security_args(keys: ServerKeys | None) -> list[str]:
             "--ssl-keyfile", str(keys.key), "--enable-supernode-auth"]
 
 
-def supernode_security_args(keys: PartyKeys | None, private_key: Path | None = None
-                            ) -> list[str]:
-    """``flower-supernode`` flags: the CA that signed the SuperLink's certificate and the
-    node's auth key (``private_key`` replaces the party's own), or ``--insecure``."""
-    if keys is None:
-        return ["--insecure"]
-    return ["--root-certificates", str(keys.ca),
-            "--auth-supernode-private-key", str(private_key or keys.private_key)]
-
-
 def connection_toml(name: str, address: str, ca: Path | None) -> str:
     """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one connection, TLS unless ``ca`` is
     None."""
@@ -231,28 +125,7 @@ def connection_toml(name: str, address: str, ca: Path | None) -> str:
             f'address = "{address}"\n{security}')
 
 
-def supernode_command(mode: str, name: str, flower: list[str]) -> list[str]:
-    """A SuperNode with ``flower-supernode`` flags ``flower``, run as ``mode`` says
-    (:mod:`clients.supernode`); its runtime API on 127.0.0.1."""
-    if mode == "stock":
-        return [_executable("flower-supernode"), *flower, "--host", "127.0.0.1"]
-    return [sys.executable, "-m", "clients.supernode", "--mode", mode, "--name", name, "--",
-            *flower, "--host", "127.0.0.1"]
-
-
-def node_config(k: int, n: int, data_dir: Path | None = None) -> str:
-    """A SuperNode's ``--node-config``: its partition and, with shards, its private folder."""
-    text = f"partition-id={k} num-partitions={n}"
-    if data_dir is not None:
-        path = str(Path(data_dir).resolve())
-        if any(c in path for c in "\"'\n"):
-            raise ConfigError(f"data-dir: got {path!r}; Flower's node config cannot carry "
-                              "quotes or newlines in a path")
-        text += f' data-dir="{path}"'
-    return text
-
-
-class LocalDeployment:
+class LocalDeployment(ProcessGroup):
     """A SuperLink and ``n_nodes`` SuperNodes on 127.0.0.1, stopped by :meth:`stop`.
 
     Use as a context manager: every process started (and every process they spawn) carries
@@ -271,53 +144,26 @@ class LocalDeployment:
                  server_keys: ServerKeys | None = None, mode: str = DEFAULT_MODE) -> None:
         if mode not in MODES:
             raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
+        super().__init__(work_dir, echo)
         self.n_nodes = n_nodes
         self.mode = mode
         self.host, self.port = host, port
         self.server_keys = server_keys or (keys.server if keys is not None else None)
-        self.work_dir = Path(work_dir)
-        self.echo = echo
         self.keys = keys
         self.shards = shards
         self.rogue = rogue
         self.rogue_exits: list[tuple[int | None, str]] = []  # (exit status, log tail) each
-        self.tag = f"lf-deploy-{uuid.uuid4().hex}"
-        self.children: list[_Child] = []
-        self.ports: list[int] = []
         self.superlink_port = 0
         self.superlink_ready_seconds = float("nan")
         self.node_connect_seconds: list[float] = []
-        self.nodes: list[_Child] = []
+        self.nodes: list[Child] = []
         self.flwr_home = self.work_dir / "flwr-cli"  # the `flwr` CLI's home: the connection
-
-    def env(self, home: Path) -> dict[str, str]:
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        # clients.supernode / clients.worker come from this app, not another install.
-        pythonpath = os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH"))
-                                     if p)
-        return {**os.environ, **CHILD_ENV, TAG_ENV: self.tag, "FLWR_HOME": str(home),
-                "PATH": path, "PYTHONPATH": pythonpath}
-
-    def _spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> _Child:
-        home.mkdir(parents=True, exist_ok=True)
-        child = _Child(name, cmd, self.env(home), self.work_dir, self.work_dir / f"{name}.log",
-                       self.echo if echo else None)
-        self.children.append(child)
-        return child
-
-    def _check_alive(self, child: _Child, during: str = "start-up") -> None:
-        if child.proc.poll() is not None:
-            child.wait_closed(2)
-            raise DeploymentError(
-                f"{child.name} exited with status {child.proc.returncode} during {during}:\n"
-                f"{child.tail()}"
-            )
 
     def check_nodes(self) -> None:
         """Raise :class:`DeploymentError` naming the first SuperNode that has exited (in warm
         modes a SuperNode stops as soon as its ClientApp worker dies)."""
         for node in self.nodes:
-            self._check_alive(node, "the run")
+            self.check_alive(node, "the run")
 
     def supernode_command(self, k: int, port: int) -> list[str]:
         """The command of SuperNode ``k`` for :attr:`mode` (its Runtime API on ``port``)."""
@@ -329,16 +175,16 @@ class LocalDeployment:
     def start(self, wait: float = 60.0) -> None:
         """Start the SuperLink, then the SuperNodes; return once every node is connected."""
         t0 = time.time()
-        self.superlink_port = self.port or free_port()
+        self.superlink_port = self.port or procs.free_port()
         self.ports.append(self.superlink_port)
-        link = self._spawn("superlink", [
-            _executable("flower-superlink"), *superlink_security_args(self.server_keys),
+        link = self.spawn("superlink", [
+            procs.executable("flower-superlink"), *superlink_security_args(self.server_keys),
             "--host", self.host,
             "--port", str(self.superlink_port), "--disable-runtime-dependency-installation",
         ], self.work_dir / "superlink-home")
         deadline = time.time() + wait
-        while not _accepts(self.superlink_port, self.local_host):
-            self._check_alive(link)
+        while not procs.accepts(self.superlink_port, self.local_host):
+            self.check_alive(link)
             if time.time() > deadline:
                 raise DeploymentError(f"the SuperLink did not open port {self.superlink_port} "
                                       f"within {wait:.0f} s:\n{link.tail()}")
@@ -348,16 +194,16 @@ class LocalDeployment:
         if self.server_keys is not None:
             self.register(self.server_keys.node_public_keys()[:self.n_nodes])
         for k in range(self.n_nodes):
-            port = free_port()
+            port = procs.free_port()
             self.ports.append(port)
-            self.nodes.append(self._spawn(f"supernode-{k}", self.supernode_command(k, port),
+            self.nodes.append(self.spawn(f"supernode-{k}", self.supernode_command(k, port),
                                           self.work_dir / f"supernode-{k}-home"))
         connected: dict[int, float] = {}
         while len(connected) < self.n_nodes:
             for k, node in enumerate(self.nodes):
                 if k not in connected:
-                    self._check_alive(node)
-                    if hits := node.find(_NODE_ID):
+                    self.check_alive(node)
+                    if hits := node.find(NODE_ID):
                         connected[k] = hits[0][0] - node.started
             if time.time() > deadline:
                 missing = sorted(set(range(self.n_nodes)) - set(connected))
@@ -366,7 +212,7 @@ class LocalDeployment:
                     f"{self.nodes[missing[0]].tail()}")
             time.sleep(0.1)
         self.node_connect_seconds = [connected[k] for k in range(self.n_nodes)]
-        self._check_alive(link)
+        self.check_alive(link)
         if self.rogue:
             self.start_rogues(deadline)
 
@@ -397,10 +243,10 @@ class LocalDeployment:
         rogues = []
         for i in range(self.rogue):
             key, _ = write_node_key(self.work_dir / "rogue-keys", f"rogue-{i}")
-            port = free_port()
+            port = procs.free_port()
             self.ports.append(port)
-            rogues.append(self._spawn(f"rogue-{i}", [
-                _executable("flower-supernode"),
+            rogues.append(self.spawn(f"rogue-{i}", [
+                procs.executable("flower-supernode"),
                 *supernode_security_args(self.keys.party(0), private_key=key),
                 "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
                 "--node-config", f"partition-id={self.n_nodes + i} "
@@ -408,7 +254,7 @@ class LocalDeployment:
             ], self.work_dir / f"rogue-{i}-home"))
         for child in rogues:
             while child.proc.poll() is None and time.time() < deadline:
-                if child.find(_NODE_ID):
+                if child.find(NODE_ID):
                     raise DeploymentError(f"{child.name}, whose key was never registered, "
                                           f"was let in:\n{child.tail()}")
                 time.sleep(0.1)
@@ -420,7 +266,7 @@ class LocalDeployment:
         did not fit it (then the SuperNode fell back and logged why)."""
         if self.mode == "stock":
             return ["stock"] * len(self.nodes)
-        return [hits[0][1].group(1) if (hits := node.find(_MODE)) else "unknown"
+        return [hits[0][1].group(1) if (hits := node.find(MODE_LINE)) else "unknown"
                 for node in self.nodes]
 
     def write_connection(self) -> Path:
@@ -441,9 +287,9 @@ class LocalDeployment:
             return "::1"
         return self.host
 
-    def flwr(self, *args: str, name: str = "flwr", echo: bool = False) -> _Child:
+    def flwr(self, *args: str, name: str = "flwr", echo: bool = False) -> Child:
         """Start the ``flwr`` CLI against this deployment's connection."""
-        return self._spawn(name, [_executable("flwr"), *args], self.flwr_home, echo)
+        return self.spawn(name, [procs.executable("flwr"), *args], self.flwr_home, echo)
 
     def flwr_list(self, *args: str, key: str, name: str, timeout: float = 120.0
                   ) -> list[dict[str, Any]]:
@@ -470,43 +316,11 @@ class LocalDeployment:
         """
         ends: dict[int, float] = {}
         for node in self.nodes:
-            for t, m in node.find(_ROUND):
+            for t, m in node.find(ROUND):
                 g = int(m.group(1))
                 ends[g] = max(ends.get(g, 0.0), t)
         times = [ends[g] for g in sorted(ends)]
         return [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
-
-    def stop(self, grace: float = 8.0) -> set[int]:
-        """SIGTERM every child's session, then SIGTERM/SIGKILL anything tagged that is left;
-        returns the pids still alive afterwards (normally none)."""
-        for child in reversed(self.children):
-            child.terminate()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(c.proc.poll() is None for c in self.children):
-            time.sleep(0.1)
-        left = procs.kill_tagged(TAG_ENV, self.tag, grace=3.0)
-        for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.kill()
-            child.proc.wait(timeout=5)
-            child.wait_closed(2)
-        return left
-
-    def __enter__(self) -> LocalDeployment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        left = self.stop()
-        if left:
-            log.warning("processes still alive after cleanup: %s", sorted(left))
-
-
-def _accepts(port: int, host: str = "127.0.0.1") -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
 
 # --------------------------------------------------------------------------------------------
 # One run
@@ -541,6 +355,13 @@ def resolve(config: str | Path | None, overrides: list[str], out: str | Path | N
     return cfg, overrides, n
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that already holds results (nothing there is overwritten)."""
+    if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+        raise ConfigError(f"run folder {run_dir} already holds results; choose another --out "
+                          "or --set name=...")
+
+
 def _config_for_app(config: str | Path | None) -> str:
     """The ``config`` run-config value: relative to the app when the file lies inside it."""
     if config is None:
@@ -552,7 +373,7 @@ def _config_for_app(config: str | Path | None) -> str:
         return str(path)
 
 
-def _run_status(dep: LocalDeployment, run_id: str | None, wait: float = 20.0) -> dict[str, Any]:
+def run_status(dep: LocalDeployment, run_id: str | None, wait: float = 20.0) -> dict[str, Any]:
     """The run's row from ``flwr ls --format json`` once it has finished."""
     deadline = time.time() + wait
     row: dict[str, Any] = {}
@@ -587,7 +408,7 @@ def submit_run(dep: LocalDeployment, config: str | Path | None, overrides: list[
     settings = {"config": _config_for_app(config), "set": shlex.join(overrides)}
     if server_data is not None:
         settings["data-dir"] = str(Path(server_data).resolve())
-    _write_toml(run_config, settings)
+    write_toml(run_config, settings)
     runner = dep.flwr("run", str(APP_DIR), CONNECTION, "--stream",
                       "--run-config", str(run_config), name="flwr-run", echo=True)
     deadline = time.time() + timeout
@@ -603,7 +424,7 @@ def submit_run(dep: LocalDeployment, config: str | Path | None, overrides: list[
     if rc != 0 or not started:
         raise DeploymentError(f"`flwr run` failed (exit {rc}):\n{runner.tail(25)}")
     run_id = started[0][1].group(1)
-    row = _run_status(dep, run_id)
+    row = run_status(dep, run_id)
     status = str(row.get("status", "unknown"))
     if status != "finished:completed":
         raise DeploymentError(
@@ -619,7 +440,8 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
            work_dir: str | Path | None = None, echo: IO[str] | None = None,
            keys: str | Path | None = None, insecure: bool = False,
            shards: str | Path | bool = True, rogue: int = 0, mode: str = DEFAULT_MODE,
-           after_run: Callable[[LocalDeployment], None] | None = None) -> DeployResult:
+           after_run: Callable[[LocalDeployment], None] | None = None,
+           check_run_dir: bool = True) -> DeployResult:
     """Run the federation on a real SuperLink and SuperNodes on this machine.
 
     By default every API runs over TLS, the SuperLink admits only the SuperNodes whose keys it
@@ -647,6 +469,8 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
             ``"stock"`` with a warning when the installed Flower does not fit it.
         after_run: called with the still running deployment once the run has finished
             (e.g. to measure it while idle).
+        check_run_dir: refuse a run folder holding results here, before anything starts
+            (False leaves the refusal to the ServerApp, on the SuperLink).
 
     Returns:
         A :class:`DeployResult` (run folder, timings, the run's summary).
@@ -672,6 +496,8 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
         for k in range(cfg.n_clients):
             load_party_shard(shard_dir / f"party-{k}", k, cfg)
     run_dir = Path(cfg.out) / cfg.name
+    if check_run_dir:
+        check_new_run_dir(run_dir)
     own_dir = work_dir is None
     base = Path(tempfile.mkdtemp(prefix="lf-deploy-")) if own_dir else Path(work_dir)
     base.mkdir(parents=True, exist_ok=True)
@@ -718,120 +544,10 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _write_toml(path: Path, data: dict[str, Any]) -> None:
+def write_toml(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as a TOML file (Flower's run config and connections)."""
     import tomli_w  # a dependency of flwr
 
     path.write_text(tomli_w.dumps(data))
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``liquid-fed deploy-local`` (and ``python -m simulations.deploy_local``)."""
-    parser.add_argument("config_arg", nargs="?", metavar="CONFIG",
-                        help="YAML config (same as --config)")
-    parser.add_argument("--config", default=str(APP_DIR / "configs" / "quickstart.yaml"),
-                        help="YAML config (default: configs/quickstart.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set train.epochs=1 (repeatable)")
-    parser.add_argument("--clients", type=int, help="SuperNodes to start "
-                        "(default: the config's views.n_views)")
-    parser.add_argument("--out", help="parent of the run folder (default: the config's out)")
-    parser.add_argument("--timeout", type=float, default=900.0,
-                        help="seconds the run may take once submitted (default: 900)")
-    parser.add_argument("--keep-logs", metavar="DIR",
-                        help="keep the processes' logs and Flower homes in DIR")
-    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
-                        help="how SuperNodes run the ClientApp: fast (default: a long-lived "
-                        "worker per node, shorter waits), warm (the worker only) or stock "
-                        "(Flower's process per message)")
-    parser.add_argument("--quiet", action="store_true", help="don't stream the run's logs")
-    parser.add_argument("--keys", metavar="DIR", help="keys written by `liquid-fed keys` "
-                        "(default: new keys in the work folder)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="no TLS and no SuperNode authentication (explicit opt-in)")
-    shard = parser.add_mutually_exclusive_group()
-    shard.add_argument("--shards", metavar="DIR", help="shards written by `liquid-fed split` "
-                       "for this config (default: split into the work folder)")
-    shard.add_argument("--no-shards", action="store_true",
-                       help="every node loads the whole data set (a rehearsal, not private)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m simulations.deploy_local",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return run_args(args)
-
-
-def run_args(args: argparse.Namespace) -> int:
-    """Deploy as the parsed command line says; the exit status."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the deployment like Ctrl-C
-    if args.config_arg:
-        args.config = args.config_arg
-    shards: str | bool = args.shards or not args.no_shards
-    try:
-        cfg, _, _ = resolve(args.config, args.set, args.out, args.clients)
-        run_dir = Path(cfg.out) / cfg.name
-        if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
-            raise ConfigError(f"run folder {run_dir} already holds results; choose another "
-                              "--out or --set name=...")
-        result = deploy(args.config, args.set, args.clients, args.out, args.timeout,
-                        args.keep_logs, None if args.quiet else sys.stderr, keys=args.keys,
-                        insecure=args.insecure, shards=shards, mode=args.mode)
-    except (LiquidFedError, ValueError, FileNotFoundError) as exc:  # ConfigError: ValueError
-        print(f"deploy_local: error: {exc}", file=sys.stderr)
-        return 2
-    except DeploymentError as exc:
-        print(f"deploy_local: run failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("deploy_local: interrupted; every process it started has been stopped",
-              file=sys.stderr)
-        return 130
-    print(format_result(result))
-    return 0
-
-
-def format_result(result: DeployResult) -> str:
-    """A few lines: where the outputs are, the test score and the deployment's timings."""
-    summary = result.summary
-    metric = summary.get("metric", "accuracy")
-    score = summary.get("test", {}).get(metric, float("nan"))
-    connect = ", ".join(f"{s:.1f}" for s in result.node_connect_seconds)
-    security = "TLS + SuperNode authentication" if result.secure else "INSECURE (no TLS/auth)"
-    data = "the whole data set"
-    if result.shards is not None:
-        data = (f"private shards in {result.shards}" if result.shards.exists()
-                else "private shards (split into the work folder, now removed)")
-    return "\n".join([
-        f"run {result.run_id} {result.status}: {summary.get('rounds', 0)} rounds, "
-        f"test {metric} {score:.4f}",
-        f"  {security}; nodes read {data}",
-        f"  SuperLink ready {result.superlink_ready_seconds:.1f} s; nodes connected after "
-        f"[{connect}] s",
-        f"  flwr run until finished {result.run_seconds:.1f} s; round trip per exchange "
-        f"{result.round_trip_seconds:.1f} s (median of {len(result.exchange_seconds)}); "
-        f"total {result.total_seconds:.1f} s",
-        f"  outputs: {result.run_dir}",
-    ])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Benchmark: a real Flower deployment on loopback, per way of running the ClientApp.
 
-For each mode of :mod:`simulations.deploy_local` (``stock``: Flower's process per message;
+For each mode of :mod:`server.deploy_local` (``stock``: Flower's process per message;
 ``warm``: one long-lived ClientApp worker per SuperNode; ``fast``: the worker plus shorter
 SuperNode waits) it deploys the quickstart config with 4 parties (a SuperLink and 4 SuperNodes
 on 127.0.0.1), runs a few training epochs, and prints ONE table, all measured in this run:
@@ -27,7 +27,7 @@ on 127.0.0.1), runs a few training epochs, and prints ONE table, all measured in
   ``flwr-clientapp`` per message in its SuperExec, the ServerApp in the SuperLink's);
 * *test acc*: the run's test accuracy (every mode must give the same).
 
-Run: ``python -m simulations.bench_deployment [--epochs 2] [--modes stock,warm,fast]
+Run: ``python -m benchmarks.bench_deployment [--epochs 2] [--modes stock,warm,fast]
 [--hundred]``; ``--hundred`` also times a 100-round quickstart deployment (20 epochs) in the
 fast mode, from ``flwr run`` to the run's end. Timings depend on the machine's load: the load
 average is printed before and after.
@@ -45,16 +45,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulations import procs
-from simulations.deploy_local import (
-    _ROUND,
-    APP_DIR,
-    MODES,
-    TAG_ENV,
-    DeploymentError,
-    LocalDeployment,
-    deploy,
-)
+from clients.host import MODES
+from liquid_fed import procs
+from liquid_fed.errors import DeploymentError
+from liquid_fed.procs import APP_DIR, TAG_ENV
+from server.deploy_local import ROUND, LocalDeployment, deploy
 
 QUICKSTART = APP_DIR / "configs" / "quickstart.yaml"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -151,7 +146,7 @@ def measure(mode: str, epochs: int, settle: float, idle: float, work: Path,
     def after_run(dep: LocalDeployment) -> None:
         ends: dict[int, float] = {}
         for node in dep.nodes:
-            for t, m in node.find(_ROUND):
+            for t, m in node.find(ROUND):
                 ends[int(m.group(1))] = max(ends.get(int(m.group(1)), 0.0), t)
         times = [ends[g] for g in sorted(ends)]
         submit = next(c.started for c in dep.children if c.name == "flwr-run")

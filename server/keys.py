@@ -27,6 +27,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -274,6 +275,19 @@ def make_keys(out: str | Path, nodes: int, hosts: list[str] | tuple[str, ...] = 
                                                        for k in range(nodes))):
         folder.chmod(0o700)
     log.info("keys for %d parties and hosts %s in %s", nodes, hosts, root)
+    return keys
+
+
+def load_keys(folder: str | Path | None, insecure: bool, kind: type, which: str) -> Any:
+    """The checked key folder ``folder`` (a :class:`ServerKeys` or :class:`PartyKeys`), or None
+    with ``insecure``; ``which`` names the folder expected in the error."""
+    if insecure:
+        return None
+    if not folder:
+        raise ConfigError(f"--keys: missing; give {which} written by `liquid-fed keys` (or "
+                          "--insecure on 127.0.0.1 only)")
+    keys = kind(Path(folder))
+    keys.check()
     return keys
 
 

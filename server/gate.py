@@ -1,6 +1,6 @@
 """A TLS front door that lets the parties reach a SuperLink's Fleet API and nothing else.
 
-    python -m simulations.fleet_gate --host 0.0.0.0 --port 9092 --upstream 127.0.0.1:PORT \
+    python -m server.gate --host 0.0.0.0 --port 9092 --upstream 127.0.0.1:PORT \
         --certfile server.crt --keyfile server.key --ca ca.crt
 
 Flower 1.41 serves the Fleet API (SuperNodes), the Control API (``flwr run``,
@@ -79,7 +79,7 @@ def make_app(upstream: str, ca: str | None, timeout: float = 60.0) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.fleet_gate",
+    parser = argparse.ArgumentParser(prog="python -m server.gate",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")

@@ -13,7 +13,7 @@ Targets (from the issue): ≥ 20× faster than the pinverse baseline at K = 8, a
 one (B, K, K) bmm for K ≤ 16. A second table gives the elimination/LAPACK crossover that
 ``liquid_fed.solvers.ELIMINATION_MAX_K`` is set from.
 
-Run: ``python -m simulations.bench_solvers [--quick] [--device cpu|cuda]``.
+Run: ``python -m benchmarks.bench_solvers [--quick] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from benchmarks.timing import bench_arguments, median_ms
 from liquid_fed.solvers import ELIMINATION_MAX_K, solve_power
-from simulations.timing import bench_arguments, median_ms
 
 EPSILON = 0.01
 

@@ -1,6 +1,6 @@
 """Label leakage against accuracy as the defence on the returned gradients grows.
 
-    python -m simulations.privacy_tradeoff [--config configs/quickstart.yaml] [--clip 4]
+    python -m benchmarks.privacy_tradeoff [--config configs/quickstart.yaml] [--clip 4]
         [--noise 0 0.01 0.025 0.05 0.1 0.25] [--set key=value ...]
 
 Trains the config's federation once per noise level (``privacy.clip`` fixed, ``privacy.noise``
@@ -42,7 +42,7 @@ def measure(config: str | Path, overrides: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.privacy_tradeoff",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.privacy_tradeoff",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))

@@ -1,0 +1,1 @@
+"""Benchmarks, probes and trade-off scripts: runnable, printing measured ratios."""

@@ -1,0 +1,402 @@
+"""Processes that must die with whoever started them: the one supervisor of every launcher.
+
+``liquid-fed run`` (:mod:`simulations.simulate`), the hosts (:mod:`server.host`,
+:mod:`clients.host`) and the loopback rehearsal (:mod:`server.deploy_local`) start their
+processes through this module: a child leads its own session, carries an environment tag that
+every descendant inherits, and is stopped — with everything tagged — whatever ends the command.
+
+Linux ``/proc`` only; no third-party dependency.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import IO
+
+from liquid_fed.errors import ConfigError, DeploymentError
+
+#: The repository root: the Flower App (pyproject.toml) whose packages children import.
+APP_DIR = Path(__file__).resolve().parent.parent
+#: The environment variable tagging every process of a :class:`ProcessGroup`.
+TAG_ENV = "LIQUID_FED_DEPLOY_TAG"
+CHILD_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of a process."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[1]), int(fields[3])
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def tree(root: int, marker: str | None = None) -> set[int]:
+    """``root``, its descendants, its session, and processes whose command line has ``marker``."""
+    parents: dict[int, int] = {}
+    found = {root}
+    for pid in _pids():
+        st = _stat(pid)
+        if st is None:
+            continue
+        parents[pid] = st[0]
+        if st[1] == root:
+            found.add(pid)
+        elif marker and marker in _read(f"/proc/{pid}/cmdline").replace("\0", " "):
+            found.add(pid)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                changed = True
+    found.discard(os.getpid())
+    return {p for p in found if _stat(p) is not None}
+
+
+def pss_bytes(pids: set[int]) -> int:
+    """Proportional set size of the processes (shared pages split fairly), in bytes."""
+    total = 0
+    for pid in pids:
+        for line in _read(f"/proc/{pid}/smaps_rollup").splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+class PeakMemory(threading.Thread):
+    """Samples the PSS of a process tree until stopped; ``peak`` is the largest sum seen."""
+
+    def __init__(self, root: int, marker: str | None = None, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.root, self.marker, self.interval = root, marker, interval
+        self.peak = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, pss_bytes(tree(self.root, self.marker)))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(timeout=5)
+        return self.peak
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux prctl).
+
+    Run in the child (e.g. as ``preexec_fn``): a launcher killed with SIGKILL then still
+    takes its child down, and the child's handler for ``sig`` cleans up after itself.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def start_session(cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = (),
+                  parent_death_signal: int | None = signal.SIGTERM) -> subprocess.Popen:
+    """Start ``cmd`` as the leader of a new session (its own process group).
+
+    Args:
+        cmd: the command.
+        env: its environment.
+        pass_fds: descriptors the child inherits (e.g. the run folder's lock).
+        parent_death_signal: sent to the child when this process dies, however it dies
+            (None: not asked for).
+    """
+    parent = os.getpid()
+
+    def prepare() -> None:
+        if parent_death_signal is not None:
+            die_with_parent(parent_death_signal)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os.kill(os.getpid(), parent_death_signal)
+
+    return subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=pass_fds,
+                            preexec_fn=prepare)
+
+
+def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 10.0) -> int:
+    """Stop ``proc``'s whole tree: SIGINT, then SIGTERM, then SIGKILL; returns how many remained
+    after SIGINT (0 when the child had already cleaned up after itself)."""
+    members = tree(proc.pid, marker)
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        members = tree(proc.pid, marker) | {p for p in members if _stat(p) is not None}
+        if not members:
+            break
+        _signal(members, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is None:
+                time.sleep(0.05)
+                continue
+            if not {p for p in members if _stat(p) is not None and _alive(p)}:
+                break
+            time.sleep(0.05)
+    proc.poll()
+    return len(members)
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    """Send ``sig`` to each process that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """False for zombies (exited, not yet reaped) and vanished processes."""
+    text = _read(f"/proc/{pid}/stat")
+    return bool(text) and text[text.rfind(")") + 2] != "Z"
+
+
+def leftovers(root: int, marker: str) -> set[int]:
+    """Live processes still tied to a finished run (its session or its marker)."""
+    return {p for p in tree(root, marker) if _alive(p)}
+
+
+def tagged(name: str, value: str) -> set[int]:
+    """Live processes whose environment holds ``name=value`` (inherited by every descendant,
+    whatever session or parent it ends up with)."""
+    needle = f"{name}={value}".encode()
+    found = set()
+    for pid in _pids():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and _alive(pid):
+            found.add(pid)
+    found.discard(os.getpid())
+    return found
+
+
+def kill_tagged(name: str, value: str, grace: float = 5.0, gentle: bool = True) -> set[int]:
+    """Stop every process tagged ``name=value`` (but this one): SIGTERM, then SIGKILL what
+    outlives ``grace`` seconds (``gentle=False``: SIGKILL at once); returns those still alive
+    afterwards (normally none)."""
+    steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)) if gentle else (
+        (signal.SIGKILL, 2.0),)
+    for sig, wait in steps:
+        members = tagged(name, value)
+        if not members:
+            return set()
+        _signal(members, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and tagged(name, value):
+            time.sleep(0.1)
+    return tagged(name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised children with logs, and ports
+# --------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; False for wildcards and anything else."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_insecure(insecure: bool, hosts: list[str], what: str) -> None:
+    """Refuse ``--insecure`` unless every address in ``hosts`` is a loopback address."""
+    if insecure and not all(is_loopback(h) for h in hosts):
+        raise ConfigError(f"--insecure with {what} {', '.join(hosts)}: refused; without TLS "
+                          "and SuperNode authentication only loopback (127.0.0.1) is allowed. "
+                          "Make keys with `liquid-fed keys` and pass --keys instead")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (it can be bound again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def executable(name: str) -> str:
+    """A Flower entry point next to this interpreter (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise DeploymentError(f"{name} is not installed (looked in {local.parent} and PATH)")
+    return found
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+class Child:
+    """A child process in its own session whose output goes, time-stamped, to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path,
+                 log_path: Path, echo: IO[str] | None = None) -> None:
+        self.name, self.log_path, self.echo = name, log_path, echo
+        self.started = time.time()
+        self.lines: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, text=True, errors="replace")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self.log_path.open("w") as out:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                now = time.time()
+                with self._lock:
+                    self.lines.append((now, line.rstrip("\n")))
+                out.write(f"{now:.3f} {line}")
+                out.flush()
+                if self.echo is not None:
+                    self.echo.write(line)
+                    self.echo.flush()
+
+    def find(self, pattern: re.Pattern[str]) -> list[tuple[float, re.Match[str]]]:
+        with self._lock:
+            lines = list(self.lines)
+        return [(t, m) for t, line in lines if (m := pattern.search(line))]
+
+    def tail(self, n: int = 15) -> str:
+        with self._lock:
+            return "\n".join(line for _, line in self.lines[-n:])
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def wait_closed(self, timeout: float) -> None:
+        self._reader.join(timeout)
+
+
+class ProcessGroup:
+    """Children started in their own sessions, all tagged ``LIQUID_FED_DEPLOY_TAG=<tag>``.
+
+    Use as a context manager: every process started through :meth:`spawn` (and every process
+    those spawn, whatever session they end up in) is gone after ``__exit__``. Each child's output
+    goes, time-stamped, to ``<work_dir>/<name>.log``.
+    """
+
+    def __init__(self, work_dir: Path, echo: IO[str] | None = None) -> None:
+        self.work_dir = Path(work_dir)
+        self.echo = echo
+        self.tag = f"lf-deploy-{uuid.uuid4().hex}"
+        self.children: list[Child] = []
+        self.ports: list[int] = []
+
+    def env(self, home: Path) -> dict[str, str]:
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        # clients.supernode / clients.worker come from this app, not another install.
+        pythonpath = os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH"))
+                                     if p)
+        return {**os.environ, **CHILD_ENV, TAG_ENV: self.tag, "FLWR_HOME": str(home),
+                "PATH": path, "PYTHONPATH": pythonpath}
+
+    def spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> Child:
+        """Start ``cmd`` with ``FLWR_HOME=home``; its log is ``<work_dir>/<name>.log``."""
+        home.mkdir(parents=True, exist_ok=True)
+        child = Child(name, cmd, self.env(home), self.work_dir, self.work_dir / f"{name}.log",
+                      self.echo if echo else None)
+        self.children.append(child)
+        return child
+
+    def check_alive(self, child: Child, during: str = "start-up") -> None:
+        """Raise :class:`DeploymentError` with ``child``'s last lines if it has exited."""
+        if child.proc.poll() is not None:
+            child.wait_closed(2)
+            raise DeploymentError(
+                f"{child.name} exited with status {child.proc.returncode} during {during}:\n"
+                f"{child.tail()}"
+            )
+
+    def stop(self, grace: float = 8.0) -> set[int]:
+        """SIGTERM every child's session, then SIGTERM/SIGKILL anything tagged that is left;
+        returns the pids still alive afterwards (normally none)."""
+        for child in reversed(self.children):
+            child.terminate()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in self.children):
+            time.sleep(0.1)
+        left = kill_tagged(TAG_ENV, self.tag, grace=3.0)
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.kill()
+            child.proc.wait(timeout=5)
+            child.wait_closed(2)
+        return left
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        left = self.stop()
+        if left:
+            import logging
+
+            logging.getLogger(__name__).warning("processes still alive after cleanup: %s",
+                                                sorted(left))
