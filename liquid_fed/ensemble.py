@@ -16,20 +16,23 @@ Combination with powers ``p`` (B, K), ``Σ_j p_j = K`` (absent experts have ``p_
     experts' distributions (a product of experts with exponents ``p_j / K`` summing to 1).
   - ``sum``: ``log_softmax(Σ_j p_j y_j)``, the plain power-weighted logit sum, ``K`` times the
     pooled logits of ``logits``: a product of experts with exponents ``p_j`` (summing to K).
-    With equal powers it is the sum of the views' logits (what aggregate VFL trains).
+    With every expert present and equal powers it is the sum of the views' logits (what
+    aggregate VFL trains). ``sum`` and ``logits`` rank the classes alike for given powers;
+    ``sum`` is K times sharper, which changes the NLL and hence what training learns.
 
   ``logits`` and ``sum`` assume the views are complementary: their evidence (log-odds) adds,
   as it does for views conditionally independent given the label, so several weak views that
   agree outvote one confident view.
 
-Power smoothing (``smoothing`` ``λ`` in [0, 1]): the combination uses
+Power smoothing (``smoothing`` ``λ`` in [0, 1], default 0: off): the combination uses
 ``p' = (1 - λ) p + λ u`` instead of ``p``, with ``u`` the uniform vote over the present experts
 (``u_j = K / n_present``, 0 for an absent expert, so absent experts still have no say), in
 training and inference alike. ``λ = 0`` is the learned powers, ``λ = 1`` the uniform vote.
 ``smoothing: auto`` trains with ``λ = 0`` and afterwards picks ``λ`` from ``smoothing_grid``
-on the validation split (:func:`pick_smoothing`: best accuracy, or lowest RMSE; ties go to the
-smallest ``λ``) and evaluates with it. :class:`EnsembleOutput` ``power`` is always the solved
-powers ``p`` (what the delegation graph gives), before smoothing.
+(default :data:`SMOOTHING_GRID`: 0, 0.1, 0.25, 0.5, 0.75, 1) on the validation split
+(:func:`pick_smoothing`: best accuracy, or lowest RMSE; ties go to the smallest ``λ``) and
+evaluates with it. :class:`EnsembleOutput` ``power`` is always the solved powers ``p`` (what
+the delegation graph gives), before smoothing.
 
 Auxiliary losses (weights default 0):
 
