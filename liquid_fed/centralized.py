@@ -31,7 +31,7 @@ from liquid_fed.federation.setup import (
     load_server_data,
 )
 from liquid_fed.metrics import primary_score
-from liquid_fed.train import DTYPES, evaluate, fit
+from liquid_fed.train import DTYPES, evaluate, fit, output_metrics, predict_splits
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,12 @@ def build_ensemble(cfg: RunConfig, data: CentralData, **overrides: Any) -> Liqui
 def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
                    on_step: Callable[[int, float], None] | None = None,
                    on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Fit on the training split with the run's optimiser and batches; metrics per split."""
+    """Fit on the training split with the run's optimiser and batches; metrics per split.
+
+    The validation and test metrics use the run's final smoothing: ``ensemble.smoothing:
+    auto`` picks ``λ`` on the validation split (:func:`liquid_fed.train.predict_splits`) and
+    the pick is returned under ``smoothing``.
+    """
     t0 = time.perf_counter()
     losses = fit(ensemble, data.inputs["train"], data.targets["train"],
                  epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.optim.lr,
@@ -96,9 +101,11 @@ def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
                  present=data.present["train"], on_step=on_step, on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     result: dict[str, Any] = {"epoch_losses": losses, "wall_seconds": wall}
-    for split in ("val", "test"):
-        result[split] = evaluate(ensemble, data.inputs[split], data.targets[split],
-                                 data.present[split])
+    outs, smoothing, pick = predict_splits(ensemble, data.inputs, data.targets, data.present)
+    for split, out in outs.items():
+        result[split] = output_metrics(ensemble, out, data.targets[split], smoothing)
+    if pick is not None:
+        result["smoothing"] = pick.to_dict()
     return result
 
 

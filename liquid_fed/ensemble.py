@@ -3,13 +3,36 @@
 Dimension letters: ``B`` batch, ``K`` experts, ``C`` outputs (classes, regression targets or
 embedding width).
 
-Combination with powers ``p`` (B, K), ``Σ_j p_j = K``:
+Combination with powers ``p`` (B, K), ``Σ_j p_j = K`` (absent experts have ``p_j = 0``):
 
-- ``regression`` and ``embedding``: ``ŷ = (1/K) Σ_j p_j y_j``.
-- ``classification`` (``mix="probs"``, default): the mixture of the experts' class
-  probabilities ``Σ_j (p_j / K) softmax(y_j)``; the output is its logarithm and the loss the
-  NLL of the mixture. With ``mix="logits"`` the logits are mixed, ``(1/K) Σ_j p_j y_j``, and
-  the output is their log-softmax.
+- ``regression`` and ``embedding``: ``ŷ = (1/K) Σ_j p_j y_j`` whatever ``mix`` says.
+- ``classification``, pooled as ``mix`` says (the output is log-probabilities, the loss their
+  NLL):
+
+  - ``probs`` (default): the arithmetic mixture ``log Σ_j (p_j / K) softmax(y_j)``. A mixture
+    of experts: it assumes one view suffices for each sample (the powerful expert's is the
+    answer) and cannot accumulate evidence that several weak views share.
+  - ``logits``: ``log_softmax((1/K) Σ_j p_j y_j)``, a power-weighted geometric mean of the
+    experts' distributions (a product of experts with exponents ``p_j / K`` summing to 1).
+  - ``sum``: ``log_softmax(Σ_j p_j y_j)``, the plain power-weighted logit sum, ``K`` times the
+    pooled logits of ``logits``: a product of experts with exponents ``p_j`` (summing to K).
+    With every expert present and equal powers it is the sum of the views' logits (what
+    aggregate VFL trains). ``sum`` and ``logits`` rank the classes alike for given powers;
+    ``sum`` is K times sharper, which changes the NLL and hence what training learns.
+
+  ``logits`` and ``sum`` assume the views are complementary: their evidence (log-odds) adds,
+  as it does for views conditionally independent given the label, so several weak views that
+  agree outvote one confident view.
+
+Power smoothing (``smoothing`` ``λ`` in [0, 1], default 0: off): the combination uses
+``p' = (1 - λ) p + λ u`` instead of ``p``, with ``u`` the uniform vote over the present experts
+(``u_j = K / n_present``, 0 for an absent expert, so absent experts still have no say), in
+training and inference alike. ``λ = 0`` is the learned powers, ``λ = 1`` the uniform vote.
+``smoothing: auto`` trains with ``λ = 0`` and afterwards picks ``λ`` from ``smoothing_grid``
+(default :data:`SMOOTHING_GRID`: 0, 0.1, 0.25, 0.5, 0.75, 1) on the validation split
+(:func:`pick_smoothing`: best accuracy, or lowest RMSE; ties go to the smallest ``λ``) and
+evaluates with it. :class:`EnsembleOutput` ``power`` is always the solved powers ``p`` (what
+the delegation graph gives), before smoothing.
 
 Auxiliary losses (weights default 0):
 
@@ -42,7 +65,12 @@ log = logging.getLogger(__name__)
 
 #: What the layer combines: the labelled tasks of the data sets, and unlabelled embeddings.
 TASKS = (*DATA_TASKS, "embedding")
-MIXES = ("probs", "logits")
+#: How classification pools the experts' logits (see the module docstring).
+MIXES = ("probs", "logits", "sum")
+#: The ``smoothing`` value that picks ``λ`` on the validation split.
+SMOOTHING_AUTO = "auto"
+#: The ``λ`` values ``smoothing: auto`` tries by default.
+SMOOTHING_GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 class EnsembleOutput(NamedTuple):
@@ -71,6 +99,8 @@ class LiquidConfig:
     penalty: float = 0.9
     backend: str = "auto"
     mix: str = "probs"
+    smoothing: float | str = 0.0
+    smoothing_grid: list[float] = field(default_factory=lambda: list(SMOOTHING_GRID))
     load_weight: float = 0.0
     load_temperature: float = 1.0
     specialization_weight: float = 0.0
@@ -83,6 +113,7 @@ class LiquidConfig:
         if self.mix not in MIXES:
             raise ParameterError(f'mix must be one of {list(MIXES)}, got "{self.mix}"', "mix",
                                  self.mix, choices=MIXES)
+        _check_smoothing(self.smoothing, self.smoothing_grid)
         check_parameters(self.solver, self.epsilon, self.penalty, self.backend)
         # A config's values must hold whatever solver a sweep later switches to.
         if not 0.0 < self.epsilon < 1.0:
@@ -99,6 +130,38 @@ class LiquidConfig:
         if not self.load_temperature > 0:
             raise ParameterError(f"load_temperature must be > 0, got {self.load_temperature!r}",
                                  "load_temperature", self.load_temperature, interval="(0, inf]")
+
+    @property
+    def training_smoothing(self) -> float:
+        """The ``λ`` the combination uses while training: the value, or 0 for ``auto``."""
+        return 0.0 if self.smoothing == SMOOTHING_AUTO else float(self.smoothing)
+
+
+_SMOOTHING_ACCEPTED = (SMOOTHING_AUTO, "a number in [0, 1]")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_smoothing(smoothing: object, grid: object) -> None:
+    """``smoothing`` is ``auto`` or a number in [0, 1]; ``grid`` a non-empty list of them."""
+    if isinstance(smoothing, str):
+        ok = smoothing == SMOOTHING_AUTO
+    else:
+        ok = _is_number(smoothing) and 0.0 <= smoothing <= 1.0
+    if not ok:
+        raise ParameterError(f'smoothing must be "auto" or a number in [0, 1], got '
+                             f"{smoothing!r}", "smoothing", smoothing,
+                             choices=_SMOOTHING_ACCEPTED)
+    if not isinstance(grid, (list, tuple)) or not grid:
+        raise ParameterError(f"smoothing_grid must be a non-empty list of numbers in [0, 1], "
+                             f"got {grid!r}", "smoothing_grid", grid,
+                             choices=("a non-empty list of numbers in [0, 1]",))
+    for i, value in enumerate(grid):
+        if not (_is_number(value) and 0.0 <= value <= 1.0):
+            raise ParameterError(f"smoothing_grid[{i}] must lie in [0, 1], got {value!r}",
+                                 f"smoothing_grid[{i}]", value, interval="[0, 1]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +203,61 @@ def _mask_absent(delegation: Tensor, present: Tensor) -> Tensor:
     return torch.where(present.unsqueeze(-1), delegation, fallback)
 
 
+def smooth_power(power: Tensor, smoothing: float, present: Tensor | None = None) -> Tensor:
+    """Powers mixed with the uniform vote: ``(1 - λ) p + λ u``.
+
+    Args:
+        power: (B, K) powers, ``Σ = K``, 0 for absent experts.
+        smoothing: ``λ`` in [0, 1].
+        present: optional (B, K) bool; ``u`` is uniform over the present experts
+            (``K / n_present`` each, 0 for the absent), so ``Σ`` stays K and absent experts
+            keep no power.
+
+    Returns:
+        (B, K) smoothed powers; ``power`` itself when ``λ = 0``.
+    """
+    if smoothing == 0:
+        return power
+    k = power.shape[-1]
+    if present is None:
+        uniform = torch.ones_like(power)
+    else:
+        held = present.to(power.dtype)
+        uniform = k * held / held.sum(-1, keepdim=True)
+    return (1 - smoothing) * power + smoothing * uniform
+
+
+def pool(predictions: Tensor, power: Tensor, task: str, mix: str = "probs") -> Tensor:
+    """The experts' predictions combined with powers (see the module docstring).
+
+    Args:
+        predictions: (B, K, C) raw outputs (logits for classification).
+        power: (B, K) powers, ``Σ = K``; an expert of power 0 has no say.
+        task: ``classification``, ``regression`` or ``embedding``.
+        mix: ``probs``, ``logits`` or ``sum`` (classification only; the others ignore it).
+
+    Returns:
+        (B, C) log-probabilities (classification) or the weighted mean of the outputs.
+
+    Raises:
+        ValueError: an unknown ``mix``.
+    """
+    if mix not in MIXES:
+        raise ParameterError(f'mix must be one of {list(MIXES)}, got "{mix}"', "mix", mix,
+                             choices=MIXES)
+    k = power.shape[-1]
+    weight = (power / k).unsqueeze(-1)  # (B, K, 1), Σ = 1
+    if task != "classification":
+        return (weight * predictions).sum(1)
+    if mix == "logits":
+        return torch.log_softmax((weight * predictions).sum(1), dim=-1)
+    if mix == "sum":
+        return torch.log_softmax((power.unsqueeze(-1) * predictions).sum(1), dim=-1)
+    # probs: log Σ_j (p_j/K) softmax(y_j), computed stably (log 0 -> log tiny: no say)
+    log_w = torch.log(weight.clamp_min(torch.finfo(weight.dtype).tiny))
+    return torch.logsumexp(log_w + torch.log_softmax(predictions, dim=-1), dim=1)
+
+
 def combine(
     predictions: Tensor,
     delegation: Tensor,
@@ -149,16 +267,31 @@ def combine(
 ) -> EnsembleOutput:
     """Resolve delegations into powers and combine the experts' predictions.
 
+    The powers ``p`` come from the delegation graph (``config.solver``); the output pools the
+    predictions with ``(1 - λ) p + λ u`` (:func:`smooth_power`, ``λ`` =
+    ``config.training_smoothing``) as ``config.mix`` says (:func:`pool`):
+
+    - ``probs``: ``log Σ_j (p_j/K) softmax(y_j)`` (a mixture: one view per sample suffices);
+    - ``logits``: ``log_softmax((1/K) Σ_j p_j y_j)``;
+    - ``sum``: ``log_softmax(Σ_j p_j y_j)`` (``logits`` and ``sum`` are products of experts:
+      complementary views whose evidence adds);
+    - regression and embedding: ``(1/K) Σ_j p_j y_j`` for every ``mix``.
+
     Args:
         predictions: (B, K, C) raw outputs of the experts (logits for classification).
         delegation: (B, K, K) delegation vectors stacked by from-expert.
         config: solver and combination settings.
         present: optional (B, K) bool; ``False`` where an expert has no view of the sample.
-            Absent experts delegate uniformly to present ones, get no power and no say.
+            Absent experts delegate uniformly to present ones, get no power and no say (under
+            smoothing too).
         validate: check the delegation input once.
 
     Returns:
-        An :class:`EnsembleOutput`.
+        An :class:`EnsembleOutput`; its ``power`` is the solved ``p``, before smoothing.
+
+    Raises:
+        ValueError: inputs of mismatched shapes, a sample without any present expert, or an
+            invalid delegation (when ``validate``).
     """
     if predictions.ndim != 3 or predictions.shape[:2] != delegation.shape[:2]:
         raise ValueError(
@@ -181,20 +314,81 @@ def combine(
     if present is not None:  # the sink's uniform return must not reach absent experts
         power = power * present
         power = k * power / power.sum(-1, keepdim=True)
-    weight = (power / k).unsqueeze(-1)  # (B, K, 1)
-    if config.task != "classification":
-        output = (weight * predictions).sum(1)
-    elif config.mix == "logits":
-        output = torch.log_softmax((weight * predictions).sum(1), dim=-1)
-    else:  # log Σ_j (p_j/K) softmax(y_j), computed stably
-        log_w = torch.log(weight.clamp_min(torch.finfo(weight.dtype).tiny))
-        output = torch.logsumexp(log_w + torch.log_softmax(predictions, dim=-1), dim=1)
+    votes = smooth_power(power, config.training_smoothing, present)
+    output = pool(predictions, votes, config.task, config.mix)
     aux = power.new_zeros(())
     if config.load_weight:
         aux = aux + config.load_weight * load_distribution_loss(power, config.load_temperature)
     if config.specialization_weight:
         aux = aux + config.specialization_weight * specialization_loss(power)
     return EnsembleOutput(output, power, delegation, predictions, aux, present)
+
+
+def with_smoothing(out: EnsembleOutput, config: LiquidConfig, smoothing: float
+                   ) -> EnsembleOutput:
+    """``out`` pooled again with smoothing ``λ`` (its powers, predictions and presence kept).
+
+    Equal to what :func:`combine` gives with ``config.smoothing = λ``: the powers do not depend
+    on ``λ``, so a trained ensemble's outputs need no second solve.
+    """
+    votes = smooth_power(out.power, smoothing, out.present)
+    return out._replace(output=pool(out.predictions, votes, config.task, config.mix))
+
+
+class SmoothingPick(NamedTuple):
+    """What :func:`pick_smoothing` chose, and why."""
+
+    value: float  # the λ picked
+    grid: list[float]  # the λ tried, ascending
+    scores: list[float]  # the validation metric of each
+    metric: str  # "accuracy" (higher is better) or "rmse" (lower is better)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data for ``summary.json``."""
+        return {"value": self.value, "grid": list(self.grid), "scores": list(self.scores),
+                "metric": self.metric, "split": "val"}
+
+
+def _validation_score(output: Tensor, target: Tensor, task: str) -> float:
+    """Accuracy (classification) or RMSE over all outputs (the others), as the metrics have it."""
+    if task == "classification":
+        return float((output.argmax(-1) == target).to(torch.float64).mean())
+    diff = output - target.reshape(output.shape).to(output.dtype)
+    return float((diff * diff).mean().sqrt())
+
+
+def pick_smoothing(out: EnsembleOutput, target: Tensor, config: LiquidConfig) -> SmoothingPick:
+    """Pick the power smoothing ``λ`` on the validation split, with the trained experts.
+
+    Every ``λ`` of ``config.smoothing_grid`` pools the same predictions and solved powers
+    (:func:`with_smoothing`); the best validation accuracy (classification) or lowest RMSE
+    (regression, embedding) wins, and a tie goes to the smallest ``λ`` (the least change from
+    the learned powers). The centralized and the federated run both call this on their
+    validation outputs, so they pick the same ``λ``.
+
+    Args:
+        out: the ensemble's output on the whole validation split (any smoothing; only its
+            powers, predictions and presence are used).
+        target: (B,) labels, or targets.
+        config: the ensemble's settings (``task``, ``mix``, ``smoothing_grid``).
+
+    Returns:
+        A :class:`SmoothingPick`.
+    """
+    grid = sorted({float(v) for v in config.smoothing_grid})
+    higher = config.task == "classification"
+    scores, best = [], None
+    with torch.no_grad():
+        for lam in grid:
+            score = _validation_score(with_smoothing(out, config, lam).output, target,
+                                      config.task)
+            scores.append(score)
+            if best is None or (score > scores[best] if higher else score < scores[best]):
+                best = len(scores) - 1
+    metric = "accuracy" if higher else "rmse"
+    log.info("smoothing: picked λ = %g on validation (%s %s over λ %s)", grid[best], metric,
+             [round(v, 4) for v in scores], grid)
+    return SmoothingPick(grid[best], grid, scores, metric)
 
 
 def task_loss(output: Tensor, target: Tensor, task: str) -> Tensor:

@@ -22,8 +22,10 @@ Methods:
 ``uniform``
     The same experts trained jointly, every vote kept (``solver=uniform``, majority vote).
 ``averaged``
-    Each expert trained alone on its own view and the labels, then their class probabilities
-    (outputs) averaged with equal weights.
+    Each expert trained alone on its own view and the labels, then combined with equal weights
+    and pooled as ``ensemble.mix`` says (:func:`~liquid_fed.ensemble.pool`): class
+    probabilities averaged (``probs``), logits averaged (``logits``) or summed (``sum``);
+    outputs averaged for regression.
 ``local``
     Each party alone: ``per_party`` holds every expert's validation and test metrics on the
     samples its view holds; the headline metrics are those of the best party on validation.
@@ -46,7 +48,15 @@ Methods:
 ``oracle``
     Where the data has ground truth of the informative view (``synthetic_regions`` with
     ``views.kind: groups`` and no ``views.options``): every sample is predicted by the
-    informative party's expert trained alone (the experts of ``local``).
+    informative party's expert trained alone (the experts of ``local``), pooled as
+    ``ensemble.mix`` says (power K on that party: ``sum`` sharpens its logits K-fold).
+
+Pooling and smoothing: ``liquid``, ``uniform``, ``averaged`` and ``oracle`` pool with the run's
+``ensemble.mix``, through the same :func:`~liquid_fed.ensemble.pool` as the federated server.
+The power smoothing ``ensemble.smoothing`` acts on learned powers: ``liquid`` applies it
+(``auto`` picks it on validation, :func:`~liquid_fed.train.predict_splits`); the uniform vote
+is unchanged by it, and ``averaged`` and ``oracle`` (fixed weights) ignore it. ``moe`` mixes
+probabilities with its trained gate whatever ``mix`` says.
 
 Presence masks (``views.missing``): a party that lacks a sample contributes nothing to it.
 ``liquid``/``uniform``: absent experts pass their vote on and get no power
@@ -87,12 +97,12 @@ from torch import Tensor, nn
 
 from liquid_fed.centralized import CentralData, build_ensemble
 from liquid_fed.config import RunConfig
-from liquid_fed.ensemble import EnsembleOutput, task_loss
+from liquid_fed.ensemble import EnsembleOutput, pool, task_loss
 from liquid_fed.errors import ConfigError
 from liquid_fed.experts import Expert, build_expert
 from liquid_fed.federation.setup import build_client_expert
 from liquid_fed.metrics import TASK_METRICS, confidences, evaluate_output, primary_score
-from liquid_fed.train import DTYPES, fit, predict
+from liquid_fed.train import DTYPES, fit, predict_splits
 
 log = logging.getLogger(__name__)
 
@@ -510,12 +520,14 @@ def _ensemble_method(ctx: MethodContext, name: str, **overrides: Any) -> MethodR
     losses, seconds = _fit(cfg, ens, data.inputs["train"], data.targets["train"],
                            data.present["train"])
     n_params = [sum(p.numel() for p in e.parameters()) for e in ens.experts]
-    metrics, outs = {}, {}
-    for split in ("val", "test"):
-        out = predict(ens, data.inputs[split], present=data.present[split])
+    # the run's final smoothing (auto: picked on val), exactly as train_ensemble and the
+    # federated server apply it
+    outs, smoothing, _ = predict_splits(ens, data.inputs, data.targets, data.present)
+    metrics = {}
+    for split, out in outs.items():
         metrics[split] = _ensemble_metrics(out, data.targets[split], task, n_params)
         metrics[split]["loss"] = float(ens.loss(out, data.targets[split]))
-        outs[split] = out
+        metrics[split]["smoothing"] = smoothing
     test = outs["test"]
     return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
                         party_weight=_weights(test),
@@ -634,7 +646,8 @@ def _combined_method(ctx: MethodContext, name: str,
         mask = data.present[split]
         present = mask if mask is not None else torch.ones(preds.shape[:2], dtype=torch.bool)
         weight, delegation = weight_of(split, present)
-        output = mixture(preds, torch.log(weight), task)  # log 0 = -inf: no say
+        # pooled as the Liquid Ensemble pools (ensemble.mix); weight 0 = no say
+        output = pool(preds, preds.shape[1] * weight, task, ctx.cfg.ensemble.mix)
         ens = _as_ensemble(preds, weight, output, mask, delegation)
         metrics[split] = _ensemble_metrics(ens, data.targets[split], task)
         metrics[split]["loss"] = float(task_loss(output, data.targets[split], task))

@@ -531,6 +531,7 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
     for name in CONFIDENCES:
         row[f"tau_{name}"] = test.get(f"tau_{name}", math.nan)
     row["power_entropy"] = test.get("power_entropy", math.nan)
+    row["smoothing"] = test.get("smoothing", math.nan)  # the λ used (auto: picked on val)
     row["speaker_entropy"] = test.get("speaker_entropy", math.nan)
     weights = summary.get("party_weight")
     k = study.config(setting, seed).n_clients

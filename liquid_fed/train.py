@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from liquid_fed.ensemble import EnsembleOutput, LiquidEnsemble
+from liquid_fed.ensemble import (
+    SMOOTHING_AUTO,
+    EnsembleOutput,
+    LiquidEnsemble,
+    SmoothingPick,
+    pick_smoothing,
+    with_smoothing,
+)
 from liquid_fed.metrics import evaluate_output
 
 log = logging.getLogger(__name__)
@@ -127,11 +134,54 @@ def fit(
 
 def evaluate(ensemble: LiquidEnsemble, inputs: Sequence[Tensor], target: Tensor,
              present: Tensor | None = None) -> dict[str, float]:
-    """Loss and metrics of the ensemble on one split."""
-    out = predict(ensemble, inputs, present=present)
+    """Loss and metrics of the ensemble on one split (with its own ``smoothing``; ``auto``
+    evaluates the learned powers, ``λ = 0``: :func:`evaluate_splits` picks ``λ``)."""
+    return output_metrics(ensemble, predict(ensemble, inputs, present=present), target,
+                          ensemble.config.training_smoothing)
+
+
+def output_metrics(ensemble: LiquidEnsemble, out: EnsembleOutput, target: Tensor,
+                   smoothing: float) -> dict[str, float]:
+    """Loss and metrics of an output of ``ensemble``; ``smoothing`` is the ``λ`` it was
+    pooled with (recorded as the metric ``smoothing``)."""
     metrics = evaluate_output(
         out, target, ensemble.config.task,
         n_params=[sum(p.numel() for p in e.parameters()) for e in ensemble.experts],
     )
     metrics["loss"] = float(ensemble.loss(out, target))
+    metrics["smoothing"] = float(smoothing)
     return metrics
+
+
+def predict_splits(ensemble: LiquidEnsemble, inputs: Mapping[str, Sequence[Tensor]],
+                   targets: Mapping[str, Tensor], present: Mapping[str, Tensor | None],
+                   splits: Sequence[str] = ("val", "test"),
+                   ) -> tuple[dict[str, EnsembleOutput], float, SmoothingPick | None]:
+    """A trained ensemble's outputs on ``splits``, pooled with its final smoothing.
+
+    With ``ensemble.smoothing: auto``, ``λ`` is picked on the ``val`` split
+    (:func:`liquid_fed.ensemble.pick_smoothing`, as the federated server does) and every
+    split is pooled with it; otherwise the configured ``λ`` is used.
+
+    Args:
+        ensemble: the trained model.
+        inputs: split -> K tensors, one per expert.
+        targets: split -> labels or targets.
+        present: split -> (n, K) presence mask or None.
+        splits: the splits to predict (``val`` among them under ``auto``).
+
+    Returns:
+        (split -> output, the ``λ`` used, the pick or None when ``smoothing`` is a number).
+
+    Raises:
+        ValueError: ``smoothing: auto`` without ``val`` among ``splits``.
+    """
+    config = ensemble.config
+    outs = {s: predict(ensemble, inputs[s], present=present[s]) for s in splits}
+    if config.smoothing != SMOOTHING_AUTO:
+        return outs, config.training_smoothing, None
+    if "val" not in outs:
+        raise ValueError(f'smoothing "auto" picks λ on the val split; got splits {list(splits)}')
+    pick = pick_smoothing(outs["val"], targets["val"], config)
+    return ({s: with_smoothing(o, config, pick.value) for s, o in outs.items()}, pick.value,
+            pick)

@@ -31,6 +31,7 @@ import numpy as np
 
 from liquid_fed.config import RunConfig
 from liquid_fed.data import IdIndex, Splits, align_ids, common_ids
+from liquid_fed.ensemble import SMOOTHING_AUTO, SmoothingPick
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation.replies import (
     check_prediction_reply,
@@ -73,6 +74,7 @@ class FederationResult:
     train_losses: list[float]
     n_params: list[int]
     label_leakage: dict[str, Any]
+    smoothing: dict[str, Any] | None = None  # the pick of ``ensemble.smoothing: auto``
 
 
 class Federation:
@@ -112,6 +114,7 @@ class Federation:
         self.shards: list[str] = []  # the shard folder each client reads, when it has one
         self.pending_round = 0
         self.leakage: LabelLeakage | None = None
+        self.smoothing: SmoothingPick | None = None  # picked at the final evaluation (auto)
 
     # -- messaging ---------------------------------------------------------------------------
 
@@ -214,16 +217,29 @@ class Federation:
         self.leakage = LabelLeakage(train, self.data.labels_of(train), self.data.task, self.k)
         log.info("setup: %d clients, %s parameters", self.k, self.n_params)
 
-    def evaluate(self, splits: Sequence[str], round_index: int) -> list[dict[str, Any]]:
-        """Evaluate on one or more splits with a single exchange; one metrics row each."""
+    def evaluate(self, splits: Sequence[str], round_index: int,
+                 final: bool = False) -> list[dict[str, Any]]:
+        """Evaluate on one or more splits with a single exchange; one metrics row each.
+
+        ``final`` (the evaluation after training, ``val`` among ``splits``): under
+        ``ensemble.smoothing: auto`` the server first picks ``λ`` on the validation replies
+        and evaluates every split with it (:attr:`smoothing` keeps the pick).
+        """
         parts = [getattr(self.data.splits, split) for split in splits]
         replies = self._send("evaluate", np.concatenate(parts))
-        rows, start = [], 0
-        for split, ids in zip(splits, parts, strict=True):
-            sub = [{k: v[start:start + ids.size] for k, v in r.items() if k != "ids_digest"}
-                   for r in replies]
+        subs, start = [], 0
+        for ids in parts:
+            subs.append([{k: v[start:start + ids.size] for k, v in r.items()
+                          if k != "ids_digest"} for r in replies])
             start += ids.size
-            metrics, details = self.step.evaluate(ids, sub, self.n_params)
+        smoothing = None
+        if final and self.cfg.ensemble.smoothing == SMOOTHING_AUTO:
+            at = list(splits).index("val")
+            self.smoothing = self.step.pick_smoothing(parts[at], subs[at])
+            smoothing = self.smoothing.value
+        rows = []
+        for split, ids, sub in zip(splits, parts, subs, strict=True):
+            metrics, details = self.step.evaluate(ids, sub, self.n_params, smoothing)
             row = {"round": round_index, "split": split, **metrics,
                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
             self.history.append(row)
@@ -327,8 +343,9 @@ class Federation:
                 self.checkpoint(done, time.perf_counter() - t0)
                 log.info("stopped after round %d of %d; checkpoint written", done, total)
                 return None
-        _, test = self.evaluate(["val", "test"], total)
+        _, test = self.evaluate(["val", "test"], total, final=True)
         wall = time.perf_counter() - t0
         self.checkpoint(total, wall)
         return FederationResult(self.history, test, total, self.bytes_up, self.bytes_down,
-                                wall, self.train_losses, self.n_params, self.leakage.report())
+                                wall, self.train_losses, self.n_params, self.leakage.report(),
+                                None if self.smoothing is None else self.smoothing.to_dict())

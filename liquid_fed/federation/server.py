@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from liquid_fed.config import RunConfig
-from liquid_fed.ensemble import combine, ensemble_loss
+from liquid_fed.ensemble import (
+    SmoothingPick,
+    combine,
+    ensemble_loss,
+    pick_smoothing,
+    with_smoothing,
+)
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation.setup import ServerData
 from liquid_fed.federation.state import Arrays
@@ -90,18 +96,35 @@ class ServerStep:
                    for k in range(len(replies))]
         return TrainStep(float(loss.detach()), self.defence.apply(signals, round_index))
 
-    def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
-                 n_params: Sequence[int]) -> Evaluation:
-        """Loss and metrics of the ensemble on ``ids``, and the per-sample outputs behind them
-        (ids, power (n, K), delegation (n, K, K), error (n,), labels, and the ground truth
-        ``informative`` / ``regions`` where the data set has it)."""
+    def pick_smoothing(self, ids: np.ndarray, replies: Sequence[Arrays]) -> SmoothingPick:
+        """The power smoothing ``λ`` for ``smoothing: auto``, picked on these (validation)
+        replies by :func:`liquid_fed.ensemble.pick_smoothing`, as the centralized run picks
+        it."""
         with torch.no_grad():
             preds, dels, present = self._stack(replies, grad=False)
             mask = None if bool(present.all()) else present
             out = combine(preds, dels, self.liquid, mask)
+            return pick_smoothing(out, self._target(ids), self.liquid)
+
+    def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
+                 n_params: Sequence[int], smoothing: float | None = None) -> Evaluation:
+        """Loss and metrics of the ensemble on ``ids``, and the per-sample outputs behind them
+        (ids, power (n, K), delegation (n, K, K), error (n,), labels, and the ground truth
+        ``informative`` / ``regions`` where the data set has it).
+
+        ``smoothing`` pools with that ``λ`` (a pick of :meth:`pick_smoothing`) instead of the
+        training one; the metric ``smoothing`` records the ``λ`` used."""
+        with torch.no_grad():
+            preds, dels, present = self._stack(replies, grad=False)
+            mask = None if bool(present.all()) else present
+            out = combine(preds, dels, self.liquid, mask)
+            if smoothing is not None:
+                out = with_smoothing(out, self.liquid, smoothing)
             target = self._target(ids)
             metrics = evaluate_output(out, target, self.data.task, n_params)
             metrics["loss"] = float(ensemble_loss(out, target, self.liquid))
+            metrics["smoothing"] = float(self.liquid.training_smoothing if smoothing is None
+                                         else smoothing)
             details: Arrays = {
                 "ids": np.asarray(ids), "power": out.power.cpu().numpy(),
                 "delegation": out.delegation.cpu().numpy(),
