@@ -398,16 +398,16 @@ class LabelLeakage(_Meter):
             self.arrays = {"latest": np.full(shape, -1, np.int32),
                            "first": np.full(shape, -1, np.int32),
                            "votes": np.zeros((*shape, c), np.int32),
-                           **{name: np.zeros((*shape, c), np.float32)
+                           **{name: np.zeros((*shape, c), np.float64)
                               for name in ("sum", "normalized_sum", "early", "matched")}}
         else:
             self.attacks = REGRESSION_ATTACKS
             self.arrays = {"latest": np.zeros((*shape, c), bool),
                            "first": np.zeros((*shape, c), bool),
                            "votes": np.zeros((*shape, c), np.int32),
-                           "sum": np.zeros((*shape, c), np.float32),
-                           "recent": np.zeros((*shape, c), np.float32),
-                           "reference": np.zeros((*shape, c), np.float32)}
+                           "sum": np.zeros((*shape, c), np.float64),
+                           "recent": np.zeros((*shape, c), np.float64),
+                           "reference": np.zeros((*shape, c), np.float64)}
 
     def observe(self, ids: np.ndarray, signals: Sequence[Arrays],
                 own_predictions: Sequence[np.ndarray]) -> None:
@@ -436,19 +436,19 @@ class LabelLeakage(_Meter):
             a["latest"][k, rows] = guess
             a["first"][k, rows[first]] = guess[first]
             a["votes"][k, rows, guess] += 1
-            a["sum"][k, rows] += g.astype(np.float32)
+            a["sum"][k, rows] += g.astype(np.float64)
             norm = np.linalg.norm(g, axis=1, keepdims=True)
-            a["normalized_sum"][k, rows] += (g / np.maximum(norm, 1e-300)).astype(np.float32)
-            a["early"][k, rows] += (g / t).astype(np.float32)
-            a["matched"][k, rows] += matched_scores(g, own).astype(np.float32)
+            a["normalized_sum"][k, rows] += (g / np.maximum(norm, 1e-300)).astype(np.float64)
+            a["early"][k, rows] += (g / t).astype(np.float64)
+            a["matched"][k, rows] += matched_scores(g, own).astype(np.float64)
         else:
             above = g < 0  # the label lies above the output where the loss falls with it
             a["latest"][k, rows] = above
             a["first"][k, rows[first]] = above[first]
             a["votes"][k, rows] += above.astype(np.int32)
-            a["sum"][k, rows] += g.astype(np.float32)
-            a["recent"][k, rows] = 0.5 * a["recent"][k, rows] + g.astype(np.float32)
-            a["reference"][k, rows] = own.astype(np.float32)
+            a["sum"][k, rows] += g.astype(np.float64)
+            a["recent"][k, rows] = 0.5 * a["recent"][k, rows] + g.astype(np.float64)
+            a["reference"][k, rows] = own.astype(np.float64)
 
     def guesses(self, attack: str) -> np.ndarray:
         """(K, n) class guesses (classification) or (K, n, C) "above" guesses (regression) in
@@ -512,7 +512,7 @@ class EmbeddingLeakage(_Meter):
         self.attacks = EMBEDDING_ATTACKS
         self.widths = list(widths)
         h, shape = max(self.widths), (n_clients, self.n)
-        self.arrays = {name: np.zeros((*shape, h), np.float32) for name in EMBEDDING_ATTACKS}
+        self.arrays = {name: np.zeros((*shape, h), np.float64) for name in EMBEDDING_ATTACKS}
         # The party knows one label per class: the first training sample of each class.
         classes = np.unique(self.labels)
         self.known = np.array([int(np.flatnonzero(self.labels == c)[0]) for c in classes])
@@ -523,12 +523,11 @@ class EmbeddingLeakage(_Meter):
         a, h = self.arrays, g.shape[1]
         first = self.count[k, rows] == 0
         self.count[k, rows] += 1
-        g32 = g.astype(np.float32)
-        a["latest"][k, rows, :h] = g32
-        a["first"][k, rows[first], :h] = g32[first]
-        a["sum"][k, rows, :h] += g32
+        a["latest"][k, rows, :h] = g
+        a["first"][k, rows[first], :h] = g[first]
+        a["sum"][k, rows, :h] += g
         norm = np.linalg.norm(g, axis=1, keepdims=True)
-        a["normalized_sum"][k, rows, :h] += (g / np.maximum(norm, 1e-300)).astype(np.float32)
+        a["normalized_sum"][k, rows, :h] += (g / np.maximum(norm, 1e-300)).astype(np.float64)
 
     def guesses(self, attack: str) -> np.ndarray:
         """(K, n) each sample's class: that of the known sample of highest cosine similarity."""
