@@ -123,7 +123,7 @@ def leakage_cell(rows: Sequence[dict[str, Any]]) -> str:
     text = interval([r.get("label_leakage") for r in rows]).text(3)
     if text == "n/a":
         return text
-    extra = [f"chance {interval([r.get('label_leakage_chance') for r in rows]).text(2)}"]
+    extra = [f"chance {interval([r.get('label_leakage_chance') for r in rows]).mean:.2f}"]
     eps = interval([r.get("label_epsilon") for r in rows])
     if eps.n == len(rows) and eps.n:
         extra.append(f"ε {eps.mean:.3g}")

@@ -340,3 +340,59 @@ def test_a_missing_accountant_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
     got = guarantee(4.0, 1.0, 10, 4)
     assert got["epsilon"] is None and "liquid-fed[privacy]" in got["reason"]
     assert label_dp(0.0, 1.0, 10)["epsilon"] is None  # nothing to compute: no import needed
+
+
+# -- the baselines -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.2], ids=["complete", "missing-views"])
+def test_every_method_that_sends_gradients_is_attacked_on_what_its_parties_receive(
+        missing: float) -> None:
+    from liquid_fed.centralized import central_data
+    from liquid_fed.methods import run_methods
+
+    cfg = build_config({**TINY, "train": {**TINY["train"], "epochs": 3}},
+                       [f"views.missing={missing}"])
+    data = central_data(cfg)
+    got = run_methods(["uniform", "aggvfl", "splitnn", "moe", "averaged", "local", "central"],
+                      cfg, data)
+    n = data.targets["train"].shape[0]
+    held = (data.present["train"].sum(0).tolist() if data.present["train"] is not None
+            else [n] * cfg.n_clients)
+    for name in ("uniform", "aggvfl", "moe"):
+        leak = got[name].label_leakage
+        logits = leak["channels"][0] if "channels" in leak else leak
+        # Exact logit gradients: negative at the label only. A batch's rows matched to the
+        # wrong samples would score about chance (0.1) instead.
+        assert logits["attacks"]["latest"]["per_client"] == [1.0] * cfg.n_clients, name
+        assert leak["max"] == 1.0 and leak["rounds_per_sample"] == cfg.train.epochs
+        assert logits["samples"] == n
+    split = got["splitnn"].label_leakage
+    assert split["known_labels"] == 10 and split["attack"].startswith("cosine direction")
+    assert split["max"] > 5 * split["chance"]  # embeddings leak too (measured 0.99)
+    moe = got["moe"].label_leakage
+    assert [c["attack"].split(":")[0] for c in moe["channels"]] == [
+        "argmin over classes of the gradients received",
+        "cosine direction attack, one known label per class (Li et al. 2022)"]
+    for name in ("averaged", "local"):
+        assert got[name].label_leakage["labels_at_party"] is True
+        assert got[name].to_dict()["label_leakage"]["max"] is None
+    assert got["central"].label_leakage is None
+    if missing:
+        assert min(held) < n  # a party lacking a sample is sent nothing for it
+        eaves = got["aggvfl"].label_leakage
+        assert eaves["samples"] == n
+
+
+def test_the_report_renders_leakage_chance_epsilon_or_labels_at_party() -> None:
+    from liquid_fed.report import leakage_cell
+
+    rows = [{"label_leakage": 0.5, "label_leakage_chance": 0.1, "label_epsilon": 30.0},
+            {"label_leakage": 0.7, "label_leakage_chance": 0.1, "label_epsilon": 30.0}]
+    text = leakage_cell(rows)
+    assert text.startswith("0.600 ± ") and text.endswith("(chance 0.10, ε 30)")
+    assert leakage_cell([{"label_leakage": 1.0, "label_leakage_chance": 0.1}]) == (
+        "1.000 (chance 0.10)")
+    assert leakage_cell([{"labels_at_party": 1}, {"labels_at_party": 1}]) == (
+        "labels at every party")
+    assert leakage_cell([{"label_leakage": None}]) == "n/a"
