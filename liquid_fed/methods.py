@@ -492,10 +492,10 @@ class Eavesdropper:
         if self.logits is None or not self._recording(module) or preds is None \
                 or not preds.requires_grad:
             return
-        rows, own = self.rows, preds.detach().double().numpy()  # (B, K, C)
+        rows, own = self.rows, preds.detach().cpu().double().numpy()  # (B, K, C)
 
         def received(grad: Tensor) -> None:
-            g = grad.detach().double().numpy() * rows.size  # per-sample rows (B, K, C)
+            g = grad.detach().cpu().double().numpy() * rows.size  # per-sample (B, K, C)
             for k in range(g.shape[1]):
                 held = self._held(k, rows)
                 self.logits.observe_rows(k, rows[held], g[held, k], own[held, k])
@@ -509,7 +509,7 @@ class Eavesdropper:
         rows = self.rows
 
         def received(grad: Tensor) -> None:
-            g = grad.detach().double().numpy() * rows.size
+            g = grad.detach().cpu().double().numpy() * rows.size
             start = 0
             for k, width in enumerate(self.widths):
                 held = self._held(k, rows)
