@@ -349,6 +349,8 @@ class Federation:
         sent."""
         report = self.leakage.report()
         privacy = self.cfg.privacy
-        report["guarantee"] = guarantee(privacy.clip, privacy.noise,
-                                        report["rounds_per_sample"], self.k)
+        # Every epoch's chunks cover the training set once: each sample is sent once per epoch
+        # (counted from the config, not the meter, which an old checkpoint may have reset).
+        report["guarantee"] = guarantee(privacy.clip, privacy.noise, self.cfg.train.epochs,
+                                        self.k)
         return report
