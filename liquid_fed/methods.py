@@ -69,6 +69,16 @@ the absent view's features are 0, its training mean after standardisation (mean 
 holds; ``oracle`` falls back to the average of the present experts where the informative view
 is absent. No party ever receives a gradient from a sample it lacks.
 
+Label leakage (``MethodResult.label_leakage``, see :mod:`liquid_fed.privacy`): the methods
+that send their parties gradients are attacked on exactly what each party receives during
+training (recorded by hooks on the tensors the party sends): ``uniform`` and ``aggvfl`` (the
+gradient w.r.t. each party's outputs: the argmin family), ``splitnn`` (w.r.t. each party's
+embedding: the direction attack with one known label per class), ``moe`` (both: its heads'
+outputs and the embeddings its gate reads; the stronger is reported). ``averaged``, ``local``
+and ``oracle`` train every party on the labels: :func:`~liquid_fed.privacy.labels_at_party`.
+``central`` has no parties: None. The baselines have no defence (``privacy`` applies to the
+Liquid Ensemble's protocol only).
+
 ``train_seconds`` is the wall time of training; ``averaged``, ``local`` and ``oracle`` report
 the time to train all K experts alone (shared by ``run_methods``, so count it once).
 
@@ -102,7 +112,8 @@ from liquid_fed.errors import ConfigError
 from liquid_fed.experts import Expert, build_expert
 from liquid_fed.federation.setup import build_client_expert
 from liquid_fed.metrics import TASK_METRICS, confidences, evaluate_output, primary_score
-from liquid_fed.train import DTYPES, fit, predict_splits
+from liquid_fed.privacy import EmbeddingLeakage, LabelLeakage, labels_at_party, strongest
+from liquid_fed.train import DTYPES, batch_order, fit, predict_splits
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +165,8 @@ class MethodResult:
     the ensembles, the gate for ``moe``), summing to 1. ``arrays``: per-sample test arrays for
     figures (``ids`` (n,), ``error`` (n,), ``output`` (n, C), and where the method has them
     ``power`` (n, K), ``delegation`` (n, K, K), ``gate`` (n, K), ``conf_<measure>`` (n,)).
-    ``model``: the trained module (not serialised).
+    ``model``: the trained module (not serialised). ``label_leakage``: what the parties
+    recover of the training labels from the gradients they receive (see the module docstring).
     """
 
     method: str
@@ -166,12 +178,14 @@ class MethodResult:
     party_weight: list[float] | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
+    label_leakage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able part: everything but the arrays and the model."""
         return {"method": self.method, "val": self.val, "test": self.test,
                 "train_seconds": self.train_seconds, "epoch_losses": self.epoch_losses,
-                "per_party": self.per_party, "party_weight": self.party_weight}
+                "per_party": self.per_party, "party_weight": self.party_weight,
+                "label_leakage": self.label_leakage}
 
 
 @dataclass
@@ -418,6 +432,115 @@ def _central_model(cfg: RunConfig, data: CentralData) -> AggVFL:
 
 
 # --------------------------------------------------------------------------------------------
+# What the parties receive
+# --------------------------------------------------------------------------------------------
+
+
+class Eavesdropper:
+    """Records what every party of a jointly trained method receives during training and runs
+    the attacks of :mod:`liquid_fed.privacy` on it.
+
+    Hooks on the tensors each party sends (its outputs; the embeddings the server's top model
+    or gate reads) see the gradient that would travel back to it. :func:`liquid_fed.train.fit`
+    runs one forward per batch of :func:`~liquid_fed.train.batch_order`, epoch after epoch;
+    the eavesdropper walks the same order to know which training rows each batch holds, and
+    checks that every batch has the size it expects.
+
+    Args:
+        name: the method (``uniform``, ``aggvfl``, ``splitnn`` or ``moe``).
+        model: its untrained model.
+        cfg: the run config (epochs, batch size, seed).
+        data: the run's data.
+    """
+
+    def __init__(self, name: str, model: nn.Module, cfg: RunConfig, data: CentralData) -> None:
+        task, k = data.server.task, cfg.n_clients
+        target = data.targets["train"]
+        n = target.shape[0]
+        ids, labels = np.arange(n), target.numpy()
+        self.name = name
+        self.present = data.present["train"]
+        self.batches = (rows for epoch in range(cfg.train.epochs)
+                        for rows in batch_order(n, cfg.train.batch_size, epoch, cfg.seed))
+        self.rows: np.ndarray | None = None
+        self.logits = (LabelLeakage(ids, labels, task, k, data.server.n_outputs)
+                       if name in ("uniform", "aggvfl", "moe") else None)
+        self.embedding: EmbeddingLeakage | None = None
+        self.widths: list[int] = []
+        self.handles = [model.register_forward_pre_hook(self._batch),
+                        model.register_forward_hook(self._outputs)]
+        server_side = {"splitnn": "top", "moe": "gate"}.get(name)
+        if server_side is not None and task == "classification":
+            self.widths = [_embed_width(p, x) for p, x in
+                           zip(model.parties, data.inputs["train"], strict=True)]
+            self.embedding = EmbeddingLeakage(ids, labels, k, self.widths)
+            self.handles.append(getattr(model, server_side).register_forward_pre_hook(
+                self._embeddings))
+
+    def _recording(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and self.rows is not None
+
+    def _batch(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            self.rows = None
+            return
+        rows = next(self.batches, None)
+        b = args[0][0].shape[0]
+        if rows is None or rows.size != b:
+            raise RuntimeError(f"{self.name}: a training batch of {b} rows does not follow "
+                               "the batch order of liquid_fed.train.fit")
+        self.rows = rows
+
+    def _held(self, k: int, rows: np.ndarray) -> np.ndarray:
+        """Positions in the batch of the rows party k holds (it gets no signal for others)."""
+        if self.present is None:
+            return np.arange(rows.size)
+        return np.flatnonzero(self.present[torch.as_tensor(rows), k].numpy())
+
+    def _outputs(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        preds = out.predictions
+        if self.logits is None or not self._recording(module) or preds is None \
+                or not preds.requires_grad:
+            return
+        rows, own = self.rows, preds.detach().cpu().double().numpy()  # (B, K, C)
+
+        def received(grad: Tensor) -> None:
+            g = grad.detach().cpu().double().numpy() * rows.size  # per-sample (B, K, C)
+            for k in range(g.shape[1]):
+                held = self._held(k, rows)
+                self.logits.observe_rows(k, rows[held], g[held, k], own[held, k])
+
+        preds.register_hook(received)
+
+    def _embeddings(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        joined = args[0]  # (B, Σ H_k): the parties' embeddings side by side
+        if not self._recording(module) or not joined.requires_grad:
+            return
+        rows = self.rows
+
+        def received(grad: Tensor) -> None:
+            g = grad.detach().cpu().double().numpy() * rows.size
+            start = 0
+            for k, width in enumerate(self.widths):
+                held = self._held(k, rows)
+                self.embedding.observe_rows(k, rows[held], g[held, start:start + width])
+                start += width
+
+        joined.register_hook(received)
+
+    def report(self) -> dict[str, Any]:
+        """The strongest attack's report (every channel's under ``channels``); removes the
+        hooks."""
+        for handle in self.handles:
+            handle.remove()
+        reports = [m.report() for m in (self.logits, self.embedding) if m is not None]
+        if not reports:
+            return {"max": None, "attack": f"none implemented: {self.name} sends embeddings, "
+                    "and the direction attack needs classes"}
+        return strongest(reports)
+
+
+# --------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------
 
@@ -517,6 +640,7 @@ def _ensemble_method(ctx: MethodContext, name: str, **overrides: Any) -> MethodR
     cfg, data = ctx.cfg, ctx.data
     task = data.server.task
     ens = build_ensemble(cfg, data, **overrides)
+    spy = Eavesdropper(name, ens, cfg, data) if name == "uniform" else None
     losses, seconds = _fit(cfg, ens, data.inputs["train"], data.targets["train"],
                            data.present["train"])
     n_params = [sum(p.numel() for p in e.parameters()) for e in ens.experts]
@@ -532,7 +656,7 @@ def _ensemble_method(ctx: MethodContext, name: str, **overrides: Any) -> MethodR
     return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
                         party_weight=_weights(test),
                         arrays=_arrays(data, test.output, data.targets["test"], task, test),
-                        model=ens)
+                        model=ens, label_leakage=None if spy is None else spy.report())
 
 
 def liquid(ctx: MethodContext) -> MethodResult:
@@ -556,8 +680,10 @@ def _joint_method(ctx: MethodContext, name: str) -> MethodResult:
     def present(split: str) -> Tensor | None:
         # the central model reads every view; an absent one is its (standardised) mean, 0
         return None if name == "central" else data.present[split]
+    spy = None if name == "central" else Eavesdropper(name, model, cfg, data)
     losses, seconds = _fit(cfg, model, inputs("train"), data.targets["train"],
                            present("train"))
+    leakage = None if spy is None else spy.report()
     metrics, outs = {}, {}
     for split in ("val", "test"):
         out = predict_joint(model, inputs(split), present(split))
@@ -576,10 +702,10 @@ def _joint_method(ctx: MethodContext, name: str) -> MethodResult:
                             party_weight=_weights(test),
                             arrays=_arrays(data, test.output, data.targets["test"], task, test,
                                            gate=test.power / test.power.shape[-1]),
-                            model=model)
+                            model=model, label_leakage=leakage)
     return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
                         arrays=_arrays(data, test.output, data.targets["test"], task),
-                        model=model)
+                        model=model, label_leakage=leakage)
 
 
 def splitnn(ctx: MethodContext) -> MethodResult:
@@ -657,7 +783,7 @@ def _combined_method(ctx: MethodContext, name: str,
                         [float(np.mean(e)) for e in zip(*solos.losses, strict=True)],
                         party_weight=_weights(test),
                         arrays=_arrays(data, test.output, data.targets["test"], task, test),
-                        model=nn.ModuleList(solos.experts))
+                        model=nn.ModuleList(solos.experts), label_leakage=labels_at_party(name))
 
 
 def _even(present: Tensor, dtype: torch.dtype) -> Tensor:
@@ -734,7 +860,7 @@ def local(ctx: MethodContext) -> MethodResult:
     return MethodResult("local", val, test, solos.seconds,
                         [float(np.mean(e)) for e in zip(*solos.losses, strict=True)],
                         per_party=per_party, arrays=arrays,
-                        model=nn.ModuleList(solos.experts))
+                        model=nn.ModuleList(solos.experts), label_leakage=labels_at_party("local"))
 
 
 #: Every method of a study by name.
@@ -816,5 +942,5 @@ def run_methods(names: Sequence[str], cfg: RunConfig, data: CentralData,
 
 
 __all__ = ["METHODS", "AggVFL", "JointOutput", "MethodContext", "MethodOptions",
-           "MethodResult", "MixtureOfParties", "PartyNet", "SplitNN", "build_joint",
+           "Eavesdropper", "MethodResult", "MixtureOfParties", "PartyNet", "SplitNN", "build_joint",
            "check_methods", "mixture", "predict_joint", "run_method", "run_methods"]

@@ -114,6 +114,22 @@ COLUMNS = (("score", None), ("nll", "NLL"), ("power_entropy", "power entropy"),
            ("train_seconds", "train s"))
 
 
+def leakage_cell(rows: Sequence[dict[str, Any]]) -> str:
+    """The label-leakage cell of one method: "labels at every party" where its parties hold
+    the labels; else the mean share recovered by the strongest attack with its interval, the
+    chance level and, where the defence gives one, the mean label-DP ε."""
+    if rows and all(r.get("labels_at_party") for r in rows):
+        return "labels at every party"
+    text = interval([r.get("label_leakage") for r in rows]).text(3)
+    if text == "n/a":
+        return text
+    extra = [f"chance {interval([r.get('label_leakage_chance') for r in rows]).mean:.2f}"]
+    eps = interval([r.get("label_epsilon") for r in rows])
+    if eps.n == len(rows) and eps.n:
+        extra.append(f"ε {eps.mean:.3g}")
+    return f"{text} ({', '.join(extra)})"
+
+
 def overview(study: Study, rows: Sequence[dict[str, Any]]) -> list[str]:
     """One table: a row per setting, a column per method, the mean of the primary metric over
     seeds (the best of the row in bold); empty when no row is finished."""
@@ -159,7 +175,8 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
         metric = cell_rows[0]["metric"]
         lines += [f"## {setting.id}: {setting.label()}", ""]
         keep = [(k, t) for k, t in COLUMNS
-                if any(r.get(k) is not None for r in cell_rows)]
+                if any(r.get(k) is not None for r in cell_rows)
+                or (k == "label_leakage" and any(r.get("labels_at_party") for r in cell_rows))]
         header = ["method"] + [t or metric for _, t in keep] + ["seeds"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         stats = {m: interval([r.get("score") for r in _rows_of(cell_rows, setting.id, m)])
@@ -173,6 +190,9 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
                 continue
             cells = []
             for k, _ in keep:
+                if k == "label_leakage":
+                    cells.append(leakage_cell(mrows))
+                    continue
                 text = interval([r.get(k) for r in mrows]).text(1 if k == "train_seconds" else 3)
                 cells.append(f"**{text}**" if k == "score" and m == best else text)
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(mrows)} |")

@@ -548,7 +548,13 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
         share = obs.get("importance_share")
         row[f"importance_{j}"] = share[j] if share and j < len(share) else math.nan
     row["icor"] = obs.get("icor", math.nan)
-    row["label_leakage"] = (summary.get("label_leakage") or {}).get("max", math.nan)
+    # What a party recovers of the training labels (strongest attack), or that it holds them.
+    leak = summary.get("label_leakage") or {}
+    row["label_leakage"] = leak.get("max", math.nan)
+    row["label_leakage_attack"] = leak.get("best_attack")
+    row["label_leakage_chance"] = leak.get("chance", math.nan)
+    row["labels_at_party"] = 1 if leak.get("labels_at_party") else None
+    row["label_epsilon"] = (leak.get("guarantee") or {}).get("epsilon")
     # the Liquid Ensemble's own training loop (its run also probes views and checkpoints)
     row["train_seconds"] = summary.get("wall_seconds", summary.get("train_seconds", math.nan))
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

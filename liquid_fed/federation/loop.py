@@ -19,6 +19,7 @@ signals for several local steps (as FedBCD does) to cut round trips.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -42,7 +43,7 @@ from liquid_fed.federation.server import ServerStep
 from liquid_fed.federation.setup import ServerData, drop_unseen, id_tokens, load_server_data
 from liquid_fed.federation.state import Arrays
 from liquid_fed.federation.transport import Transport, describe_client, payload_bytes
-from liquid_fed.privacy import LabelLeakage
+from liquid_fed.privacy import LabelLeakage, guarantee
 from liquid_fed.rundir import METRICS_FILE, OUTPUTS_FILE, Checkpoint, RunDir
 from liquid_fed.train import batch_order
 
@@ -107,6 +108,7 @@ class Federation:
         self.pending: list[Arrays] | None = None  # signals not yet applied by the clients
         self.pending_ids: np.ndarray | None = None
         self.salt = b""  # drawn at setup (or taken from the checkpoint): ids travel as tokens
+        self.noise_key = ""  # the defence's secret (hex): kept by the server, never sent
         self.run_id = ""  # names the clients' own checkpoints of this run
         self._tokens = np.zeros(0, dtype=np.int64)
         self._token_index: IdIndex | None = None
@@ -179,6 +181,12 @@ class Federation:
                           and resume.server.get("salt") else None)
         self.run_id = (resume.server.get("run_id") if resume is not None else None) or (
             f"{self.cfg.name}-{secrets.token_hex(4)}")
+        # The config (and its seed) travels to every client: noise drawn from the seed alone
+        # could be regenerated and subtracted by any of them.
+        self.noise_key = (resume.server.get("noise_key") if resume is not None else None) or (
+            secrets.token_hex(16))
+        self.step.defence = dataclasses.replace(self.step.defence,
+                                                key=bytes.fromhex(self.noise_key))
         out_dim = self.data.n_outputs
         train = self.tokens(self.data.splits.train)
         arrays, settings = [], []
@@ -214,7 +222,8 @@ class Federation:
         self.data.splits = drop_unseen(self.data.splits,
                                        [self.known_ids(r["absent"]) for r, _ in replies])
         train = self.data.splits.train
-        self.leakage = LabelLeakage(train, self.data.labels_of(train), self.data.task, self.k)
+        self.leakage = LabelLeakage(train, self.data.labels_of(train), self.data.task, self.k,
+                                    self.data.n_outputs)
         log.info("setup: %d clients, %s parameters", self.k, self.n_params)
 
     def evaluate(self, splits: Sequence[str], round_index: int,
@@ -284,7 +293,8 @@ class Federation:
             server = {"history": self.history, "bytes_up": self.bytes_up,
                       "bytes_down": self.bytes_down, "train_losses": self.train_losses,
                       "elapsed": elapsed, "config": self.cfg_yaml, "salt": self.salt.hex(),
-                      "run_id": self.run_id, "parties": self.parties}
+                      "run_id": self.run_id, "parties": self.parties,
+                      "noise_key": self.noise_key}
             leak = self.leakage.state() if self.leakage is not None else {}
             clients = [] if self.parties else list(states)
             self.run_dir.save_checkpoint(Checkpoint(round_index, server, leak, clients))
@@ -347,5 +357,17 @@ class Federation:
         wall = time.perf_counter() - t0
         self.checkpoint(total, wall)
         return FederationResult(self.history, test, total, self.bytes_up, self.bytes_down,
-                                wall, self.train_losses, self.n_params, self.leakage.report(),
+                                wall, self.train_losses, self.n_params, self.leakage_report(),
                                 None if self.smoothing is None else self.smoothing.to_dict())
+
+    def leakage_report(self) -> dict[str, Any]:
+        """``label_leakage``: the strongest accumulated attack of :mod:`liquid_fed.privacy` and,
+        under ``guarantee``, the label-DP guarantee of the defence over every round a sample was
+        sent."""
+        report = self.leakage.report()
+        privacy = self.cfg.privacy
+        # Every epoch's chunks cover the training set once: each sample is sent once per epoch
+        # (counted from the config, not the meter, which an old checkpoint may have reset).
+        report["guarantee"] = guarantee(privacy.clip, privacy.noise, self.cfg.train.epochs,
+                                        self.k)
+        return report
