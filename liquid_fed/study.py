@@ -548,9 +548,9 @@ def _write_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any,
                 arrays[key] = np.asarray(values)
     if "power" in arrays and "error" in arrays:
         run.write_npz(OUTPUTS_FILE, arrays)
-    summary = {"name": cfg.name, "method": label or result.method,
-               "study_engine": "centralized",
+    summary = {"name": cfg.name, "method": result.method, "study_engine": "centralized",
                "metric": TASK_METRICS[data.server.task], **result.to_dict()}
+    summary["method"] = label or result.method  # the study's label (uniform/logits)
     run.write_summary(summary)
 
 
