@@ -212,3 +212,23 @@ def test_label_leakage_renders_each_runs_value_or_a_marker_or_na(tmp_path: Path)
     assert row("averaged")[col] == row("local")[col] == LABELS_AT_PARTY
     assert row("splitnn")[col] == "n/a"
     assert paired_difference(rows, "c00", "liquid:sink_one", "splitnn").mean == 0.0
+
+
+def test_a_pooling_variant_shares_the_experts_trained_alone_and_nothing_else(
+        tmp_path: Path) -> None:
+    import dataclasses
+
+    from liquid_fed.methods import MethodContext
+
+    study = study_of(tmp_path, MIXED)
+    setting = study.settings[0]
+    base_cfg = study.config(setting, 0)
+    base = MethodContext(base_cfg, data=None)
+    trained = object()
+    base._solos = trained  # what _train_solos would have returned
+    variant = base.for_config(study.config(setting, 0, "averaged/logits"))
+    assert variant.cfg.ensemble.mix == "logits" and variant.solos() is trained
+    assert base.for_config(base_cfg) is base
+    other = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, epochs=7))
+    with pytest.raises(ValueError, match="differs in more than its ensemble section"):
+        base.for_config(other)
