@@ -205,11 +205,30 @@ class MethodContext:
         self.data = data
         self.options = options or MethodOptions()
         self._solos: _Solos | None = None
+        self._shared: MethodContext | None = None
 
     def solos(self) -> _Solos:
         if self._solos is None:
-            self._solos = _train_solos(self.cfg, self.data)
+            self._solos = (self._shared.solos() if self._shared is not None
+                           else _train_solos(self.cfg, self.data))
         return self._solos
+
+    def for_config(self, cfg: RunConfig) -> MethodContext:
+        """A context for ``cfg`` that shares this one's experts trained alone (a study's
+        pooling variants: ``averaged/probs`` and ``averaged/logits`` pool the same experts).
+
+        Raises:
+            ValueError: ``cfg`` differs from this context's in more than its ``ensemble``
+                section (how outputs pool), which the experts trained alone never read.
+        """
+        if cfg is self.cfg:
+            return self
+        if dataclasses.replace(cfg, ensemble=self.cfg.ensemble) != self.cfg:
+            raise ValueError("MethodContext.for_config: the config differs in more than its "
+                             "ensemble section; the experts trained alone cannot be shared")
+        other = MethodContext(cfg, self.data, self.options)
+        other._shared = self
+        return other
 
 
 MethodFn = Callable[[MethodContext], MethodResult]

@@ -6,6 +6,13 @@ interval with one seed). A difference is *paired*: the Liquid Ensemble and the b
 each seed's data, splits, views, initial experts and batch order, so the per-seed differences
 are averaged and their own interval is reported; a win or a loss is claimed only where that
 interval excludes 0.
+
+Labels: ``oracle`` is shown as "oracle (ground-truth routing)" (it reads which view is
+informative from the data's ground truth, which no federation has); a study's pooling variants
+keep their labels (``liquid:sink_one/logits``). The label-leakage column renders each run's
+``label_leakage`` as results.csv holds it: a share of labels recovered (mean ± interval), a
+marker such as "labels at every party" (methods that train every party on the labels), or
+"n/a" where a run reports none.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from liquid_fed.study import LIQUID, Study
+from liquid_fed.study import LIQUID, Study, parse_method
+
+ORACLE = "oracle"
+ORACLE_NOTE = "ground-truth routing"
+LABELS_AT_PARTY = "labels at every party"
+#: Values of ``label_leakage`` that mean the parties hold the labels themselves.
+LABELS_AT_PARTY_MARKERS = ("labels_at_party", "labels at every party", "true")
+#: The secondary overview: per primary metric, the column of results.csv and its title.
+SECONDARY = {"accuracy": ("nll", "NLL"), "rmse": ("nll", "MSE")}
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,25 @@ def interval(values: Sequence[float | None]) -> Interval:
 
 def higher_is_better(metric: str) -> bool:
     return metric == "accuracy"
+
+
+def display_name(method: str) -> str:
+    """A method's label in tables and figure legends: ``oracle`` says that it routes by the
+    ground truth; every other label is shown as it is (``liquid:sink_one/logits``)."""
+    if parse_method(method).name == ORACLE:
+        return f"{method} ({ORACLE_NOTE})"
+    return method
+
+
+def leakage_text(values: Sequence[Any]) -> str:
+    """The label-leakage cell of a method: a marker (``labels at every party``) where the runs
+    report one, else the mean ± 95 % interval of the numbers, else ``n/a``."""
+    markers = [str(v) for v in values if isinstance(v, (str, bool))]
+    if markers:
+        texts = [LABELS_AT_PARTY if m.strip().lower() in LABELS_AT_PARTY_MARKERS else m
+                 for m in markers]
+        return " / ".join(dict.fromkeys(texts))
+    return interval([v for v in values if isinstance(v, (int, float))]).text()
 
 
 def _rows_of(rows: Sequence[dict[str, Any]], cell: str, method: str) -> list[dict[str, Any]]:
@@ -119,8 +153,11 @@ def leakage_cell(rows: Sequence[dict[str, Any]]) -> str:
     the labels; else the mean share recovered by the strongest attack with its interval, the
     chance level and, where the defence gives one, the mean label-DP ε."""
     if rows and all(r.get("labels_at_party") for r in rows):
-        return "labels at every party"
-    text = interval([r.get("label_leakage") for r in rows]).text(3)
+        return LABELS_AT_PARTY
+    values = [r.get("label_leakage") for r in rows]
+    if any(isinstance(v, (str, bool)) for v in values):
+        return leakage_text(values)
+    text = interval(values).text(3)
     if text == "n/a":
         return text
     extra = [f"chance {interval([r.get('label_leakage_chance') for r in rows]).mean:.2f}"]
@@ -130,22 +167,37 @@ def leakage_cell(rows: Sequence[dict[str, Any]]) -> str:
     return f"{text} ({', '.join(extra)})"
 
 
-def overview(study: Study, rows: Sequence[dict[str, Any]]) -> list[str]:
-    """One table: a row per setting, a column per method, the mean of the primary metric over
-    seeds (the best of the row in bold); empty when no row is finished."""
+def overview(study: Study, rows: Sequence[dict[str, Any]], key: str = "score",
+             title: str | None = None) -> list[str]:
+    """One table: a row per setting, a column per method, the mean of ``key`` over seeds (the
+    best of the row in bold: the highest accuracy, the lowest error or NLL); empty when no row
+    has the value.
+
+    Args:
+        study: the study (its settings and method labels, in order).
+        rows: the rows of results.csv.
+        key: the column to average (``score``: the primary metric; ``nll``).
+        title: what the table shows (default: the primary metric).
+
+    Returns:
+        The table's markdown lines, ending with a blank line.
+    """
     metric = next((r["metric"] for r in rows), None)
-    if metric is None:
+    if metric is None or not any(isinstance(r.get(key), (int, float)) for r in rows):
         return []
+    higher = higher_is_better(metric) if key == "score" else False
     methods = [m for m in study.methods if any(r["method"] == m for r in rows)]
-    lines = [f"## Overview: mean test {metric} over seeds", "",
-             "| setting | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    lines = [f"## Overview: mean test {title or metric} over seeds"
+             f" ({'higher' if higher else 'lower'} is better)", "",
+             "| setting | " + " | ".join(display_name(m) for m in methods) + " |",
+             "|" + "---|" * (len(methods) + 1)]
     for setting in study.settings:
-        means = {m: interval([r.get("score") for r in _rows_of(rows, setting.id, m)]).mean
+        means = {m: interval([r.get(key) for r in _rows_of(rows, setting.id, m)]).mean
                  for m in methods}
         finite = {m: v for m, v in means.items() if math.isfinite(v)}
         if not finite:
             continue
-        best = (max if higher_is_better(metric) else min)(finite, key=finite.get)
+        best = (max if higher else min)(finite, key=finite.get)
         cells = ["n/a" if not math.isfinite(v) else (f"**{v:.3f}**" if m == best else f"{v:.3f}")
                  for m, v in means.items()]
         lines.append(f"| {setting.id}: {setting.label()} | " + " | ".join(cells) + " |")
@@ -168,6 +220,13 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
     total = sum(r.get("train_seconds") or 0.0 for r in rows)
     lines += [f"Training time of all {len(rows)} runs: {total:.0f} s.", ""]
     lines += overview(study, rows)
+    metric = next((r["metric"] for r in rows), None)
+    if metric in SECONDARY:
+        lines += overview(study, rows, *SECONDARY[metric])
+    if any(parse_method(m).name == ORACLE for m in study.methods):
+        lines += [f"`{ORACLE}` ({ORACLE_NOTE}) predicts each sample with the expert of the view "
+                  "that the data's ground truth marks informative: a reference no federation "
+                  "can run.", ""]
     for setting in study.settings:
         cell_rows = [r for r in rows if r["cell"] == setting.id]
         if not cell_rows:
@@ -195,7 +254,7 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
                     continue
                 text = interval([r.get(k) for r in mrows]).text(1 if k == "train_seconds" else 3)
                 cells.append(f"**{text}**" if k == "score" and m == best else text)
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(mrows)} |")
+            lines.append(f"| {display_name(m)} | " + " | ".join(cells) + f" | {len(mrows)} |")
         lines.append("")
         liquids = [m for m in study.methods if m.startswith(LIQUID)]
         others = [m for m in study.methods if not m.startswith(LIQUID)]
@@ -203,7 +262,7 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
             better = "higher" if higher_is_better(metric) else "lower"
             lines += [f"Paired differences in {metric} ({better} is better), Liquid Ensemble "
                       "minus baseline:", "",
-                      "| Liquid Ensemble | " + " | ".join(others) + " |",
+                      "| Liquid Ensemble | " + " | ".join(map(display_name, others)) + " |",
                       "|" + "---|" * (len(others) + 1)]
             for le in liquids:
                 diffs = [paired_difference(cell_rows, setting.id, le, b).text()
@@ -221,7 +280,7 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
         if not group:
             lines.append("- none")
         for v in group:
-            lines.append(f"- {v.cell} ({v.label}): {v.method} vs {v.baseline}: "
+            lines.append(f"- {v.cell} ({v.label}): {v.method} vs {display_name(v.baseline)}: "
                          f"{v.difference.text()} {v.metric}")
         lines.append("")
     return "\n".join(lines)

@@ -18,8 +18,17 @@ A study file (YAML) names a base run config and the settings to vary::
     seeds: 3                         # or a list of seeds; each seed re-splits, re-cuts, re-inits
     methods: [liquid, uniform, averaged, local, splitnn, aggvfl, moe, central, oracle]
     solvers: [sink_one]              # one `liquid` method per solver (default: the base's)
+    mixes: [probs, logits]           # optional: every pooling method once per ensemble.mix
     engine: centralized              # or federated (Flower on Ray) for the Liquid Ensemble
     method_options: {top_hidden: [64]}
+
+Method labels: ``liquid`` becomes ``liquid:<solver>`` per solver. With ``mixes``, every method
+that pools the experts' outputs through ``ensemble.mix`` (:data:`MIX_METHODS`: the Liquid
+Ensemble and the uniform vote, which train through the same combination, and ``averaged``,
+which pools the experts trained alone) runs once per pooling, labelled ``<method>/<mix>``
+(``liquid:sink_one/logits``, ``uniform/probs``); the other methods run once, with the base's
+pooling. Without ``mixes`` the labels carry no pooling (as before), so older study folders
+resume and report unchanged.
 
 The settings are the grid's combinations (times the paired axis), then the random draws. A
 *cell* is one setting; for every cell and seed, every method trains on the same data, splits,
@@ -48,7 +57,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -74,9 +83,13 @@ REPORT_FILE = "report.md"
 CELLS_DIR = "cells"
 ENGINES = ("centralized", "federated")
 STUDY_KEYS = ("name", "description", "base", "set", "grid", "paired", "random", "seeds",
-              "methods", "solvers", "engine", "method_options", "out")
+              "methods", "solvers", "mixes", "engine", "method_options", "out")
 DRAWS = ("choice", "uniform", "loguniform", "int")
 LIQUID = "liquid"
+#: Methods that pool their experts' outputs through ``ensemble.mix``; ``mixes`` runs each of
+#: them once per pooling. ``oracle`` is not one: it hands every sample to one expert, so the
+#: pooling changes none of its predictions.
+MIX_METHODS = (LIQUID, "uniform", "averaged")
 
 #: Runs the Liquid Ensemble of one cell through Flower on Ray: ``(cfg, run_dir) -> None``,
 #: leaving a finished run folder (``liquid-fed compare`` passes
@@ -105,6 +118,31 @@ def _short(value: Any) -> str:
     return text[:-4].strip() if text.endswith("...") else text
 
 
+class MethodLabel(NamedTuple):
+    """A study's method label ``<name>[:<solver>][/<mix>]``, taken apart."""
+
+    name: str  # a key of liquid_fed.methods.METHODS
+    solver: str | None = None  # the Liquid Ensemble's solver
+    mix: str | None = None  # the pooling (ensemble.mix), where the study has a mixes axis
+
+    def __str__(self) -> str:
+        return method_label(self.name, self.solver, self.mix)
+
+
+def method_label(name: str, solver: str | None = None, mix: str | None = None) -> str:
+    """The label of a method variant: ``liquid:sink_one/logits``, ``uniform/probs``,
+    ``splitnn``."""
+    return name + (f":{solver}" if solver else "") + (f"/{mix}" if mix else "")
+
+
+def parse_method(label: str) -> MethodLabel:
+    """Take a method label apart (``liquid:sink_one/logits`` -> liquid, sink_one, logits);
+    labels of older study folders (``liquid:sink_one``, ``uniform``) have no pooling."""
+    head, _, mix = label.partition("/")
+    name, _, solver = head.partition(":")
+    return MethodLabel(name, solver or None, mix or None)
+
+
 @dataclass
 class Study:
     """A validated, expanded study."""
@@ -114,7 +152,7 @@ class Study:
     base: dict[str, Any]  # the base run config as plain data (with the study's `set`)
     settings: list[Setting]
     seeds: list[int]
-    methods: list[str]  # expanded: "liquid:<solver>" per solver, then the other methods
+    methods: list[str]  # expanded labels: "liquid:<solver>[/<mix>]", "<method>[/<mix>]"
     engine: str
     method_options: dict[str, Any]
     swept: list[str]  # the dotted keys the settings vary
@@ -131,9 +169,12 @@ class Study:
                 merge_key(data, dotted, value)
             self.configs[key] = build_config(data)
         cfg = self.configs[key]
-        if method is not None and method.startswith(LIQUID + ":"):
-            cfg = dataclasses.replace(
-                cfg, ensemble=dataclasses.replace(cfg.ensemble, solver=method.split(":")[1]))
+        if method is None:
+            return cfg
+        label = parse_method(method)
+        changes = {k: v for k, v in (("solver", label.solver), ("mix", label.mix)) if v}
+        if changes:
+            cfg = dataclasses.replace(cfg, ensemble=dataclasses.replace(cfg.ensemble, **changes))
         return cfg
 
     def cells(self) -> Iterator[tuple[Setting, int]]:
@@ -323,6 +364,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         _require(not bad, f'solvers: got "{bad[0] if bad else ""}"; accepted: '
                           f"{', '.join(SOLVERS)}")
         _require(LIQUID in methods, "solvers: given, but methods has no liquid")
+    mixes = _mixes(raw, methods)
     engine = raw.get("engine", "centralized")
     _require(engine in ENGINES, f'engine: got "{engine}"; accepted: {", ".join(ENGINES)}')
     options = raw.get("method_options") or {}
@@ -335,19 +377,43 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     settings = [Setting(f"c{i:02d}", v) for i, v in enumerate(values)]
     study = Study(name, path, base, settings, seeds, [], engine, options, swept,
                   str(raw.get("description", "")))
-    study.methods = _expand_methods(methods, solvers, study)
+    clash = [k for k in study.swept if k == "ensemble.mix"]
+    _require(not (mixes and clash), "mixes: given, but the settings also vary ensemble.mix "
+                                    "(keep one of the two)")
+    study.methods = _expand_methods(methods, solvers, study, mixes)
     _check_cells(study)
     return study
 
 
-def _expand_methods(methods: list[str], solvers: list[str] | None, study: Study) -> list[str]:
+def _mixes(raw: dict[str, Any], methods: list[str]) -> list[str] | None:
+    """The study's ``mixes`` axis, checked against :data:`liquid_fed.ensemble.MIXES`."""
+    from liquid_fed.ensemble import MIXES
+
+    mixes = raw.get("mixes")
+    if mixes is None:
+        return None
+    mixes = _list_of("mixes", mixes)
+    bad = [m for m in mixes if m not in MIXES]
+    _require(not bad, f'mixes: got "{bad[0] if bad else ""}"; accepted: {", ".join(MIXES)}')
+    _require(len(set(mixes)) == len(mixes), f"mixes: got {mixes!r}; expected distinct values")
+    _require(any(m in MIX_METHODS for m in methods),
+             f"mixes: given, but methods has none that pools through ensemble.mix "
+             f"({', '.join(MIX_METHODS)})")
+    return mixes
+
+
+def _expand_methods(methods: list[str], solvers: list[str] | None, study: Study,
+                    mixes: list[str] | None = None) -> list[str]:
+    """Method labels: ``liquid`` once per solver, and every method of :data:`MIX_METHODS`
+    once per pooling of ``mixes`` (solvers first, then poolings, in the study's order)."""
     out = []
     for m in methods:
+        pools = mixes if (mixes and m in MIX_METHODS) else [None]
         if m == LIQUID:
             default = study.config(study.settings[0], study.seeds[0]).ensemble.solver
-            out += [f"{LIQUID}:{s}" for s in (solvers or [default])]
+            out += [method_label(m, s, x) for s in (solvers or [default]) for x in pools]
         else:
-            out.append(m)
+            out += [method_label(m, None, x) for x in pools]
     return out
 
 
@@ -383,8 +449,9 @@ def cell_dir(out: Path, setting_id: str, seed: int) -> Path:
 
 
 def method_slug(method: str) -> str:
-    """The folder name of a method (``liquid:sink_one`` -> ``liquid-sink_one``)."""
-    return method.replace(":", "-")
+    """The folder name of a method (``liquid:sink_one`` -> ``liquid-sink_one``,
+    ``uniform/logits`` -> ``uniform-logits``)."""
+    return method.replace(":", "-").replace("/", "-")
 
 
 def finished(out: Path, setting_id: str, seed: int, method: str) -> bool:
@@ -431,7 +498,8 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
         t0 = time.perf_counter()
         run_dir = folder / method_slug(method)
         mcfg = study.config(setting, seed, method)
-        if method.startswith(LIQUID):
+        name = parse_method(method).name
+        if name == LIQUID:
             lcfg = build_config(_plain(mcfg), ["baselines.uniform=false",
                                                "baselines.independent=false"])
             from liquid_fed import rundir
@@ -452,9 +520,10 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
             if data is None:
                 data = central_data(cfg, server)
                 context = MethodContext(cfg, data, MethodOptions.from_dict(study.method_options))
-            torch.manual_seed(cfg.seed)
-            result = run_method(method, cfg, data, context=context)
-            _write_method(run_dir, cfg, result, data)
+            torch.manual_seed(mcfg.seed)
+            # a pooling variant (uniform/logits) shares the experts trained alone of the cell
+            result = run_method(name, mcfg, data, context=context.for_config(mcfg))
+            _write_method(run_dir, mcfg, result, data, method)
         if on_method is not None:
             on_method(method, time.perf_counter() - t0)
 
@@ -463,7 +532,8 @@ def _plain(cfg: RunConfig) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def _write_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any) -> None:
+def _write_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any,
+                  label: str | None = None) -> None:
     """A baseline's run folder: config, test outputs, then the summary (last: it marks the
     folder finished)."""
     run = RunDir(run_dir)
@@ -481,6 +551,7 @@ def _write_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any) -> None
         run.write_npz(OUTPUTS_FILE, arrays)
     summary = {"name": cfg.name, "method": result.method, "study_engine": "centralized",
                "metric": TASK_METRICS[data.server.task], **result.to_dict()}
+    summary["method"] = label or result.method  # the study's label (uniform/logits)
     run.write_summary(summary)
 
 

@@ -10,18 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import f as f_dist
 from scipy.stats import pearsonr, t
 
+from liquid_fed.report import paired_difference, render
 from liquid_fed.rundir import OUTPUTS_FILE, RunDir
 from liquid_fed.study import cell_dir, load_study, method_slug
 from liquid_fed.study_plots import (
     correlation,
+    forest_data,
+    ground_truth_split,
     knob_data,
     mean_delegation,
     mean_power,
     observability_points,
+    observability_varies,
     plot_study,
+    region_observability_points,
+    routing_data,
     tau_data,
+    view_effect,
+    view_spread,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +64,10 @@ def fake_outputs(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
             "informative": rng.integers(0, K, n)}
 
 
-def fake_study(tmp_path: Path, body: str = GRID) -> tuple[object, Path, list[dict], dict]:
-    """A finished-looking study folder: LE outputs per cell x seed and results rows."""
+def fake_study(tmp_path: Path, body: str = GRID, with_outputs: tuple[str, ...] = ()
+               ) -> tuple[object, Path, list[dict], dict]:
+    """A finished-looking study folder: LE outputs per cell x seed (and those of the methods
+    in ``with_outputs``, in ``outputs[(cell, seed, method)]``) and results rows."""
     study = study_of(tmp_path, body)
     out = tmp_path / "out"
     rng = np.random.default_rng(0)
@@ -67,6 +78,13 @@ def fake_study(tmp_path: Path, body: str = GRID) -> tuple[object, Path, list[dic
         RunDir(cell_dir(out, setting.id, seed) / method_slug(liquid)).write_npz(
             OUTPUTS_FILE, arrays)
         outputs[(setting.id, seed)] = arrays
+        for method in with_outputs:
+            other = fake_outputs(rng, len(arrays["error"]))
+            # the same test samples: the ground truth is the LE's
+            other.update({k: arrays[k] for k in ("labels", "regions", "informative")})
+            RunDir(cell_dir(out, setting.id, seed) / method_slug(method)).write_npz(
+                OUTPUTS_FILE, other)
+            outputs[(setting.id, seed, method)] = other
         for method in study.methods:
             row = {"cell": setting.id, "seed": seed, "method": method, "metric": "accuracy",
                    "score": float(rng.random())}
@@ -77,6 +95,7 @@ def fake_study(tmp_path: Path, body: str = GRID) -> tuple[object, Path, list[dic
                 row[f"importance_{j}"] = float(rng.random())
             for c in ("delegation", "power", "self_delegation", "agreement", "max_prob"):
                 row[f"tau_{c}"] = float(rng.uniform(-1, 1)) if method == liquid else None
+            row["nll"] = float(rng.uniform(0.1, 1.0))
             rows.append(row)
     return study, out, rows, outputs
 
@@ -167,9 +186,11 @@ def test_plot_study_writes_every_figure_whole(tmp_path: Path) -> None:
     written = plot_study(study, out, rows)
     names = {p.name for p in written}
     cells = [s.id for s in study.settings]
+    # the routing figure needs only the LE's outputs; the forest plot needs a baseline
     assert names == {"metric_vs_views.overlap.png",
                      "metric_vs_data.options.region_visibility.png",
                      "power_vs_observability.png", "confidence_tau.png",
+                     "paired_differences.png", *(f"routing_{c}.png" for c in cells),
                      *(f"delegation_{c}.png" for c in cells), *(f"graph_{c}.png" for c in cells)}
     for p in written:
         assert p.parent == out / "figures" and p.read_bytes()[:8] == PNG
@@ -194,3 +215,151 @@ def test_a_paired_study_with_two_solvers_gets_a_figure_per_setting_and_solver(
     assert {"delegation_c00_liquid-sink_one.png", "graph_c01_liquid-sink_one.png",
             "power_vs_observability_liquid-sink_one.png"} <= names
     assert not any("sink_many" in n and "delegation" in n for n in names)
+
+
+MOE_STUDY = """
+    name: routed
+    base: BASE
+    grid:
+      data.options.region_visibility: [shared, none]
+    seeds: 3
+    methods: [liquid, uniform, moe, oracle]
+"""
+
+
+def test_routing_data_is_the_mean_power_share_per_region_of_the_le_and_of_moe(
+        tmp_path: Path) -> None:
+    study, out, _, outputs = fake_study(tmp_path, MOE_STUDY, with_outputs=("moe",))
+    setting = study.settings[1]
+    name, shares, informative = routing_data(study, out, setting)
+    assert name == "region" and list(shares) == ["liquid:sink_one", "moe"]
+    regions = np.concatenate([outputs[(setting.id, s)]["regions"] for s in study.seeds])
+    inf = np.concatenate([outputs[(setting.id, s)]["informative"] for s in study.seeds])
+    for method, key in (("liquid:sink_one", None), ("moe", "moe")):
+        power = np.concatenate([outputs[(setting.id, s) + ((key,) if key else ())]["power"]
+                                for s in study.seeds])
+        assert sorted(shares[method]) == [0, 1]
+        for r in (0, 1):
+            expected = power[regions == r].sum(axis=0) / (regions == r).sum() / K
+            np.testing.assert_allclose(shares[method][r], expected, rtol=1e-12)
+            assert shares[method][r].sum() == pytest.approx(1.0)
+    for r in (0, 1):
+        counts = np.bincount(inf[regions == r], minlength=K)
+        np.testing.assert_allclose(informative[r], counts / counts.sum(), rtol=1e-12)
+    # uniform and oracle are not routed methods; without outputs there is nothing to draw
+    assert routing_data(study, tmp_path / "empty", setting) is None
+
+
+def test_ground_truth_split_prefers_regions_then_few_classes(tmp_path: Path) -> None:
+    study = study_of(tmp_path, MOE_STUDY)
+    out = tmp_path / "out"
+    setting = study.settings[0]
+    run = RunDir(cell_dir(out, setting.id, 0) / "liquid-sink_one")
+    rng = np.random.default_rng(1)
+    base = fake_outputs(rng, 30)
+    run.write_npz(OUTPUTS_FILE, base)
+    assert ground_truth_split(out, setting, [0], "liquid:sink_one") == ("regions", "region")
+    no_regions = {k: v for k, v in base.items() if k not in ("regions", "informative")}
+    run.write_npz(OUTPUTS_FILE, no_regions)
+    assert ground_truth_split(out, setting, [0], "liquid:sink_one") == ("labels", "class")
+    # regression: a continuous target has too many values to split by
+    run.write_npz(OUTPUTS_FILE, {**no_regions, "labels": rng.normal(size=30)})
+    assert ground_truth_split(out, setting, [0], "liquid:sink_one") is None
+
+
+def test_forest_data_matches_per_seed_differences_and_the_report(tmp_path: Path) -> None:
+    study, out, rows, _ = fake_study(tmp_path, MOE_STUDY)
+    data = forest_data(study, rows)
+    assert sorted(data) == [s.id for s in study.settings]
+    assert set(data["c01"]) == {("liquid:sink_one", b) for b in ("uniform", "moe", "oracle")}
+    for (le, base), got in data["c01"].items():
+        mine = {r["seed"]: r["score"] for r in rows if r["cell"] == "c01" and r["method"] == le}
+        theirs = {r["seed"]: r["score"] for r in rows
+                  if r["cell"] == "c01" and r["method"] == base}
+        diffs = np.array([mine[s] - theirs[s] for s in study.seeds])
+        assert got.mean == pytest.approx(diffs.mean(), rel=1e-12)
+        assert got.half == pytest.approx(
+            t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3), rel=1e-12)
+        assert got == paired_difference(rows, "c01", le, base)
+        # the report's table prints the same interval
+        assert got.text() in render(study, rows)
+    names = {p.name for p in plot_study(study, out, rows)}
+    assert "paired_differences.png" in names
+
+
+def _block_anova_by_regression(y: np.ndarray) -> float:
+    """The view effect by least squares: blocks-only model against blocks + views."""
+    n_b, k = y.shape
+    target = y.ravel()
+    blocks = np.kron(np.eye(n_b), np.ones((k, 1)))  # (n_b*k, n_b)
+    views = np.tile(np.eye(k)[:, 1:], (n_b, 1))  # (n_b*k, k-1)
+
+    def rss(x: np.ndarray) -> float:
+        coef = np.linalg.lstsq(x, target, rcond=None)[0]
+        return float(((target - x @ coef) ** 2).sum())
+
+    full, reduced = rss(np.hstack([blocks, views])), rss(blocks)
+    df = n_b * k - n_b - (k - 1)
+    return float(f_dist.sf(((reduced - full) / (k - 1)) / (full / df), k - 1, df))
+
+
+def test_observability_varies_by_spread_within_seeds_or_a_consistent_view_effect() -> None:
+    rng = np.random.default_rng(3)
+    rows, per_cell = [], {}
+    # c00: a consistent but small view effect; c01: noise only; c02: large spreads that
+    # change from seed to seed (uneven splits redrawn per seed)
+    shapes = {"c00": lambda: 0.02 * np.arange(K) + rng.normal(0, 0.002, size=(4, K)),
+              "c01": lambda: rng.normal(0, 0.01, size=(4, K)),
+              "c02": lambda: np.array([rng.permutation([0.2, 0.5, 0.6, 0.9])
+                                       for _ in range(4)])}
+    for cell, draw in shapes.items():
+        y = draw() + rng.normal(size=(4, 1)) * 0.01 + 0.5
+        per_cell[cell] = y
+        for seed in range(4):
+            rows.append({"cell": cell, "seed": seed, "method": "liquid:sink_one",
+                         **{f"probe_{j}": float(y[seed, j]) for j in range(K)},
+                         **{f"importance_{j}": 0.25 for j in range(K)}})
+    p = view_effect(rows, "liquid:sink_one", "probe")
+    for cell, y in per_cell.items():
+        assert p[cell] == pytest.approx(_block_anova_by_regression(y), rel=1e-9, abs=1e-15)
+    spans = view_spread(rows, "liquid:sink_one", "probe")
+    for cell, y in per_cell.items():
+        assert spans[cell] == pytest.approx(float(np.mean(y.max(axis=1) - y.min(axis=1))))
+    assert spans["c00"] < 0.15 and spans["c01"] < 0.15 <= spans["c02"]
+    assert p["c00"] * 6 < 0.01 < p["c01"]  # Bonferroni over 3 cells x 2 measures
+    assert observability_varies(rows, "liquid:sink_one") == ["c00", "c02"]
+    one_seed = [r for r in rows if r["seed"] == 0]
+    assert view_effect(one_seed, "liquid:sink_one") == {}  # one block: nothing to test
+    assert observability_varies(one_seed, "liquid:sink_one") == ["c02"]
+    assert observability_varies(rows, "uniform") == []
+
+
+def test_region_observability_points_and_the_figure_skipped_without_variation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    study, out, rows, outputs = fake_study(tmp_path, MOE_STUDY)
+    pts = region_observability_points(study, out, "liquid:sink_one")
+    expected_inf, expected_power = [], []
+    for setting in study.settings:
+        for seed in study.seeds:
+            a = outputs[(setting.id, seed)]
+            for r in np.unique(a["regions"]):
+                mask = a["regions"] == r
+                expected_inf += list(np.bincount(a["informative"][mask], minlength=K)
+                                     / mask.sum())
+                expected_power += list(a["power"][mask].mean(axis=0) / K)
+    np.testing.assert_allclose(pts["informative"], expected_inf, rtol=1e-12)
+    np.testing.assert_allclose(pts["power"], expected_power, rtol=1e-12)
+    # every view equally observable, and no ground truth of regions: no figure
+    rows = [{**r, **{f"probe_{j}": 0.6 for j in range(K)},
+             **{f"importance_{j}": 1 / K for j in range(K)}} for r in rows]
+    for (cell, seed), a in outputs.items():
+        RunDir(cell_dir(out, cell, seed) / "liquid-sink_one").write_npz(
+            OUTPUTS_FILE, {k: v for k, v in a.items() if k not in ("regions", "informative")})
+    assert region_observability_points(study, out, "liquid:sink_one")["power"].size == 0
+    with caplog.at_level("INFO", logger="liquid_fed.study_plots"):
+        names = {p.name for p in plot_study(study, out, rows)}
+    assert not any(n.startswith("power_vs_observability") for n in names)
+    assert "varies neither by view nor by region; not drawn" in caplog.text
+    assert "does not vary by view in any setting" in caplog.text
+    # delegation matrices and graphs now split by class; none is drawn over all samples
+    assert {"delegation_c00.png", "graph_c01.png"} <= names
