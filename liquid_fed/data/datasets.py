@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from liquid_fed.data import files, mfeat, synthetic
+from liquid_fed.data import bikeshare, files, mfeat, mnist, synthetic
 from liquid_fed.data.dataset import Dataset, pixel_names
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "csv": files.load_csv,
     "npz": files.load_npz,
     "mfeat": mfeat.load_mfeat,
+    "mnist_5k": mnist.load_mnist,
+    "bikeshare": bikeshare.load_bikeshare,
 }
 
 

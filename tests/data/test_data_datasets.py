@@ -41,8 +41,9 @@ def test_loads_offline_with_shapes(name):
 
 
 def test_every_registry_entry_is_covered():
-    # mfeat needs optional files: tested in test_data_mfeat.py with and without them
-    assert set(DATASETS) == set(EXPECTED) | {"csv", "npz", "mfeat"}
+    # mfeat, mnist_5k and bikeshare need optional files: tested in test_data_mfeat.py and
+    # test_data_packaged.py with and without them
+    assert set(DATASETS) == set(EXPECTED) | {"csv", "npz", "mfeat", "mnist_5k", "bikeshare"}
 
 
 def test_feature_names_per_layout():
