@@ -320,9 +320,17 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> str:
         raise RunFolderError(f"could not write checkpoint {ck / name}: {exc}") from exc
     for old in _generations(ck)[KEEP_GENERATIONS:]:
         shutil.rmtree(old, ignore_errors=True)
-    for stray in ck.glob(f".{_GEN_PREFIX}*.partial"):  # left by a crash mid-checkpoint
-        shutil.rmtree(stray, ignore_errors=True)
+    sweep_partial_checkpoints(run_dir)
     return gen_id
+
+
+def sweep_partial_checkpoints(run_dir: str | Path) -> None:
+    """Remove half-written generations (``.gen-*.partial``) left by a writer that was killed
+    mid-checkpoint. Only whoever holds the run folder's lock may call it: a live writer's
+    partial generation would go too."""
+    ck = Path(run_dir) / CHECKPOINTS_DIR
+    for stray in ck.glob(f".{_GEN_PREFIX}*.partial"):
+        shutil.rmtree(stray, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -59,7 +59,7 @@ from typing import Any
 from liquid_fed import procs
 from liquid_fed.config import RunConfig, config_from_yaml_text
 from liquid_fed.errors import LiquidFedError
-from liquid_fed.rundir import RunDir
+from liquid_fed.rundir import RunDir, sweep_partial_checkpoints
 
 log = logging.getLogger("liquid_fed.simulate")
 
@@ -163,6 +163,8 @@ def launch(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_after: int 
             left = procs.leftovers(proc.pid, str(tmp)) | procs.kill_tagged(RUN_TAG_ENV, tag)
             if left:
                 log.warning("processes still alive after cleanup: %s", sorted(left))
+            else:  # the child is gone: a checkpoint it was writing when stopped is void
+                sweep_partial_checkpoints(run_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
