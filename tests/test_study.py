@@ -86,7 +86,8 @@ def test_a_tiny_study_writes_every_file_and_resumes_with_identical_rows(
     figures = {p.name for p in (out / "figures").glob("*.png")}
     assert figures == {"metric_vs_data.options.region_visibility.png", "delegation_c00.png",
                        "delegation_c01.png", "graph_c00.png", "graph_c01.png",
-                       "power_vs_observability.png", "confidence_tau.png"}
+                       "power_vs_observability.png", "confidence_tau.png",
+                       "paired_differences.png", "routing_c00.png", "routing_c01.png"}
     assert all((out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
     # Resume (in this process): lose two runs; only those train again, rows come out the same.
