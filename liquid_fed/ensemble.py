@@ -98,8 +98,8 @@ class LiquidConfig:
     epsilon: float = 0.01
     penalty: float = 0.9
     backend: str = "auto"
-    mix: str = "probs"
-    smoothing: float | str = 0.0
+    mix: str = "logits"
+    smoothing: float | str = SMOOTHING_AUTO
     smoothing_grid: list[float] = field(default_factory=lambda: list(SMOOTHING_GRID))
     load_weight: float = 0.0
     load_temperature: float = 1.0

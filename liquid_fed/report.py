@@ -160,11 +160,12 @@ def leakage_cell(rows: Sequence[dict[str, Any]]) -> str:
     text = interval(values).text(3)
     if text == "n/a":
         return text
-    extra = [f"chance {interval([r.get('label_leakage_chance') for r in rows]).mean:.2f}"]
+    chance = interval([r.get("label_leakage_chance") for r in rows])
+    extra = [f"chance {chance.mean:.2f}"] if chance.n else []
     eps = interval([r.get("label_epsilon") for r in rows])
     if eps.n == len(rows) and eps.n:
         extra.append(f"ε {eps.mean:.3g}")
-    return f"{text} ({', '.join(extra)})"
+    return f"{text} ({', '.join(extra)})" if extra else text
 
 
 def overview(study: Study, rows: Sequence[dict[str, Any]], key: str = "score",

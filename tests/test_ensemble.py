@@ -47,9 +47,12 @@ def test_everyone_keeps_is_plain_averaging():
     out = combine(preds, d, LiquidConfig(task="regression"))
     torch.testing.assert_close(out.power, torch.ones(5, 3, dtype=torch.float64))
     torch.testing.assert_close(out.output, preds.mean(1), rtol=1e-14, atol=1e-14)
-    out = combine(preds, d, LiquidConfig(task="classification"))
+    out = combine(preds, d, LiquidConfig(task="classification", mix="probs"))
     mean_prob = torch.softmax(preds, -1).mean(1)
     torch.testing.assert_close(out.output.exp(), mean_prob, rtol=1e-13, atol=1e-15)
+    out = combine(preds, d, LiquidConfig(task="classification", mix="logits"))
+    torch.testing.assert_close(out.output, torch.log_softmax(preds.mean(1), -1), rtol=1e-13,
+                               atol=1e-14)
 
 
 @pytest.mark.parametrize("task", ["regression", "embedding"])
@@ -71,7 +74,7 @@ def test_classification_mixes_probabilities_or_logits():
     soft = np.exp(y - y.max(-1, keepdims=True))
     soft /= soft.sum(-1, keepdims=True)
     mixture = np.einsum("bk,bkc->bc", p / 4, soft)
-    out = combine(preds, d, LiquidConfig())
+    out = combine(preds, d, LiquidConfig(mix="probs"))
     np.testing.assert_allclose(out.output.numpy(), np.log(mixture), rtol=1e-12)
     np.testing.assert_allclose(np.exp(out.output.numpy()).sum(-1), 1.0, rtol=1e-12)
     mixed_logits = np.einsum("bk,bkc->bc", p / 4, y)

@@ -178,8 +178,10 @@ def test_moe_with_a_constant_gate_equals_the_uniform_vote(task: str, missing: fl
     with torch.no_grad():
         for p in model.gate.parameters():
             p.zero_()
+    # moe mixes probabilities: the vote it equals pools the same way
     vote = LiquidEnsemble([p.expert for p in model.parties],
-                          dataclasses.replace(cfg.ensemble, task=task), batched=False,
+                          dataclasses.replace(cfg.ensemble, task=task, mix="probs"),
+                          batched=False,
                           solver="uniform", expert_loss_weight=0.0)
     xs, y, present = data.inputs["train"], data.targets["train"], data.present["train"]
     if missing:

@@ -263,7 +263,8 @@ def test_library_errors_and_accepted_values():
     assert (cfg.ensemble.smoothing, cfg.ensemble.mix) == ("auto", "sum")
     assert cfg.ensemble.smoothing_grid == [0.0, 0.5]
     assert build_config({}, ["ensemble.smoothing=1"]).ensemble.smoothing == 1.0
-    assert build_config({}, []).ensemble.smoothing == 0.0  # off by default
+    assert build_config({}, []).ensemble.smoothing == "auto"  # picked on val by default
+    assert build_config({}, []).ensemble.mix == "logits"
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from liquid_fed import ensemble
+from liquid_fed.ensemble import LiquidConfig
 from liquid_fed.errors import ConfigError
 from liquid_fed.report import (
     LABELS_AT_PARTY,
@@ -127,7 +128,7 @@ def test_pooling_variants_train_with_their_pooling_into_their_own_folders(
     for label in study.methods:
         folder = out / "cells" / setting.id / "seed-0" / method_slug(label)
         saved = yaml.safe_load((folder / "config.yaml").read_text())
-        assert saved["ensemble"]["mix"] == (parse_method(label).mix or "probs")
+        assert saved["ensemble"]["mix"] == (parse_method(label).mix or LiquidConfig().mix)
         assert yaml.safe_load((folder / "summary.json").read_text())["method"] == label
     # the uniform vote pools through ensemble.mix: the two variants differ in their NLL
     assert rows["uniform/probs"]["nll"] != rows["uniform/logits"]["nll"]

@@ -244,19 +244,20 @@ def test_the_mnist_study_loads_and_validates_on_a_small_file(tmp_path: Path) -> 
     file = tmp_path / "mnist.csv.gz"
     write_mnist(file, per_class=12)
     study = load_study(STUDIES / "mnist.yaml", [f"set.data.options.path={file}"])
-    assert study.methods == ["liquid:sink_one", "liquid:sink_many", "uniform", "averaged",
-                             "local", "splitnn", "aggvfl", "moe", "central"]
+    assert study.methods == ["liquid:sink_one/probs", "liquid:sink_one/logits", "uniform/probs",
+                             "uniform/logits", "averaged/probs", "averaged/logits", "local",
+                             "splitnn", "aggvfl", "moe", "central"]
     cfg = study.config(study.settings[0], study.seeds[0])
     assert (cfg.data.name, cfg.views.kind, cfg.views.options) == ("mnist_5k", "patches",
                                                                   {"grid": [2, 2]})
-    assert len(study.seeds) == 3
+    assert len(study.seeds) == 5
 
 
 def test_the_bikeshare_study_loads_and_validates_on_a_small_file(tmp_path: Path) -> None:
     file = tmp_path / "Bikeshare.csv"
     write_bikes(file, bike_rows(80))
     study = load_study(STUDIES / "bikeshare.yaml", [f"set.data.options.path={file}"])
-    assert "oracle" not in study.methods and "liquid:sink_many" in study.methods
+    assert "oracle" not in study.methods and "liquid:sink_one" in study.methods
     cfg = study.config(study.settings[0], study.seeds[0])
     assert (cfg.data.name, cfg.views.kind, cfg.views.n_views) == ("bikeshare", "natural", 2)
     # no ground truth of the informative view here
