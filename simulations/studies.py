@@ -9,6 +9,8 @@ figures at the end. Interrupted, every finished run is kept and ``--resume`` ski
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +101,13 @@ def run_jobs(study: Any, out: Path, jobs: list, workers: int, bar: Progress) -> 
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = mp.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
-        queue = manager.Queue()
-        running = {pool.submit(_job, study, setting, seed, methods, out, queue)
+    queue = context.Queue()  # inherited by the workers at start: no manager process to outlive us
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(queue, os.getpid()))
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM,
+                                                                      signal.SIGHUP)}
+    try:
+        running = {pool.submit(_job, study, setting, seed, methods, out)
                    for setting, seed, methods in jobs}
         bar.bar.set_description(f"compare {study.name} ({workers} workers)")
         while running:
@@ -112,13 +118,39 @@ def run_jobs(study: Any, out: Path, jobs: list, workers: int, bar: Progress) -> 
                 future.result()  # a failed cell stops the study, with its error
         while not queue.empty():
             tick(*queue.get())
+    finally:
+        # Interrupted or failed: no worker may keep training into the study folder.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            if process.is_alive():
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _job(study: Any, setting: Any, seed: int, methods: list[str], out: Path, queue: Any) -> None:
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+_QUEUE: Any = None
+
+
+def _start_worker(queue: Any, launcher: int) -> None:
+    """A pool worker: dies with the launcher (SIGKILL included) and reports to ``queue``."""
+    global _QUEUE
+    from liquid_fed.procs import die_with_parent
+
+    die_with_parent()
+    if os.getppid() != launcher:  # the launcher died while this worker was starting
+        os._exit(1)
+    _QUEUE = queue
+
+
+def _job(study: Any, setting: Any, seed: int, methods: list[str], out: Path) -> None:
     """One cell in a worker process (module level: picklable for ``spawn``)."""
     federated = federated_runner if study.engine == "federated" else None
     studies.run_cell(study, setting, seed, methods, out, federated,
-                     lambda method, seconds: queue.put((method, seconds)))
+                     lambda method, seconds: _QUEUE.put((method, seconds)))
 
 
 def federated_runner(cfg: RunConfig, run_dir: Path) -> None:

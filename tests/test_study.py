@@ -233,3 +233,39 @@ def test_report_marks_the_best_and_lists_wins_and_losses(tmp_path: Path) -> None
     assert found == {("liquid:sink_one", "uniform", True),
                      ("liquid:sink_one", "central", False)}
     assert "**Wins** (1):" in text and "**Losses** (1):" in text
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("live")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_stopped_compare_leaves_no_worker_behind(tmp_path: Path, how: str) -> None:
+    import os
+    import signal
+    import time
+    import uuid
+
+    from liquid_fed import procs
+
+    study = write_study(tmp_path, TINY)
+    out = tmp_path / "out"
+    tag = uuid.uuid4().hex  # inherited by every process the command starts
+    proc = subprocess.Popen([sys.executable, "-m", "liquid_fed.cli", "compare", str(study),
+                             "--out", str(out), "--workers", "2", "--quiet",
+                             "--set", "set.train.epochs=400"], cwd=ROOT,
+                            env={**os.environ, "LF_STUDY_TEST_TAG": tag},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    # the launcher, multiprocessing's resource tracker and two workers
+    while len(procs.tagged("LF_STUDY_TEST_TAG", tag)) < 4:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.2)
+    time.sleep(2.0)  # let them train
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=60)
+    if how == "SIGTERM":
+        assert proc.returncode == 130 and "continue with --resume" in err
+    deadline = time.monotonic() + 20
+    while procs.tagged("LF_STUDY_TEST_TAG", tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert procs.tagged("LF_STUDY_TEST_TAG", tag) == set()
