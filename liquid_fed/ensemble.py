@@ -9,11 +9,12 @@ Combination with powers ``p`` (B, K), ``Σ_j p_j = K`` (absent experts have ``p_
 - ``classification``, pooled as ``mix`` says (the output is log-probabilities, the loss their
   NLL):
 
-  - ``probs`` (default): the arithmetic mixture ``log Σ_j (p_j / K) softmax(y_j)``. A mixture
+  - ``probs``: the arithmetic mixture ``log Σ_j (p_j / K) softmax(y_j)``. A mixture
     of experts: it assumes one view suffices for each sample (the powerful expert's is the
     answer) and cannot accumulate evidence that several weak views share.
-  - ``logits``: ``log_softmax((1/K) Σ_j p_j y_j)``, a power-weighted geometric mean of the
-    experts' distributions (a product of experts with exponents ``p_j / K`` summing to 1).
+  - ``logits`` (default): ``log_softmax((1/K) Σ_j p_j y_j)``, a power-weighted geometric mean
+    of the experts' distributions (a product of experts with exponents ``p_j / K`` summing to
+    1).
   - ``sum``: ``log_softmax(Σ_j p_j y_j)``, the plain power-weighted logit sum, ``K`` times the
     pooled logits of ``logits``: a product of experts with exponents ``p_j`` (summing to K).
     With every expert present and equal powers it is the sum of the views' logits (what
@@ -24,8 +25,8 @@ Combination with powers ``p`` (B, K), ``Σ_j p_j = K`` (absent experts have ``p_
   as it does for views conditionally independent given the label, so several weak views that
   agree outvote one confident view.
 
-Power smoothing (``smoothing`` ``λ`` in [0, 1], default 0: off): the combination uses
-``p' = (1 - λ) p + λ u`` instead of ``p``, with ``u`` the uniform vote over the present experts
+Power smoothing (``smoothing``: ``λ`` in [0, 1], or ``auto``, the default): the combination
+uses ``p' = (1 - λ) p + λ u`` instead of ``p``, with ``u`` the uniform vote over the present experts
 (``u_j = K / n_present``, 0 for an absent expert, so absent experts still have no say), in
 training and inference alike. ``λ = 0`` is the learned powers, ``λ = 1`` the uniform vote.
 ``smoothing: auto`` trains with ``λ = 0`` and afterwards picks ``λ`` from ``smoothing_grid``

@@ -237,7 +237,8 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
         keep = [(k, t) for k, t in COLUMNS
                 if any(r.get(k) is not None for r in cell_rows)
                 or (k == "label_leakage" and any(r.get("labels_at_party") for r in cell_rows))]
-        header = ["method"] + [t or metric for _, t in keep] + ["seeds"]
+        header = ["method"] + [SECONDARY[metric][1] if k == "nll" and metric in SECONDARY
+                               else (t or metric) for k, t in keep] + ["seeds"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         stats = {m: interval([r.get("score") for r in _rows_of(cell_rows, setting.id, m)])
                  for m in study.methods}

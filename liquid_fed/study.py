@@ -597,8 +597,9 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
                                                  setting.values.items()},
                            "seed": seed, "method": method, "metric": metric,
                            "score": test.get(metric, math.nan)}
+    # regression: the MSE (a run's own summary gives the RMSE only)
     row["nll"] = test.get("nll", test.get("loss", math.nan)) if metric == "accuracy" else (
-        test.get("mse", math.nan))
+        test.get("mse", test.get("rmse", math.nan) ** 2))
     for name in CONFIDENCES:
         row[f"tau_{name}"] = test.get(f"tau_{name}", math.nan)
     row["power_entropy"] = test.get("power_entropy", math.nan)

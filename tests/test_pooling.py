@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_protocol import EXACT  # the exactness settings: one step per chunk, float64
 
 from liquid_fed import LiquidConfig, combine
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
@@ -271,13 +272,6 @@ def test_library_errors_and_accepted_values():
 # Centralized = federated (in process), and the pick recorded in the run's files
 # --------------------------------------------------------------------------------------------
 
-EXACT = {
-    "train": {"epochs": 1, "chunk_size": 48, "batch_size": 48, "dtype": "float64",
-              "eval_every": 0},
-    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 0.0, "momentum": 0.9},
-    "experts": {"kind": "mlp", "options": {"hidden": [16]}},
-    "baselines": {"uniform": False, "independent": False},
-}
 # a fine grid: the pick then rests on exact agreement of many validation scores
 GRID = "ensemble.smoothing_grid=[0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1]"
 

@@ -233,3 +233,28 @@ def test_a_pooling_variant_shares_the_experts_trained_alone_and_nothing_else(
     other = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, epochs=7))
     with pytest.raises(ValueError, match="differs in more than its ensemble section"):
         base.for_config(other)
+
+
+def test_regression_rows_carry_the_mse_of_every_method_under_an_mse_header(
+        tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(textwrap.dedent("""
+        name: reg
+        base: BASE
+        set: {data.options.n_samples: 300, train.epochs: 1, train.eval_every: 0}
+        seeds: 1
+        methods: [liquid, uniform, splitnn]
+    """).replace("BASE", str(ROOT / "configs" / "regression.yaml")))
+    study = load_study(path)
+    out = tmp_path / "out"
+    prepare_study(study, out, resume=False)
+    setting, seed = next(iter(study.cells()))
+    run_cell(study, setting, seed, study.methods, out, None, lambda *a: None)
+    rows = collect(study, out)
+    assert {r["metric"] for r in rows} == {"rmse"}
+    for row in rows:  # the Liquid Ensemble's summary has no "mse": it is the RMSE squared
+        assert row["nll"] == pytest.approx(row["score"] ** 2, rel=1e-5), row["method"]
+    text = render(study, rows)
+    assert "## Overview: mean test MSE over seeds" in text
+    header = next(x for x in text.splitlines() if x.startswith("| method |"))
+    assert "| MSE |" in header and "NLL" not in header
