@@ -244,9 +244,9 @@ def test_the_mnist_study_loads_and_validates_on_a_small_file(tmp_path: Path) -> 
     file = tmp_path / "mnist.csv.gz"
     write_mnist(file, per_class=12)
     study = load_study(STUDIES / "mnist.yaml", [f"set.data.options.path={file}"])
-    assert study.methods == ["liquid:sink_one/probs", "liquid:sink_one/logits", "uniform/probs",
-                             "uniform/logits", "averaged/probs", "averaged/logits", "local",
-                             "splitnn", "aggvfl", "moe", "central"]
+    pooled = [f"{m}/{mix}" for m in ("liquid:sink_one", "uniform", "averaged")
+              for mix in ("probs", "logits", "sum")]
+    assert study.methods == [*pooled, "local", "splitnn", "aggvfl", "moe", "central"]
     cfg = study.config(study.settings[0], study.seeds[0])
     assert (cfg.data.name, cfg.views.kind, cfg.views.options) == ("mnist_5k", "patches",
                                                                   {"grid": [2, 2]})
