@@ -125,10 +125,11 @@ def test_pooling_variants_train_with_their_pooling_into_their_own_folders(
     run_cell(study, setting, 0, study.methods, out)
     rows = {r["method"]: r for r in collect(study, out)}
     assert list(rows) == study.methods
+    base_mix = yaml.safe_load(REGIONS.read_text())["ensemble"].get("mix", LiquidConfig().mix)
     for label in study.methods:
         folder = out / "cells" / setting.id / "seed-0" / method_slug(label)
         saved = yaml.safe_load((folder / "config.yaml").read_text())
-        assert saved["ensemble"]["mix"] == (parse_method(label).mix or LiquidConfig().mix)
+        assert saved["ensemble"]["mix"] == (parse_method(label).mix or base_mix)
         assert yaml.safe_load((folder / "summary.json").read_text())["method"] == label
     # the uniform vote pools through ensemble.mix: the two variants differ in their NLL
     assert rows["uniform/probs"]["nll"] != rows["uniform/logits"]["nll"]
