@@ -98,19 +98,15 @@ def absent_mask(n: int, k: int, absent: Sequence[int], base: Tensor | None = Non
         base: the data's own presence (B, K), or None when every party holds every sample.
 
     Returns:
-        (B, K) bool.
+        (B, K) bool; a row is all False where the data's own absence leaves a sample with none
+        of the remaining parties (:func:`score` leaves such samples out).
 
     Raises:
         ParameterError: a party out of range, or all of them absent.
-        ValueError: a sample that no remaining party holds (the data's own absence).
     """
     parties = check_absent(absent, k)
     mask = _base(n, k, base).clone()
     mask[:, parties] = False
-    empty = ~mask.any(-1)
-    if bool(empty.any()):
-        raise ValueError(f"absent {parties}: {int(empty.sum())} sample(s) are held by no other "
-                         f"party (the first is row {int(empty.nonzero()[0])})")
     return mask
 
 
@@ -161,8 +157,10 @@ def score(predictions: Tensor, delegation: Tensor, target: Tensor, config: Liqui
     """Test metrics of the experts' outputs combined over the parties ``present``.
 
     The metrics are those a run reports for its test split
-    (:func:`liquid_fed.metrics.evaluate_output`, plus ``loss``, ``smoothing`` and
-    ``present_fraction``, the share of (sample, party) pairs present).
+    (:func:`liquid_fed.metrics.evaluate_output`, plus ``loss`` and ``smoothing``), and
+    ``present_fraction``, the share of (sample, party) pairs present, and ``scored_fraction``,
+    the share of samples scored: a sample that no present party holds (a party absent on top
+    of the data's own absence) has no prediction at all and is left out.
 
     Args:
         predictions: (B, K, C) the experts' raw outputs.
@@ -177,14 +175,23 @@ def score(predictions: Tensor, delegation: Tensor, target: Tensor, config: Liqui
         A flat dict of floats.
     """
     layer = dataclasses.replace(config, smoothing=float(smoothing))
+    scored = 1.0
     with torch.no_grad():
         mask = None if present is None else present.to(predictions.device)
+        if mask is not None and not bool(mask.any(-1).all()):
+            rows = mask.any(-1)
+            if not bool(rows.any()):
+                raise ValueError("no sample has a party present: nothing to score")
+            scored = float(rows.to(torch.float64).mean())
+            predictions, delegation = predictions[rows], delegation[rows]
+            target, mask = target.to(rows.device)[rows], mask[rows]
         out = combine(predictions, delegation, layer, mask)
         metrics = evaluate_output(out, target, layer.task, n_params)
         metrics["loss"] = float(ensemble_loss(out, target, layer))
     metrics["smoothing"] = float(smoothing)
     metrics["present_fraction"] = 1.0 if present is None else float(
         present.to(torch.float64).mean())
+    metrics["scored_fraction"] = scored
     return metrics
 
 
@@ -209,21 +216,14 @@ def robustness(predictions: Tensor, delegation: Tensor, target: Tensor, config: 
         missing_rates: the rates to report.
 
     Returns:
-        ``{"absent": {"<k>": metrics, ...}, "missing_rate": {"<P>": metrics, ...}}``; a party
-        whose absence leaves some sample without any party (K = 1, or the data's own absence)
-        has ``null`` metrics.
+        ``{"absent": {"<k>": metrics, ...}, "missing_rate": {"<P>": metrics, ...}}``
+        (:func:`score`'s metrics); with one party (K = 1) ``absent`` is empty.
     """
     n, k = predictions.shape[:2]
-    absent: dict[str, dict[str, float] | None] = {}
-    for j in range(k):
-        try:
-            mask = absent_mask(n, k, [j], base)
-        except ValueError as exc:  # ParameterError too: K = 1 leaves no party
-            log.warning("robustness: party %d absent is not scored: %s", j, exc)
-            absent[str(j)] = None
-            continue
-        absent[str(j)] = score(predictions, delegation, target, config, smoothing, mask,
-                               n_params)
+    absent: dict[str, dict[str, float]] = {}
+    for j in range(k if k > 1 else 0):  # one party absent leaves nothing to predict with
+        absent[str(j)] = score(predictions, delegation, target, config, smoothing,
+                               absent_mask(n, k, [j], base), n_params)
     missing = {str(p): score(predictions, delegation, target, config, smoothing,
                              missing_mask(n, k, p, seed, base), n_params)
                for p in missing_rates}
