@@ -233,11 +233,13 @@ def format_cases(cases: list[Any], run_dir: Path) -> str:
     metric = primary_metric(first)
     second = "nll" if "nll" in first else "loss"
     lines = [f"run {run_dir}: test split, parties absent (powers re-solved over the present)",
-             f"  {'case':<22} {metric:>9} {second:>9} {'present':>8}"]
+             f"  {'case':<22} {metric:>9} {second:>9} {'present':>8} {'scored':>7}"]
     for case in cases:
         m = case.metrics
         lines.append(f"  {case.label:<22} {m[metric]:>9.4f} {m[second]:>9.4f} "
-                     f"{m['present_fraction']:>8.3f}")
+                     f"{m['present_fraction']:>8.3f} {m['scored_fraction']:>7.3f}")
+    lines.append("  present: share of (sample, party) pairs present; scored: share of samples "
+                 "some present party holds")
     return "\n".join(lines)
 
 

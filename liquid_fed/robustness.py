@@ -292,6 +292,8 @@ def evaluate_run(run_dir: str | Path, absent: Sequence[Sequence[int]] = (),
     test = summary.get("test") if isinstance(summary.get("test"), dict) else {}
     smoothing = float(test.get("smoothing", cfg.ensemble.training_smoothing))
 
+    log.info("evaluate %s: checkpoint %s (round %d), smoothing λ = %g", run.path,
+             ckpt.generation, ckpt.round, smoothing)
     data = central_data(cfg)
     ensemble = build_ensemble(cfg, data)
     for j, expert in enumerate(ensemble.experts):

@@ -25,7 +25,7 @@ from liquid_fed.robustness import (
     robustness,
     score,
 )
-from liquid_fed.rundir import prepare
+from liquid_fed.rundir import Checkpoint, prepare, save_checkpoint
 from liquid_fed.runs import run_federated
 
 EXACT = {
@@ -289,11 +289,11 @@ def test_evaluate_centralized_quickstart_run(tmp_path: Path,
     capsys.readouterr()
     assert cli.main(["evaluate", str(run), "--absent", "1", "2", "--missing-rate", "0.3"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[1].split() == ["case", "accuracy", "nll", "present"]
+    assert table[1].split() == ["case", "accuracy", "nll", "present", "scored"]
     assert table[2].split()[:2] == ["all", "present"]
     assert float(table[2].split()[2]) == pytest.approx(summary["test"]["accuracy"], abs=5e-5)
     assert table[3].split()[:3] == ["absent", "1", "2"]
-    assert float(table[3].split()[-1]) == pytest.approx(0.5, abs=5e-4)
+    assert [float(v) for v in table[3].split()[-2:]] == pytest.approx([0.5, 1.0], abs=5e-4)
     missing = summary["robustness"]["missing_rate"]["0.3"]
     assert table[4].split()[:2] == ["missing", "0.3"]
     assert float(table[4].split()[2]) == pytest.approx(missing["accuracy"], abs=5e-5)
@@ -330,4 +330,8 @@ def test_evaluate_refuses_unfinished_folders(tmp_path: Path,
     prepare(build_config(EXACT), run)
     (run / "summary.json").write_text("{}")
     with pytest.raises(RunFolderError, match="no complete checkpoint"):
+        evaluate_run(run)
+    # A deployment whose parties keep their own checkpoints: the folder has no experts.
+    save_checkpoint(run, Checkpoint(3, {"history": []}))
+    with pytest.raises(RunFolderError, match="holds no experts' states"):
         evaluate_run(run)
