@@ -31,6 +31,7 @@ from liquid_fed.federation.setup import (
     load_server_data,
 )
 from liquid_fed.metrics import primary_score
+from liquid_fed.robustness import robustness
 from liquid_fed.train import DTYPES, evaluate, fit, output_metrics, predict_splits
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,15 @@ def build_ensemble(cfg: RunConfig, data: CentralData, **overrides: Any) -> Liqui
 
 def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
                    on_step: Callable[[int, float], None] | None = None,
-                   on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                   on_epoch: Callable[[int, float], None] | None = None,
+                   robust: bool = False) -> dict[str, Any]:
     """Fit on the training split with the run's optimiser and batches; metrics per split.
 
     The validation and test metrics use the run's final smoothing: ``ensemble.smoothing:
     auto`` picks ``λ`` on the validation split (:func:`liquid_fed.train.predict_splits`) and
-    the pick is returned under ``smoothing``.
+    the pick is returned under ``smoothing``. ``robust`` adds ``robustness``: the test metrics
+    with parties absent (:func:`liquid_fed.robustness.robustness`, as the federated run has
+    them).
     """
     t0 = time.perf_counter()
     losses = fit(ensemble, data.inputs["train"], data.targets["train"],
@@ -106,6 +110,12 @@ def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
         result[split] = output_metrics(ensemble, out, data.targets[split], smoothing)
     if pick is not None:
         result["smoothing"] = pick.to_dict()
+    if robust:
+        test = outs["test"]
+        result["robustness"] = robustness(
+            test.predictions, test.delegation, data.targets["test"], ensemble.config,
+            smoothing, cfg.seed, data.present["test"],
+            [sum(p.numel() for p in e.parameters()) for e in ensemble.experts])
     return result
 
 
@@ -136,7 +146,14 @@ def run_centralized(cfg: RunConfig, run_dir: Path, force: bool = False,
         run = rundir.prepare(cfg, run_dir, resume=False, force=force)
         data = central_data(cfg)
         ensemble = build_ensemble(cfg, data)
-        result = train_ensemble(cfg, data, ensemble, on_epoch=on_epoch)
+        result = train_ensemble(cfg, data, ensemble, on_epoch=on_epoch, robust=True)
+        # The experts' states, as a federated run's checkpoint keeps them: `liquid-fed
+        # evaluate` scores either folder alike.
+        clients = [{f"model/{name}": value.detach().cpu().numpy().copy()
+                    for name, value in expert.state_dict().items()}
+                   for expert in ensemble.experts]
+        run.save_checkpoint(rundir.Checkpoint(len(result["epoch_losses"]),
+                                              {"mode": "centralized"}, {}, clients))
         summary = {"name": cfg.name, "mode": "centralized", **result}
         run.write_summary(summary)
     return summary

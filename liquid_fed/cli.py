@@ -4,6 +4,7 @@
     liquid-fed centralized CONFIG.yaml [--set key=value ...] [--out DIR] [--force]
     liquid-fed validate CONFIG.yaml [--set key=value ...]
     liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
+    liquid-fed evaluate RUN_DIR [--absent K [K ...]] ... [--missing-rate P [P ...]]
     liquid-fed compare STUDY.yaml [--out DIR] [--workers N] [--resume] [--set key=value ...]
     liquid-fed split CONFIG.yaml --out DIR [--set key=value ...]
     liquid-fed keys DIR --nodes N [--host ADDRESS ...] [--days D]
@@ -185,6 +186,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """A finished run's test score with parties absent (powers re-solved over the present)."""
+    from liquid_fed.robustness import evaluate_run
+
+    cases = evaluate_run(args.run_dir, args.absent or [],
+                         [p for group in args.missing_rate or [] for p in group])
+    print(format_cases(cases, Path(args.run_dir)))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
@@ -214,6 +225,22 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     lines.append(f"  outputs: {run_dir}")
     return "\n".join(lines)
 
+
+
+def format_cases(cases: list[Any], run_dir: Path) -> str:
+    """The table of ``liquid-fed evaluate``: one row per case, the task metric and NLL/RMSE."""
+    first = cases[0].metrics
+    metric = primary_metric(first)
+    second = "nll" if "nll" in first else "loss"
+    lines = [f"run {run_dir}: test split, parties absent (powers re-solved over the present)",
+             f"  {'case':<22} {metric:>9} {second:>9} {'present':>8} {'scored':>7}"]
+    for case in cases:
+        m = case.metrics
+        lines.append(f"  {case.label:<22} {m[metric]:>9.4f} {m[second]:>9.4f} "
+                     f"{m['present_fraction']:>8.3f} {m['scored_fraction']:>7.3f}")
+    lines.append("  present: share of (sample, party) pairs present; scored: share of samples "
+                 "some present party holds")
+    return "\n".join(lines)
 
 
 def format_result(result: Any) -> str:
@@ -315,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the study file, e.g. --set seeds=2 --set set.train.epochs=5")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("evaluate", help="a finished run's test score with parties absent")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a folder of `liquid-fed run` or `liquid-fed centralized`")
+    p.add_argument("--absent", action="append", nargs="+", type=int, metavar="K",
+                   help="parties absent together from every sample (repeatable: one case each)")
+    p.add_argument("--missing-rate", action="append", nargs="+", type=float, metavar="P",
+                   help="each sample loses each party with probability P in [0, 1), one kept "
+                        "(one case per P; seeded by the run's seed)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", help="figures of delegation patterns from finished run folders")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

@@ -76,6 +76,7 @@ class FederationResult:
     n_params: list[int]
     label_leakage: dict[str, Any]
     smoothing: dict[str, Any] | None = None  # the pick of ``ensemble.smoothing: auto``
+    robustness: dict[str, Any] | None = None  # test metrics with parties absent
 
 
 class Federation:
@@ -117,6 +118,7 @@ class Federation:
         self.pending_round = 0
         self.leakage: LabelLeakage | None = None
         self.smoothing: SmoothingPick | None = None  # picked at the final evaluation (auto)
+        self.robustness: dict[str, Any] | None = None  # scored at the final evaluation
 
     # -- messaging ---------------------------------------------------------------------------
 
@@ -253,6 +255,8 @@ class Federation:
                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
             self.history.append(row)
             rows.append(row)
+            if final and split == "test":  # the same replies, combined once per absence
+                self.robustness = self.step.robustness(ids, sub, self.n_params, smoothing)
             if self.run_dir is not None and split == "test":
                 # what the figures of delegation patterns are drawn from
                 self.run_dir.write_npz(OUTPUTS_FILE, details)
@@ -358,7 +362,8 @@ class Federation:
         self.checkpoint(total, wall)
         return FederationResult(self.history, test, total, self.bytes_up, self.bytes_down,
                                 wall, self.train_losses, self.n_params, self.leakage_report(),
-                                None if self.smoothing is None else self.smoothing.to_dict())
+                                None if self.smoothing is None else self.smoothing.to_dict(),
+                                self.robustness)
 
     def leakage_report(self) -> dict[str, Any]:
         """``label_leakage``: the strongest accumulated attack of :mod:`liquid_fed.privacy` and,

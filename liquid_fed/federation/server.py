@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from liquid_fed.federation.setup import ServerData
 from liquid_fed.federation.state import Arrays
 from liquid_fed.metrics import evaluate_output, per_sample_error
 from liquid_fed.privacy import GradientDefence
+from liquid_fed.robustness import robustness
 from liquid_fed.train import DTYPES
 
 
@@ -105,6 +106,17 @@ class ServerStep:
             mask = None if bool(present.all()) else present
             out = combine(preds, dels, self.liquid, mask)
             return pick_smoothing(out, self._target(ids), self.liquid)
+
+    def robustness(self, ids: np.ndarray, replies: Sequence[Arrays], n_params: Sequence[int],
+                   smoothing: float | None = None) -> dict[str, Any]:
+        """The run's ``robustness`` from these (test) replies: the metrics with parties absent
+        (:func:`liquid_fed.robustness.robustness`, as the centralized run computes them)."""
+        with torch.no_grad():
+            preds, dels, present = self._stack(replies, grad=False)
+            lam = self.liquid.training_smoothing if smoothing is None else smoothing
+            base = None if bool(present.all()) else present.cpu()
+            return robustness(preds, dels, self._target(ids), self.liquid, lam, self.cfg.seed,
+                              base, n_params)
 
     def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
                  n_params: Sequence[int], smoothing: float | None = None) -> Evaluation:
