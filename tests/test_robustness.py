@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_protocol import EXACT  # one step per chunk, float64
 
 from liquid_fed import cli
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
@@ -28,13 +29,6 @@ from liquid_fed.robustness import (
 from liquid_fed.rundir import Checkpoint, prepare, save_checkpoint
 from liquid_fed.runs import run_federated
 
-EXACT = {
-    "train": {"epochs": 1, "chunk_size": 48, "batch_size": 48, "dtype": "float64",
-              "eval_every": 0},
-    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 0.0, "momentum": 0.9},
-    "experts": {"kind": "mlp", "options": {"hidden": [16]}},
-    "baselines": {"uniform": False, "independent": False},
-}
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
