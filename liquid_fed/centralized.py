@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from liquid_fed.availability import round_presence
 from liquid_fed.config import RunConfig
 from liquid_fed.ensemble import LiquidConfig, LiquidEnsemble
 from liquid_fed.federation.setup import (
@@ -102,7 +103,8 @@ def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
                  epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.optim.lr,
                  optimizer=cfg.optim.name, weight_decay=cfg.optim.weight_decay,
                  momentum=cfg.optim.momentum, seed=cfg.seed,
-                 present=data.present["train"], on_step=on_step, on_epoch=on_epoch)
+                 present=data.present["train"], on_step=on_step, on_epoch=on_epoch,
+                 answering=_answering(cfg, len(ensemble.experts)))
     wall = time.perf_counter() - t0
     result: dict[str, Any] = {"epoch_losses": losses, "wall_seconds": wall}
     outs, smoothing, pick = predict_splits(ensemble, data.inputs, data.targets, data.present)
@@ -187,6 +189,18 @@ def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:
         out["averaged"] = primary_score(evaluate(avg, data.inputs["test"], data.targets["test"],
                                           data.present["test"]))
     return out
+
+
+def _answering(cfg: RunConfig, k: int) -> Callable[[int], np.ndarray] | None:
+    """Step -> the experts that answer in that training round (``availability``), as the
+    federated server draws them; None when every party answers every round. A step is a
+    round: the exact twin of a federated run has ``chunk_size == batch_size``."""
+    avail = cfg.availability
+    if avail.dropout == 0 and not avail.absent:
+        return None
+    if k != cfg.n_clients:  # a baseline over fewer experts (one trained alone) has no parties
+        return None
+    return lambda step: round_presence(avail.dropout, avail.absent, k, step, cfg.seed)
 
 
 def _layer(cfg: RunConfig, data: CentralData) -> LiquidConfig:

@@ -129,6 +129,20 @@ class PrivacyConfig:
 
 
 @dataclass
+class AvailabilityConfig:
+    """Parties that miss training rounds (see :mod:`liquid_fed.availability`).
+
+    ``dropout``: each party misses each training round with this probability (drawn from the
+    run's seed and the round; at least one party answers every round). ``absent``: scheduled
+    absences ``{client: K, from_round: A, to_round: B}``, rounds counted from 1, both ends
+    included. A party absent from a round is not asked and its expert stays as it was.
+    """
+
+    dropout: float = 0.0
+    absent: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class BaselinesConfig:
     """Centralized references computed beside the run, for the summary."""
 
@@ -153,6 +167,7 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
 
     @property
     def n_clients(self) -> int:
@@ -200,6 +215,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "server.reply_limit": (0, None, False, True),
     "privacy.clip": (0, None, True, True),
     "privacy.noise": (0, None, True, True),
+    "availability.dropout": (0, 1, True, False),
 }
 
 
@@ -342,6 +358,7 @@ def _check(cfg: RunConfig) -> None:
                 f'unknown config key "experts.per_client[{i}].{unknown[0]}" '
                 "(accepted: kind, options)"
             )
+    _check_absent(cfg.availability.absent, cfg.views.n_views)
     if not _DEVICE.fullmatch(cfg.server.device):
         raise ConfigError(
             f'server.device: got "{cfg.server.device}"; accepted: auto, cpu, cuda, cuda:N'
@@ -354,6 +371,47 @@ def _check(cfg: RunConfig) -> None:
     bad = _non_finite(cfg.to_dict())
     if bad:
         raise ConfigError(f"{bad[0][0]}: got {bad[0][1]!r}; numbers in a config must be finite")
+
+
+_ABSENT_KEYS = ("client", "from_round", "to_round")
+
+
+def _check_absent(absent: list[dict[str, Any]], k: int) -> None:
+    """``availability.absent``: complete entries, clients in range, ``1 <= from <= to``, and no
+    round in which every client is scheduled away."""
+    for i, entry in enumerate(absent):
+        where = f"availability.absent[{i}]"
+        unknown = sorted(set(entry) - set(_ABSENT_KEYS), key=str)
+        if unknown:
+            raise ConfigError(f'unknown config key "{where}.{unknown[0]}" (accepted: '
+                              f"{', '.join(_ABSENT_KEYS)})")
+        lacking = [key for key in _ABSENT_KEYS if key not in entry]
+        if lacking:
+            raise ConfigError(f"{where}: got {entry!r}, which lacks {', '.join(lacking)}; an "
+                              "absence needs client, from_round and to_round")
+        for key in _ABSENT_KEYS:
+            value = entry[key]
+            if isinstance(value, float) and value.is_integer():
+                value = entry[key] = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}.{key}: got {value!r}; expected an integer")
+        if not 0 <= entry["client"] < k:
+            raise ConfigError(f"{where}.client: got {entry['client']}; must lie in [0, {k - 1}] "
+                              f"(views.n_views = {k})")
+        if entry["from_round"] < 1:
+            raise ConfigError(f"{where}.from_round: got {entry['from_round']}; rounds are "
+                              "counted from 1")
+        if entry["to_round"] < entry["from_round"]:
+            raise ConfigError(f"{where}.to_round: got {entry['to_round']}; must be >= "
+                              f"from_round ({entry['from_round']})")
+    # If every client is away in some round, it is so at the latest start among the windows
+    # that cover that round: checking every window's start is enough.
+    for entry in absent:
+        r = entry["from_round"]
+        away = {e["client"] for e in absent if e["from_round"] <= r <= e["to_round"]}
+        if len(away) == k:
+            raise ConfigError(f"availability.absent: every client is scheduled absent in round "
+                              f"{r}; at least one must answer every round")
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -410,7 +410,8 @@ class LabelLeakage(_Meter):
                            "reference": np.zeros((*shape, c), np.float64)}
 
     def observe(self, ids: np.ndarray, signals: Sequence[Arrays],
-                own_predictions: Sequence[np.ndarray]) -> None:
+                own_predictions: Sequence[np.ndarray],
+                parties: Sequence[int] | None = None) -> None:
         """Update every party's attacks with one round's signals.
 
         Args:
@@ -418,10 +419,13 @@ class LabelLeakage(_Meter):
             signals: per party, the arrays it was sent: ``g_pred`` (n, C), the gradient of the
                 chunk's *mean* loss (the per-sample rows are these times n).
             own_predictions: per party, the outputs it sent for this chunk (n, C).
+            parties: the party of each entry of ``signals`` (all K in order when None): a
+                party absent from the round was sent nothing and learns nothing.
         """
         rows = self._rows(ids)
         n = rows.size
-        for k, (s, pred) in enumerate(zip(signals, own_predictions, strict=True)):
+        parties = range(len(signals)) if parties is None else parties
+        for k, s, pred in zip(parties, signals, own_predictions, strict=True):
             g = np.asarray(s["g_pred"], dtype=np.float64).reshape(n, -1) * n  # (n, C)
             self.observe_rows(k, rows, g, np.asarray(pred, dtype=np.float64).reshape(n, -1))
 

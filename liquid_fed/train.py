@@ -9,11 +9,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from liquid_fed.availability import answered_rows, round_mask
 from liquid_fed.ensemble import (
     SMOOTHING_AUTO,
     EnsembleOutput,
     LiquidEnsemble,
     SmoothingPick,
+    combine,
     pick_smoothing,
     with_smoothing,
 )
@@ -93,6 +95,7 @@ def fit(
     present: Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    answering: Callable[[int], np.ndarray] | None = None,
 ) -> list[float]:
     """Train the ensemble on K views; returns the mean training loss of every epoch.
 
@@ -105,6 +108,10 @@ def fit(
         present: optional (N, K) mask of which expert sees which row.
         on_step: called with (step, loss) after each optimiser step.
         on_epoch: called with (epoch, mean loss) after each epoch.
+        answering: optionally, step -> (K,) bool: the experts that take part in that step
+            (:func:`liquid_fed.availability.round_presence`). An absent expert is not run, its
+            parameters get no gradient (the optimizer leaves them and their state as they
+            were) and the step combines the others with ``present`` False for it.
     """
     opt = make_optimizer(optimizer, ensemble.parameters(), lr, weight_decay, momentum)
     step = 0
@@ -115,8 +122,13 @@ def fit(
         total, count = 0.0, 0
         for rows in batch_order(n, batch_size, epoch, seed):
             mask = None if present is None else present[torch.as_tensor(rows)]
-            out = ensemble(_take(inputs, rows), mask)
-            loss = ensemble.loss(out, target[torch.as_tensor(rows)])
+            who = None if answering is None else answering(step)
+            if who is None or bool(who.all()):
+                out = ensemble(_take(inputs, rows), mask)
+                loss = ensemble.loss(out, target[torch.as_tensor(rows)])
+            else:
+                loss = _partial_loss(ensemble, _take(inputs, rows),
+                                     target[torch.as_tensor(rows)], mask, who)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -130,6 +142,26 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
     return history
+
+
+def _partial_loss(ensemble: LiquidEnsemble, inputs: Sequence[Tensor], target: Tensor,
+                  mask: Tensor | None, who: np.ndarray) -> Tensor:
+    """A step's loss with only the experts ``who`` (K,) answering, as the federated server
+    computes it: absent experts are not run (zeros stand in for their outputs, which the
+    combination ignores) and samples no answering expert holds are left out."""
+    n, k = target.shape[0], len(ensemble.experts)
+    outs = {j: ensemble.experts[j](inputs[j]) for j in range(k) if who[j]}
+    pred0, del0 = next(iter(outs.values()))
+    zeros_p = pred0.new_zeros(pred0.shape)  # (B, C)
+    zeros_d = del0.new_zeros(del0.shape)  # (B, K)
+    preds = torch.stack([outs[j][0] if j in outs else zeros_p for j in range(k)], 1)
+    dels = torch.stack([outs[j][1] if j in outs else zeros_d for j in range(k)], 1)
+    mask = round_mask(mask, who, n)
+    rows = answered_rows(mask)
+    if rows is not None:
+        preds, dels, mask, target = preds[rows], dels[rows], mask[rows], target[rows]
+    out = combine(preds, dels, ensemble.config, mask)
+    return ensemble.loss(out, target)
 
 
 def evaluate(ensemble: LiquidEnsemble, inputs: Sequence[Tensor], target: Tensor,

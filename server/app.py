@@ -115,11 +115,12 @@ class GridTransport:
             out.append(decode(reply.content))
         return out
 
-    def exchange(self, kind: str, arrays: Sequence[dict],
-                 settings: Sequence[dict]) -> list[tuple[dict, dict]]:
+    def exchange(self, kind: str, arrays: Sequence[dict], settings: Sequence[dict],
+                 clients: Sequence[int] | None = None) -> list[tuple[dict, dict]]:
         if kind == "setup":
             settings = [{**s, "threads": self.threads} for s in settings]
-        return self._send_raw(kind, self.nodes, arrays, settings)
+        nodes = self.nodes if clients is None else [self.nodes[k] for k in clients]
+        return self._send_raw(kind, nodes, arrays, settings)
 
 
 def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll: float,

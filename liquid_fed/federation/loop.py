@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from liquid_fed.availability import round_presence
 from liquid_fed.config import RunConfig
 from liquid_fed.data import IdIndex, Splits, align_ids, common_ids
 from liquid_fed.ensemble import SMOOTHING_AUTO, SmoothingPick
@@ -39,7 +40,7 @@ from liquid_fed.federation.replies import (
     check_setup_reply,
     check_state_reply,
 )
-from liquid_fed.federation.server import ServerStep
+from liquid_fed.federation.server import ServerStep, absent_reply
 from liquid_fed.federation.setup import ServerData, drop_unseen, id_tokens, load_server_data
 from liquid_fed.federation.state import Arrays
 from liquid_fed.federation.transport import Transport, describe_client, payload_bytes
@@ -106,8 +107,11 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.train_losses: list[float] = []
         self.n_params: list[int] = []
-        self.pending: list[Arrays] | None = None  # signals not yet applied by the clients
-        self.pending_ids: np.ndarray | None = None
+        # Per client: (chunk ids, signals, round) not yet applied. They travel with the
+        # client's next message, whichever round asks it next (a round may skip it).
+        self.pending: list[tuple[np.ndarray, Arrays, int] | None] = [None] * self.k
+        # Training rounds each client answered since the last metrics rows (``present``).
+        self.answered = np.zeros(self.k, dtype=np.int64)
         self.salt = b""  # drawn at setup (or taken from the checkpoint): ids travel as tokens
         self.noise_key = ""  # the defence's secret (hex): kept by the server, never sent
         self.run_id = ""  # names the clients' own checkpoints of this run
@@ -115,19 +119,23 @@ class Federation:
         self._token_index: IdIndex | None = None
         self.parties: list[dict[str, Any]] | None = None  # clients' own checkpoints, by index
         self.shards: list[str] = []  # the shard folder each client reads, when it has one
-        self.pending_round = 0
         self.leakage: LabelLeakage | None = None
         self.smoothing: SmoothingPick | None = None  # picked at the final evaluation (auto)
         self.robustness: dict[str, Any] | None = None  # scored at the final evaluation
 
     # -- messaging ---------------------------------------------------------------------------
 
-    def _exchange(self, kind: str, arrays: Sequence[Arrays],
-                  settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
+    def _exchange(self, kind: str, arrays: Sequence[Arrays], settings: Sequence[dict[str, Any]],
+                  clients: Sequence[int] | None = None) -> list[tuple[Arrays, dict[str, Any]]]:
+        """One message to each of ``clients`` (all when None); replies in that order."""
         self.bytes_down += sum(payload_bytes(a, s) for a, s in zip(arrays, settings, strict=True))
-        replies = self.transport.exchange(kind, arrays, settings)
-        if len(replies) != self.k:
-            raise ClientFailure(f'"{kind}": {len(replies)} replies for {self.k} clients')
+        if clients is None or len(clients) == self.k:
+            replies = self.transport.exchange(kind, arrays, settings)
+        else:  # a round some parties miss: they get no message
+            replies = self.transport.exchange(kind, arrays, settings, clients=list(clients))
+        expected = self.k if clients is None else len(clients)
+        if len(replies) != expected:
+            raise ClientFailure(f'"{kind}": {len(replies)} replies for {expected} clients')
         self.bytes_up += sum(payload_bytes(r, i) for r, i in replies)
         return replies
 
@@ -150,24 +158,28 @@ class Federation:
         pos, found = self._token_index.lookup(tokens)
         return self.data.ids[pos[found]]
 
-    def _with_pending(self, arrays: list[Arrays], settings: list[dict[str, Any]]) -> None:
-        if self.pending is None:
-            return
-        bwd = self.tokens(self.pending_ids)
-        for k in range(self.k):
-            arrays[k].update({"bwd_ids": bwd, **self.pending[k]})
-            settings[k]["round"] = self.pending_round
-        self.pending = None
-        self.pending_ids = None
+    def _with_pending(self, arrays: list[Arrays], settings: list[dict[str, Any]],
+                      clients: Sequence[int]) -> None:
+        """Add each messaged client's pending signals (``arrays[i]`` goes to ``clients[i]``)."""
+        for i, k in enumerate(clients):
+            if self.pending[k] is None:
+                continue
+            ids, signals, round_index = self.pending[k]
+            arrays[i].update({"bwd_ids": self.tokens(ids), **signals})
+            settings[i]["round"] = round_index
+            self.pending[k] = None
 
-    def _send(self, kind: str, fwd_ids: np.ndarray | None) -> list[Arrays]:
-        """One exchange; with ``fwd_ids``, every reply is checked before it is used."""
+    def _send(self, kind: str, fwd_ids: np.ndarray | None,
+              clients: Sequence[int] | None = None) -> list[Arrays]:
+        """One exchange with ``clients`` (all when None), replies in that order; with
+        ``fwd_ids``, every reply is checked before it is used."""
+        clients = list(range(self.k)) if clients is None else list(clients)
         fwd = None if fwd_ids is None else self.tokens(fwd_ids)
-        arrays: list[Arrays] = [{} if fwd is None else {"fwd_ids": fwd} for _ in range(self.k)]
-        settings: list[dict[str, Any]] = [{} for _ in range(self.k)]
-        self._with_pending(arrays, settings)
-        replies = [r for r, _ in self._exchange(kind, arrays, settings)]
-        for k, r in enumerate(replies):
+        arrays: list[Arrays] = [{} if fwd is None else {"fwd_ids": fwd} for _ in clients]
+        settings: list[dict[str, Any]] = [{} for _ in clients]
+        self._with_pending(arrays, settings, clients)
+        replies = [r for r, _ in self._exchange(kind, arrays, settings, clients)]
+        for k, r in zip(clients, replies, strict=True):
             who = describe_client(self.transport, k)
             if fwd is not None:
                 check_prediction_reply(r, fwd, self.data.n_outputs, self.k, who, kind,
@@ -252,7 +264,8 @@ class Federation:
         for split, ids, sub in zip(splits, parts, subs, strict=True):
             metrics, details = self.step.evaluate(ids, sub, self.n_params, smoothing)
             row = {"round": round_index, "split": split, **metrics,
-                   "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+                   "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                   "present": self.answered.tolist()}
             self.history.append(row)
             rows.append(row)
             if final and split == "test":  # the same replies, combined once per absence
@@ -260,6 +273,8 @@ class Federation:
             if self.run_dir is not None and split == "test":
                 # what the figures of delegation patterns are drawn from
                 self.run_dir.write_npz(OUTPUTS_FILE, details)
+        # The rows of one evaluation share their counts; the next rows count afresh.
+        self.answered = np.zeros(self.k, dtype=np.int64)
         if self.run_dir is not None:
             self.run_dir.write_jsonl(METRICS_FILE, self.history)
         return rows
@@ -274,7 +289,7 @@ class Federation:
         arrays: list[Arrays] = [{} for _ in range(self.k)]
         settings: list[dict[str, Any]] = [{"checkpoint_round": round_index}
                                           for _ in range(self.k)]
-        self._with_pending(arrays, settings)
+        self._with_pending(arrays, settings, range(self.k))
         replies = self._exchange("checkpoint", arrays, settings)
         kept = [bool(info.get("generation")) for _, info in replies]
         if any(kept) and not all(kept):
@@ -298,7 +313,7 @@ class Federation:
                       "bytes_down": self.bytes_down, "train_losses": self.train_losses,
                       "elapsed": elapsed, "config": self.cfg_yaml, "salt": self.salt.hex(),
                       "run_id": self.run_id, "parties": self.parties,
-                      "noise_key": self.noise_key}
+                      "noise_key": self.noise_key, "answered": self.answered.tolist()}
             leak = self.leakage.state() if self.leakage is not None else {}
             clients = [] if self.parties else list(states)
             self.run_dir.save_checkpoint(Checkpoint(round_index, server, leak, clients))
@@ -324,6 +339,8 @@ class Federation:
             self.bytes_down = int(resume.server["bytes_down"])
             self.train_losses = [float(v) for v in resume.server["train_losses"]]
             elapsed0 = float(resume.server["elapsed"])
+            self.answered = np.asarray(resume.server.get("answered", [0] * self.k),
+                                       dtype=np.int64)
         self.setup(resume)
         if resume is not None and self.leakage is not None:
             self.leakage.load(resume.server_arrays)
@@ -332,6 +349,7 @@ class Federation:
         per_epoch = self.rounds_per_epoch()
         total = self.cfg.train.epochs * per_epoch
         tcfg = self.cfg.train
+        avail = self.cfg.availability
         chunks: dict[int, list[np.ndarray]] = {}
         for r in range(start_round, total):
             epoch, j = divmod(r, per_epoch)
@@ -339,10 +357,18 @@ class Federation:
                 chunks = {epoch: list(batch_order(train_ids.size, tcfg.chunk_size, epoch,
                                                   self.cfg.seed))}
             ids = train_ids[chunks[epoch][j]]
-            replies = self._send("train", ids)
+            answering = round_presence(avail.dropout, avail.absent, self.k, r, self.cfg.seed)
+            clients = [k for k in range(self.k) if answering[k]]
+            asked = dict(zip(clients, self._send("train", ids, clients), strict=True))
+            replies = [asked[k] if k in asked else
+                       absent_reply(ids.size, self.data.n_outputs, self.k, self.step.dtype)
+                       for k in range(self.k)]
             loss, signals = self.step.train_step(ids, replies, r)
-            self.leakage.observe(ids, signals, [rep["pred"] for rep in replies])
-            self.pending, self.pending_ids, self.pending_round = signals, ids, r
+            self.leakage.observe(ids, [signals[k] for k in clients],
+                                 [asked[k]["pred"] for k in clients], parties=clients)
+            for k in clients:  # an absent party is sent nothing: its expert stays as it was
+                self.pending[k] = (ids, signals[k], r)
+            self.answered += answering
             self.train_losses.append(loss)
             metrics = None
             done = r + 1

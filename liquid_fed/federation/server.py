@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from liquid_fed.availability import answered_rows
 from liquid_fed.config import RunConfig
 from liquid_fed.ensemble import (
     SmoothingPick,
@@ -32,6 +33,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def absent_reply(n: int, out_dim: int, k: int, dtype: torch.dtype) -> Arrays:
+    """What stands in for the reply of a party absent from a round: zeros, present nowhere
+    (the combination ignores the outputs of an absent expert)."""
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return {"pred": np.zeros((n, out_dim), dtype=np_dtype),
+            "del": np.zeros((n, k), dtype=np_dtype), "present": np.zeros(n, dtype=bool)}
 
 
 class TrainStep(NamedTuple):
@@ -80,11 +89,22 @@ class ServerStep:
     def train_step(self, ids: np.ndarray, replies: Sequence[Arrays],
                    round_index: int = 0) -> TrainStep:
         """Loss on the chunk and each client's signals ``g_pred`` (n, C), ``g_del`` (n, K),
-        after the configured defence (``privacy``)."""
+        after the configured defence (``privacy``).
+
+        A party absent from the round (:func:`absent_reply` stands in for its reply) is
+        combined with ``present`` False on every sample; its signals are zero and not sent."""
         preds, dels, present = self._stack(replies, grad=True)
         mask = None if bool(present.all()) else present
-        out = combine(preds, dels, self.liquid, mask)
-        loss = ensemble_loss(out, self._target(ids), self.liquid)
+        target = self._target(ids)
+        # Samples that no answering party holds (a round's absences on top of the data's)
+        # take no part in the loss; their signals are zero.
+        rows = None if mask is None else answered_rows(mask)
+        if rows is None:
+            out = combine(preds, dels, self.liquid, mask)
+        else:
+            out = combine(preds[rows], dels[rows], self.liquid, mask[rows])
+            target = target[rows]
+        loss = ensemble_loss(out, target, self.liquid)
         g_pred, g_del = torch.autograd.grad(loss, (preds, dels), allow_unused=True)
         if g_del is None:  # the uniform vote ignores delegations: nothing to learn there
             g_del = torch.zeros_like(dels)

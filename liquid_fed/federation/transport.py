@@ -30,7 +30,11 @@ class Transport(Protocol):
 
     def exchange(self, kind: str, arrays: Sequence[Arrays],
                  settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
-        """Send one message per client (list index = client index); replies in that order."""
+        """Send one message per client (list index = client index); replies in that order.
+
+        A round that some parties miss (``availability``) calls it with the keyword
+        ``clients``: the indices of the clients the messages go to, in order; the others get
+        no message."""
         ...
 
 
@@ -56,10 +60,11 @@ class LocalTransport:
         self.local = [{"data_dir": str(d)} for d in data_dirs] if data_dirs else (
             [{} for _ in range(n_clients)])
 
-    def exchange(self, kind: str, arrays: Sequence[Arrays],
-                 settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
+    def exchange(self, kind: str, arrays: Sequence[Arrays], settings: Sequence[dict[str, Any]],
+                 clients: Sequence[int] | None = None) -> list[tuple[Arrays, dict[str, Any]]]:
         replies = []
-        for k, (a, s) in enumerate(zip(arrays, settings, strict=True)):
+        clients = range(len(self.states)) if clients is None else clients
+        for k, a, s in zip(clients, arrays, settings, strict=True):
             merged = {**self.settings[k], **s, **self.local[k]}
             reply, info, self.states[k] = handle_client_message(kind, a, merged, self.states[k])
             if kind == "setup":
