@@ -196,3 +196,59 @@ def test_config_files_that_are_no_text_are_refused(tmp_path: Path) -> None:
     bom = tmp_path / "bom.yaml"
     bom.write_bytes(b"\xef\xbb\xbfname: bom\n")
     assert load_config(bom).name == "bom"
+
+
+def _absent(*entries: str) -> list[str]:
+    return [f"availability.absent=[{', '.join(entries)}]"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["availability.dropout=1"], "availability.dropout: got 1.0; must lie in [0, 1)"),
+        (["availability.dropout=-0.1"], "availability.dropout: got -0.1; must lie in [0, 1)"),
+        (["availability.dropout=often"], "availability.dropout: got 'often'; expected a number"),
+        (["availability.absent={client: 1}"], "availability.absent: got {'client': 1}; "
+                                              "expected a list"),
+        (_absent("{client: 4, from_round: 1, to_round: 2}"),
+         "availability.absent[0].client: got 4; must lie in [0, 3] (views.n_views = 4)"),
+        (_absent("{client: -1, from_round: 1, to_round: 2}"),
+         "availability.absent[0].client: got -1; must lie in [0, 3]"),
+        (_absent("{client: 0, from_round: 1, to_round: 2}", "{client: 1, from_round: 0, "
+                                                            "to_round: 2}"),
+         "availability.absent[1].from_round: got 0; rounds are counted from 1"),
+        (_absent("{client: 0, from_round: 5, to_round: 4}"),
+         "availability.absent[0].to_round: got 4; must be >= from_round (5)"),
+        (_absent("{client: 0, from_round: 1}"),
+         "availability.absent[0]: got {'client': 0, 'from_round': 1}, which lacks to_round"),
+        (_absent("{client: 0, from_round: 1, to_round: 2, until: 3}"),
+         'unknown config key "availability.absent[0].until" (accepted: client, from_round, '
+         "to_round)"),
+        (_absent("{client: 0, from_round: one, to_round: 2}"),
+         "availability.absent[0].from_round: got 'one'; expected an integer"),
+        (_absent("{client: true, from_round: 1, to_round: 2}"),
+         "availability.absent[0].client: got True; expected an integer"),
+        (_absent("{client: 0, from_round: 1, to_round: 9}", "{client: 1, from_round: 3, "
+                 "to_round: 5}", "{client: 2, from_round: 5, to_round: 7}",
+                 "{client: 3, from_round: 4, to_round: 6}"),
+         "availability.absent: every client is scheduled absent in round 5; at least one must "
+         "answer every round"),
+        (["availability.rate=0.1"], 'unknown config key "availability.rate"'),
+    ],
+)
+def test_bad_availability_is_refused_naming_the_key(overrides: list[str],
+                                                    expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({}, overrides)
+    assert expected in str(err.value)
+
+
+def test_availability_round_trips_and_accepts_overlapping_windows() -> None:
+    cfg = build_config({}, ["availability.dropout=0.3", *_absent(
+        "{client: 0, from_round: 1, to_round: 9}", "{client: 1, from_round: 3, to_round: 5}",
+        "{client: 2, from_round: 6, to_round: 7}", "{client: 3, from_round: 4, to_round: 6}",
+        "{client: 0, from_round: 12, to_round: 12.0}")])
+    assert cfg.availability.dropout == 0.3
+    assert cfg.availability.absent[4] == {"client": 0, "from_round": 12, "to_round": 12}
+    assert config_from_yaml_text(cfg.to_yaml()) == cfg
+    assert build_config().availability.absent == [] and build_config().availability.dropout == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
 from liquid_fed.config import build_config
@@ -30,6 +31,10 @@ EXACT = {
 }
 
 
+# Client 1 misses rounds 3 to 6 (counted from 1) on top of the random dropout.
+SCHEDULED = ["availability.absent=[{client: 1, from_round: 3, to_round: 6}]"]
+
+
 def _centralized_steps(cfg):
     data = central_data(cfg)
     ensemble = build_ensemble(cfg, data)
@@ -43,7 +48,10 @@ def _centralized_steps(cfg):
     ["ensemble.solver=sink_many", "ensemble.load_weight=0.3",
      "ensemble.specialization_weight=0.2", "ensemble.expert_loss_weight=0.7"],
     ["views.missing=0.2", "optim.name=adam", "optim.lr=0.01"],
-], ids=["sink_one", "sink_many+aux", "missing+adam"])
+    ["availability.dropout=0.3", *SCHEDULED],
+    ["availability.dropout=0.5", *SCHEDULED, "views.missing=0.3", "optim.name=adamw",
+     "optim.lr=0.01", "ensemble.expert_loss_weight=0.5"],
+], ids=["sink_one", "sink_many+aux", "missing+adam", "dropout", "dropout+missing+adamw"])
 def test_exact_split_learning_matches_centralized(extra: list[str]) -> None:
     cfg = build_config(EXACT, extra)
     fed = Federation(cfg, LocalTransport(cfg.n_clients))
@@ -190,3 +198,98 @@ def test_stop_and_resume_in_process_gives_the_same_result(tmp_path: Path) -> Non
             == {k: v for k, v in whole.test.items() if k not in traffic})
     # The interruption cost an extra checkpoint and setup exchange, and the count says so.
     assert resumed.bytes_up > whole.bytes_up and resumed.bytes_down > whole.bytes_down
+
+
+class _Roll(LocalTransport):
+    """Records which clients each message goes to, and each client's state after each one."""
+
+    def __init__(self, n_clients: int) -> None:
+        super().__init__(n_clients)
+        self.log: list[tuple[str, list[int]]] = []
+        self.after: list[list[dict[str, np.ndarray]]] = []
+
+    def exchange(self, kind, arrays, settings, clients=None):
+        replies = super().exchange(kind, arrays, settings, clients)
+        self.log.append((kind, list(range(len(self.states))) if clients is None
+                         else list(clients)))
+        self.after.append([{k: v.copy() for k, v in st.items()
+                            if k.startswith(("model/", "optimizer/"))} for st in self.states])
+        return replies
+
+
+def test_absent_parties_are_not_asked_and_keep_their_experts() -> None:
+    cfg = build_config(EXACT, ["availability.dropout=0.3", *SCHEDULED, "train.eval_every=4"])
+    roll = _Roll(cfg.n_clients)
+    fed = Federation(cfg, roll)
+    result = fed.run()
+    train = [(i, who) for i, (kind, who) in enumerate(roll.log) if kind == "train"]
+    assert len(train) == result.rounds
+    # the schedule holds and the dropout took parties away besides
+    assert all(1 not in who for _, who in train[2:6])
+    missed = sum(cfg.n_clients - len(who) for _, who in train)
+    assert missed > 4 + 0.15 * cfg.n_clients * result.rounds
+    assert all(who for _, who in train)
+    # A client sent nothing keeps its expert and optimizer state bit for bit.
+    for i, who in train:
+        for k in set(range(cfg.n_clients)) - set(who):
+            before, after = roll.after[i - 1], roll.after[i]
+            assert before[k].keys() == after[k].keys()
+            for name in before[k]:
+                np.testing.assert_array_equal(before[k][name], after[k][name])
+    # ``present``: per client, the training messages it got since the previous evaluation.
+    rows = [row for row in result.history]
+    counts, expected = np.zeros(cfg.n_clients, dtype=int), []
+    for kind, who in roll.log:
+        if kind == "train":
+            counts[who] += 1
+        elif kind == "evaluate":
+            expected.append(counts.tolist())
+            counts[:] = 0
+    evaluations = sorted({row["round"] for row in rows})
+    assert len(evaluations) == len(expected) >= 3
+    for row in rows:
+        assert row["present"] == expected[evaluations.index(row["round"])]
+    assert sum(sum(e) for e in expected) == cfg.n_clients * result.rounds - missed
+
+
+def test_centralized_twin_leaves_a_missed_experts_parameters_alone() -> None:
+    from liquid_fed.availability import round_presence
+
+    cfg = build_config(EXACT, ["availability.dropout=0.3", *SCHEDULED])
+    data = central_data(cfg)
+    ensemble = build_ensemble(cfg, data)
+    snaps = [[p.detach().clone() for p in e.parameters()] for e in ensemble.experts]
+    checked = 0
+
+    def on_step(step: int, _loss: float) -> None:
+        nonlocal checked
+        who = round_presence(0.3, cfg.availability.absent, cfg.n_clients, step, cfg.seed)
+        for k, expert in enumerate(ensemble.experts):
+            now = [p.detach().clone() for p in expert.parameters()]
+            changed = any(not torch.equal(a, b) for a, b in zip(snaps[k], now, strict=True))
+            # momentum SGD would move a parameter with a zero gradient: absent means no step
+            assert changed == bool(who[k]), (step, k)
+            checked += not who[k]
+            snaps[k] = now
+
+    train_ensemble(cfg, data, ensemble, on_step=on_step)
+    assert checked >= 4
+
+
+def test_round_presence_is_reproducible_and_keeps_one_party() -> None:
+    from liquid_fed.availability import round_presence
+
+    absent = [{"client": 2, "from_round": 10, "to_round": 20}]
+    masks = np.stack([round_presence(0.3, absent, 4, r, seed=3) for r in range(4000)])
+    again = np.stack([round_presence(0.3, absent, 4, r, seed=3) for r in range(4000)])
+    np.testing.assert_array_equal(masks, again)
+    assert not masks[9:20, 2].any() and masks.any(1).all()
+    other = np.stack([round_presence(0.3, [], 4, r, seed=4) for r in range(4000)])
+    assert (other != masks).any()
+    # Each party is missing with probability P - P^K / K (a round that loses all keeps one).
+    rate = 1 - other.mean()
+    expected = 0.3 - 0.3 ** 4 / 4
+    assert abs(rate - expected) < 4 * np.sqrt(expected * (1 - expected) / other.size)
+    assert round_presence(0.0, [], 4, 7, seed=0).all()
+    nearly = np.stack([round_presence(0.99, [], 3, r, seed=0) for r in range(200)])
+    assert (nearly.sum(1) >= 1).all() and (nearly.sum(1) == 1).mean() > 0.9
