@@ -93,7 +93,8 @@ class GridTransport:
         return f"client {k} (node {self.nodes[k]})" if hasattr(self, "nodes") else f"client {k}"
 
     def _send_raw(self, kind: str, nodes: Sequence[int], arrays: Sequence[dict],
-                  settings: Sequence[dict]) -> list[tuple[dict, dict]]:
+                  settings: Sequence[dict],
+                  clients: Sequence[int] | None = None) -> list[tuple[dict, dict]]:
         self.round += 1
         msgs = [Message(encode(a, s), dst_node_id=node, message_type=MESSAGE_TYPES[kind],
                         group_id=str(self.round))
@@ -101,7 +102,8 @@ class GridTransport:
         replies, waited = exchange_messages(self.grid, msgs, self.timeout, self.poll,
                                             self.health, kind)
         out = []
-        for k, node in enumerate(nodes):
+        names = range(len(nodes)) if clients is None else clients  # how errors name them
+        for k, node in zip(names, nodes, strict=True):
             reply = replies.get(node)
             if reply is None:
                 raise ClientFailure(
@@ -120,7 +122,7 @@ class GridTransport:
         if kind == "setup":
             settings = [{**s, "threads": self.threads} for s in settings]
         nodes = self.nodes if clients is None else [self.nodes[k] for k in clients]
-        return self._send_raw(kind, nodes, arrays, settings)
+        return self._send_raw(kind, nodes, arrays, settings, clients)
 
 
 def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll: float,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from server.app import ClientFailure, GridTransport
@@ -44,3 +46,31 @@ def test_no_partition_ids_means_node_order() -> None:
 def test_bad_partition_ids_stop_the_run(parts, message) -> None:
     with pytest.raises(ClientFailure, match=message):
         transport_with(parts)._assign(list(parts), 2)
+
+
+class _SilentGrid:
+    """Takes every message and never answers."""
+
+    def __init__(self) -> None:
+        self.pushed: list = []
+
+    def push_messages(self, msgs):
+        self.pushed.extend(msgs)
+        return [f"m{i}" for i in range(len(msgs))]
+
+    def pull_messages(self, ids):
+        return []
+
+
+def test_a_round_without_some_parties_messages_and_names_only_the_others(monkeypatch) -> None:
+    import server.app as app
+
+    # Flower's Message needs a running app's context: a stand-in keeps its destination.
+    monkeypatch.setattr(app, "Message", lambda content, dst_node_id, **_: SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=dst_node_id)))
+    t = object.__new__(GridTransport)
+    t.nodes, t.threads, t.round, t.timeout, t.poll, t.health = [11, 12, 13], 1, 0, 0.0, 0.0, None
+    t.grid = _SilentGrid()
+    with pytest.raises(ClientFailure, match=r"^client 2 \(node 13\) sent no reply to \"train\""):
+        t.exchange("train", [{}, {}], [{}, {}], clients=[2, 0])
+    assert [m.metadata.dst_node_id for m in t.grid.pushed] == [13, 11]
