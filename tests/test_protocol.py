@@ -293,3 +293,18 @@ def test_round_presence_is_reproducible_and_keeps_one_party() -> None:
     assert round_presence(0.0, [], 4, 7, seed=0).all()
     nearly = np.stack([round_presence(0.99, [], 3, r, seed=0) for r in range(200)])
     assert (nearly.sum(1) >= 1).all() and (nearly.sum(1) == 1).mean() > 0.9
+
+
+def test_stop_and_resume_with_absences_gives_the_same_run(tmp_path: Path) -> None:
+    cfg = build_config(EXACT, ["availability.dropout=0.4", *SCHEDULED, "train.eval_every=5",
+                               "optim.name=adam", "optim.lr=0.01"])
+    whole = Federation(cfg, LocalTransport(cfg.n_clients)).run()
+    writer = RunDir(tmp_path)
+    assert Federation(cfg, LocalTransport(cfg.n_clients), writer).run(stop_after=7) is None
+    resumed = Federation(cfg, LocalTransport(cfg.n_clients), writer).run(
+        load_checkpoint(tmp_path, cfg.n_clients))
+    np.testing.assert_array_equal(resumed.train_losses, whole.train_losses)
+    assert [r["present"] for r in resumed.history] == [r["present"] for r in whole.history]
+    assert resumed.test["accuracy"] == whole.test["accuracy"]
+    rows = writer.read_metrics()
+    assert [r["present"] for r in rows] == [r["present"] for r in whole.history]

@@ -15,6 +15,12 @@ Steps 4 of round t and 2 of round t+1 travel in one message, so a training round
 round trip. With ``chunk_size == batch_size`` and one local step this is exact split learning
 and reproduces centralized :func:`liquid_fed.train.fit` step by step. Larger chunks reuse the
 signals for several local steps (as FedBCD does) to cut round trips.
+
+Under ``availability`` (:mod:`liquid_fed.availability`) some parties miss a round: they get no
+message, a stand-in reply that is present nowhere takes their place in the combination, and
+their pending signals wait for the next message they get. Every metrics row carries
+``present``: per client, the training rounds it answered since the previous evaluation (the
+rows of one evaluation, val and test, share their counts).
 """
 
 from __future__ import annotations
