@@ -9,6 +9,7 @@ can be replayed from its own ``config.yaml``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -543,7 +544,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] = ()) -> RunConfig:
     """A validated :class:`RunConfig` from a nested dict plus overrides."""
-    data = apply_overrides(dict(data or {}), list(overrides))
+    # A deep copy: overrides must not write into the caller's nested sections.
+    data = apply_overrides(copy.deepcopy(dict(data or {})), list(overrides))
     cfg = _build(RunConfig, data)
     _check(cfg)
     return cfg

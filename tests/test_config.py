@@ -252,3 +252,10 @@ def test_availability_round_trips_and_accepts_overlapping_windows() -> None:
     assert cfg.availability.absent[4] == {"client": 0, "from_round": 12, "to_round": 12}
     assert config_from_yaml_text(cfg.to_yaml()) == cfg
     assert build_config().availability.absent == [] and build_config().availability.dropout == 0
+
+
+def test_overrides_leave_the_callers_dict_alone() -> None:
+    base = {"train": {"epochs": 3}, "views": {"options": {"grid": [2, 2]}}}
+    cfg = build_config(base, ["train.epochs=5", "views.options.grid=[1, 4]"])
+    assert (cfg.train.epochs, cfg.views.options["grid"]) == (5, [1, 4])
+    assert base == {"train": {"epochs": 3}, "views": {"options": {"grid": [2, 2]}}}
