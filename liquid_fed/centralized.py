@@ -104,7 +104,8 @@ def train_ensemble(cfg: RunConfig, data: CentralData, ensemble: LiquidEnsemble,
                  optimizer=cfg.optim.name, weight_decay=cfg.optim.weight_decay,
                  momentum=cfg.optim.momentum, seed=cfg.seed,
                  present=data.present["train"], on_step=on_step, on_epoch=on_epoch,
-                 answering=_answering(cfg, len(ensemble.experts)))
+                 answering=_answering(cfg, len(ensemble.experts),
+                                      int(data.targets["train"].shape[0])))
     wall = time.perf_counter() - t0
     result: dict[str, Any] = {"epoch_losses": losses, "wall_seconds": wall}
     outs, smoothing, pick = predict_splits(ensemble, data.inputs, data.targets, data.present)
@@ -191,16 +192,30 @@ def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:
     return out
 
 
-def _answering(cfg: RunConfig, k: int) -> Callable[[int], np.ndarray] | None:
-    """Step -> the experts that answer in that training round (``availability``), as the
-    federated server draws them; None when every party answers every round. A step is a
-    round: the exact twin of a federated run has ``chunk_size == batch_size``."""
+def _answering(cfg: RunConfig, k: int, n: int) -> Callable[[int], np.ndarray] | None:
+    """Step -> the experts that answer in it (``availability``), as the federated server
+    draws them for the round whose chunk holds the step's mini-batch; None when every party
+    answers every round.
+
+    Chunks and mini-batches cut the same permutation of the ``n`` training rows
+    (:func:`liquid_fed.train.batch_order`), so a batch starting at position ``s`` of an epoch
+    lies in that epoch's chunk ``s // chunk_size`` (wholly so when ``chunk_size`` is a
+    multiple of ``batch_size``; with equal sizes a step is a round)."""
     avail = cfg.availability
     if avail.dropout == 0 and not avail.absent:
         return None
     if k != cfg.n_clients:  # a baseline over fewer experts (one trained alone) has no parties
         return None
-    return lambda step: round_presence(avail.dropout, avail.absent, k, step, cfg.seed)
+    tcfg = cfg.train
+    batches = -(-n // tcfg.batch_size)
+    chunks = -(-n // tcfg.chunk_size)
+
+    def answering(step: int) -> np.ndarray:
+        epoch, b = divmod(step, batches)
+        r = epoch * chunks + (b * tcfg.batch_size) // tcfg.chunk_size
+        return round_presence(avail.dropout, avail.absent, k, r, cfg.seed)
+
+    return answering
 
 
 def _layer(cfg: RunConfig, data: CentralData) -> LiquidConfig:

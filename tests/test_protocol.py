@@ -252,10 +252,14 @@ def test_absent_parties_are_not_asked_and_keep_their_experts() -> None:
     assert sum(sum(e) for e in expected) == cfg.n_clients * result.rounds - missed
 
 
-def test_centralized_twin_leaves_a_missed_experts_parameters_alone() -> None:
+@pytest.mark.parametrize("per_round", [1, 2], ids=["step=round", "two steps a round"])
+def test_centralized_twin_leaves_a_missed_experts_parameters_alone(per_round: int) -> None:
     from liquid_fed.availability import round_presence
 
-    cfg = build_config(EXACT, ["availability.dropout=0.3", *SCHEDULED])
+    # One epoch: the mini-batches of a round's chunk are steps per_round * r, ... (the chunks
+    # cut the same permutation as the batches).
+    cfg = build_config(EXACT, ["availability.dropout=0.3", *SCHEDULED,
+                               f"train.chunk_size={48 * per_round}"])
     data = central_data(cfg)
     ensemble = build_ensemble(cfg, data)
     snaps = [[p.detach().clone() for p in e.parameters()] for e in ensemble.experts]
@@ -263,7 +267,8 @@ def test_centralized_twin_leaves_a_missed_experts_parameters_alone() -> None:
 
     def on_step(step: int, _loss: float) -> None:
         nonlocal checked
-        who = round_presence(0.3, cfg.availability.absent, cfg.n_clients, step, cfg.seed)
+        who = round_presence(0.3, cfg.availability.absent, cfg.n_clients, step // per_round,
+                             cfg.seed)
         for k, expert in enumerate(ensemble.experts):
             now = [p.detach().clone() for p in expert.parameters()]
             changed = any(not torch.equal(a, b) for a, b in zip(snaps[k], now, strict=True))
