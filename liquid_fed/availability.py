@@ -66,13 +66,28 @@ def round_presence(dropout: float, absent: Sequence[dict[str, Any]], k: int,
                          "one must answer")
     if dropout <= 0:
         return ~away
-    rng = np.random.default_rng(np.random.SeedSequence(
-        [abs(int(seed)), int(seed < 0), _ROUND_STREAM, int(round_index)]))
-    drop = rng.random(k) < dropout  # (K,)
-    rescue = rng.random(k)  # (K,) drawn always: the stream does not depend on the schedule
-    keep = ~drop & ~away
-    if not keep.any():
-        keep[int(np.where(away, -1.0, rescue).argmax())] = True
+    return drop_keeping_one(stream_rng(seed, _ROUND_STREAM, round_index), ~away[None],
+                            dropout)[0]
+
+
+def stream_rng(seed: int, stream: int, key: int) -> np.random.Generator:
+    """A generator for draw ``key`` of the random stream ``stream`` of a run of seed ``seed``
+    (streams keep the absences' draws apart from every other draw seeded by the run's seed)."""
+    return np.random.default_rng(np.random.SeedSequence(
+        [abs(int(seed)), int(seed < 0), int(stream), int(key)]))
+
+
+def drop_keeping_one(rng: np.random.Generator, held: np.ndarray, rate: float) -> np.ndarray:
+    """(B, K) bool: each party held in ``held`` (B, K) dropped with probability ``rate``; a row
+    that loses every party it holds keeps one of them, drawn uniformly.
+
+    Both draws are made whatever ``held`` is, so the stream does not depend on it."""
+    drop = rng.random(held.shape) < rate  # (B, K)
+    rescue = rng.random(held.shape)  # (B, K)
+    keep = held & ~drop
+    lost = ~keep.any(-1)
+    choice = np.where(held, rescue, -1.0).argmax(-1)  # (B,)
+    keep[lost, choice[lost]] = True
     return keep
 
 

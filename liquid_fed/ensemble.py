@@ -350,14 +350,6 @@ class SmoothingPick(NamedTuple):
                 "metric": self.metric, "split": "val"}
 
 
-def _validation_score(output: Tensor, target: Tensor, task: str) -> float:
-    """Accuracy (classification) or RMSE over all outputs (the others), as the metrics have it."""
-    if task == "classification":
-        return float((output.argmax(-1) == target).to(torch.float64).mean())
-    diff = output - target.reshape(output.shape).to(output.dtype)
-    return float((diff * diff).mean().sqrt())
-
-
 def pick_smoothing(out: EnsembleOutput, target: Tensor, config: LiquidConfig) -> SmoothingPick:
     """Pick the power smoothing ``λ`` on the validation split, with the trained experts.
 
@@ -376,13 +368,14 @@ def pick_smoothing(out: EnsembleOutput, target: Tensor, config: LiquidConfig) ->
     Returns:
         A :class:`SmoothingPick`.
     """
+    from liquid_fed.metrics import headline_score  # metrics builds on this module
+
     grid = sorted({float(v) for v in config.smoothing_grid})
     higher = config.task == "classification"
     scores, best = [], None
     with torch.no_grad():
         for lam in grid:
-            score = _validation_score(with_smoothing(out, config, lam).output, target,
-                                      config.task)
+            score = headline_score(with_smoothing(out, config, lam), target, config.task)
             scores.append(score)
             if best is None or (score > scores[best] if higher else score < scores[best]):
                 best = len(scores) - 1

@@ -79,6 +79,16 @@ def per_sample_error(out: EnsembleOutput, target: Tensor, task: str) -> Tensor:
     return (diff * diff).sum(-1)
 
 
+def headline_score(out: EnsembleOutput, target: Tensor, task: str,
+                   err: Tensor | None = None) -> float:
+    """Accuracy (classification) or RMSE over all outputs (the others) of ``out``."""
+    if err is None:
+        err = per_sample_error(out, target, task)
+    if task == "classification":
+        return float(1 - err.mean())
+    return float(err.mean().sqrt() / math.sqrt(out.output.shape[-1]))
+
+
 #: The headline metric of each task (higher is better only for accuracy).
 TASK_METRICS = {"classification": "accuracy", "regression": "rmse", "embedding": "rmse"}
 
@@ -137,12 +147,9 @@ def evaluate_output(out: EnsembleOutput, target: Tensor, task: str,
     with torch.no_grad():
         err = per_sample_error(out, target, task)
         k = out.power.shape[-1]
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {TASK_METRICS[task]: headline_score(out, target, task, err)}
         if task == "classification":
-            metrics["accuracy"] = float(1 - err.mean())
             metrics["nll"] = float(-out.output.gather(-1, target.long().view(-1, 1)).mean())
-        else:
-            metrics["rmse"] = float(err.mean().sqrt() / math.sqrt(out.output.shape[-1]))
         neg_err = (-err).cpu().numpy()
         for name, conf in confidences(out, task).items():
             metrics[f"tau_{name}"] = kendall_tau(conf.cpu().numpy(), neg_err)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from liquid_fed.availability import drop_keeping_one, stream_rng
 from liquid_fed.ensemble import LiquidConfig, combine, ensemble_loss
 from liquid_fed.errors import ParameterError, RunFolderError
 from liquid_fed.metrics import evaluate_output
@@ -110,12 +111,6 @@ def absent_mask(n: int, k: int, absent: Sequence[int], base: Tensor | None = Non
     return mask
 
 
-def mask_seed(seed: int, rate: float) -> np.random.SeedSequence:
-    """The seed of the masks of ``missing_rate = rate`` in a run of seed ``seed``."""
-    return np.random.SeedSequence([abs(int(seed)), int(seed < 0), _MASK_STREAM,
-                                   round(rate * 1_000_000)])
-
-
 def missing_mask(n: int, k: int, rate: float, seed: int,
                  base: Tensor | None = None) -> Tensor:
     """Presence (B, K): each sample loses each party with probability ``rate``, keeping one.
@@ -129,7 +124,7 @@ def missing_mask(n: int, k: int, rate: float, seed: int,
         n: samples.
         k: parties.
         rate: the missing rate, in ``[0, 1)``.
-        seed: the run's seed (:func:`mask_seed` derives the mask's own).
+        seed: the run's seed (the mask draws from its own stream of it).
         base: the data's own presence (B, K), or None; absent there stays absent.
 
     Returns:
@@ -139,16 +134,8 @@ def missing_mask(n: int, k: int, rate: float, seed: int,
         ParameterError: ``rate`` outside ``[0, 1)``.
     """
     rate = check_missing_rate(rate)
-    held = _base(n, k, base).numpy()
-    rng = np.random.default_rng(mask_seed(seed, rate))
-    drop = rng.random((n, k)) < rate  # (B, K)
-    rescue = rng.random((n, k))  # (B, K) drawn always: the stream does not depend on the data
-    keep = held & ~drop
-    lost = ~keep.any(-1)
-    # The kept party of a sample that lost them all: uniform among those holding it.
-    choice = np.where(held, rescue, -1.0).argmax(-1)  # (B,)
-    keep[lost, choice[lost]] = True
-    return torch.from_numpy(keep)
+    rng = stream_rng(seed, _MASK_STREAM, round(rate * 1_000_000))
+    return torch.from_numpy(drop_keeping_one(rng, _base(n, k, base).numpy(), rate))
 
 
 def score(predictions: Tensor, delegation: Tensor, target: Tensor, config: LiquidConfig,
