@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from liquid_fed.data.dataset import Dataset, check_float
-from liquid_fed.data.packaged import package_file
+from liquid_fed.data.packaged import data_file
 from liquid_fed.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -142,14 +142,8 @@ def load_bikeshare(path: str | None = None, target_scale: float = 100.0) -> Data
     scale = check_float("data.options.target_scale", target_scale, 0.0, float("inf"))
     if scale <= 0:
         raise ValueError(f"data.options.target_scale must be > 0, got {target_scale!r}")
-    if path is None:
-        file = package_file(BIKESHARE_NAME, "ISLP", BIKESHARE_PIN, BIKESHARE_FILE,
-                            "a CSV file in ISLP's Bikeshare.csv layout")
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise DataError(f"data.options.path: {str(file)!r} is not a file (expected a CSV in "
-                            "ISLP's Bikeshare.csv layout)")
+    file = data_file(path, BIKESHARE_NAME, "ISLP", BIKESHARE_PIN, BIKESHARE_FILE,
+                     "a CSV file in ISLP's Bikeshare.csv layout")
     try:
         with file.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)

