@@ -16,6 +16,14 @@ TLS and authentication flags...). The modes:
   (0.05; Flower: 0.5 s), and retry an object that is not uploaded yet after 0.05 s doubling to
   0.5 s (Flower: 1 s doubling to 10 s). Polls much under 0.05-0.1 s saturate small machines.
 
+In ``warm`` and ``fast`` modes a SuperNode with an auth key (``--auth-supernode-private-key``)
+also keeps its node at the SuperLink claimable (:class:`NodeIdentity`): it reports a heartbeat
+interval of 10 s (Flower: 30 s), so a node that dies unannounced is offline after 20 s, not
+60 s; it signs its node off when its worker dies; and at start it signs off a node of its own
+key that a killed predecessor left online (Flower refuses to activate a node that is online, so
+a restarted party would be turned away like an unknown key for up to a minute). The node id
+is kept next to the key (``--node-id-file``) because the SuperLink says it to no one else.
+
 Each faster path relies on Flower internals and is used only when :mod:`clients.fastpath`
 finds the installed Flower to be the version and source it was written against; otherwise a
 warning is logged and Flower's stock behaviour is kept (``warm``/``fast`` fall back to
@@ -35,6 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from clients import fastpath
@@ -119,6 +128,170 @@ def install_waits(hot_poll: float = 0.1, idle_poll: float = 1.0, hot_window: flo
 
 
 # --------------------------------------------------------------------------------------------
+# The node's identity at the SuperLink: reclaimed at start, signed off when the worker dies
+# --------------------------------------------------------------------------------------------
+
+#: The heartbeat interval SuperNodes report (Flower's default 30 s, its minimum 10 s). The
+#: SuperLink marks a node offline after 2 intervals without a heartbeat.
+HEARTBEAT_INTERVAL = 10
+HEARTBEAT_STOCK = 30  # flwr 1.41.0's HEARTBEAT_DEFAULT_INTERVAL
+#: How long a restarted SuperNode without its node-id file waits for a node of its key that
+#: is still online (a predecessor killed without signing off) to expire: 2 heartbeats of 10 s
+#: plus a margin. A key the SuperLink never registered is refused by Flower after this wait.
+RECLAIM_WAIT = 25.0
+
+
+def install_heartbeat(interval: int = HEARTBEAT_INTERVAL) -> bool:
+    """Make this process's SuperNode report (and send) heartbeats every ``interval`` s;
+    False, Flower's 30 s kept and a warning logged, when Flower is not the one expected."""
+    import flwr
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection as fhc
+
+    values = [getattr(m, "HEARTBEAT_DEFAULT_INTERVAL", None) for m in (heartbeat, fhc)]
+    if flwr.__version__ != fastpath.FLOWER_VERSION or values != [HEARTBEAT_STOCK] * 2:
+        log.warning("SuperNode heartbeats: Flower %s holds intervals %s, written for %s "
+                    "with %s s; keeping Flower's", flwr.__version__, values,
+                    fastpath.FLOWER_VERSION, HEARTBEAT_STOCK)
+        return False
+    if not constant.HEARTBEAT_MIN_INTERVAL <= interval <= constant.HEARTBEAT_MAX_INTERVAL:
+        raise ValueError(f"heartbeat interval: got {interval}; accepted: "
+                         f"{constant.HEARTBEAT_MIN_INTERVAL}..{constant.HEARTBEAT_MAX_INTERVAL}")
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval  # the sender's period (x 0.8 - 5 s)
+    fhc.HEARTBEAT_DEFAULT_INTERVAL = interval  # what ActivateNode / heartbeats report
+    return True
+
+
+class NodeIdentity:
+    """The SuperLink's node for this SuperNode's auth key.
+
+    Flower 1.41 binds a node id to each registered public key and activates that node only
+    while it is offline. A SuperNode killed without signing off leaves its node online until
+    two heartbeats are missed; a restart with the same key is refused meanwhile. Any holder of
+    the key may sign the node off (``DeactivateNode`` is authenticated by the key), but only
+    with its id, which the SuperLink tells only the SuperNode that activates it: the id is
+    kept in ``id_file``.
+    """
+
+    def __init__(self, superlink: str, key_file: str, root_certificates: str | None,
+                 id_file: str | Path, heartbeat: int = HEARTBEAT_INTERVAL) -> None:
+        self.superlink, self.key_file = superlink, key_file
+        self.root_certificates, self.id_file = root_certificates, Path(id_file)
+        self.heartbeat = heartbeat
+        self.node_id: int | None = None
+
+    def _client(self) -> Any:
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+        from flwr.supercore.interceptors.http.runtime_version import (
+            RuntimeVersionHttpInterceptor,
+        )
+        from flwr.supernode.fleet_http_client import FleetHttpClient
+        from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+        private = load_ssh_private_key(Path(self.key_file).expanduser().read_bytes(), None)
+        return FleetHttpClient.from_server_address(
+            self.superlink, self.root_certificates is None, self.root_certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                          NodeAuthHttpInterceptor(private, private.public_key())])
+
+    def _stored(self) -> int | None:
+        try:
+            return int(self.id_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _store(self, node_id: int) -> None:
+        try:
+            self.id_file.write_text(f"{node_id}\n")
+        except OSError as exc:
+            log.warning("cannot keep the node id in %s (%s): a restart after a crash will "
+                        "wait up to %.0f s for the SuperLink to let the key in again",
+                        self.id_file, exc, RECLAIM_WAIT)
+
+    def reclaim(self, wait: float = RECLAIM_WAIT) -> int | None:
+        """Make the key's node activatable for Flower's SuperNode; its node id, or None
+        (Flower's own activation then reports the refusal).
+
+        Activates the node and signs it off again (that tells its id); when the SuperLink
+        refuses because the node is still online, signs off the node in ``id_file`` and
+        tries again, or, without one, retries until ``wait`` seconds have passed.
+        """
+        import httpx
+        from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
+            ActivateNodeRequest,
+            DeactivateNodeRequest,
+        )
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+
+        retry = make_simple_http_retry_invoker()  # the SuperLink may not be up yet
+        deadline = time.monotonic() + wait
+        stale, told = self._stored(), False
+        with self._client() as client:
+            public = public_key_to_bytes(client_public_key(self.key_file))
+            while True:
+                try:
+                    res = retry.invoke(client.ActivateNode, ActivateNodeRequest(
+                        public_key=public, heartbeat_interval=self.heartbeat))
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code != 412:
+                        log.warning("node reclaim: the SuperLink answered %s; leaving it to "
+                                    "Flower", exc.response.status_code)
+                        return None
+                    if stale is not None:  # our predecessor's node: sign it off
+                        log.warning("a node of this key (%d) is still online at the "
+                                    "SuperLink (a SuperNode that stopped without signing "
+                                    "off); signing it off", stale)
+                        self._deactivate(client, stale, DeactivateNodeRequest)
+                        stale = None
+                        continue
+                    if time.monotonic() > deadline:
+                        return None
+                    if not told:
+                        log.warning("the SuperLink does not activate this key's node yet "
+                                    "(still online from before, and %s holds no node id); "
+                                    "retrying for up to %.0f s", self.id_file, wait)
+                        told = True
+                    time.sleep(1.0)
+                    continue
+                self.node_id = int(res.node_id)
+                self._store(self.node_id)
+                self._deactivate(client, self.node_id, DeactivateNodeRequest)
+                return self.node_id
+
+    @staticmethod
+    def _deactivate(client: Any, node_id: int, request: Any) -> bool:
+        import httpx
+
+        try:
+            client.DeactivateNode(request(node_id=node_id))
+        except httpx.HTTPError:
+            return False  # already offline, or not this key's node
+        return True
+
+    def release(self) -> None:
+        """Sign the node off (best effort): the server sees it offline at once."""
+        if self.node_id is None:
+            return
+        from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
+
+        try:
+            with self._client() as client:
+                if self._deactivate(client, self.node_id, DeactivateNodeRequest):
+                    log.info("node %d signed off at the SuperLink", self.node_id)
+        except Exception as exc:  # noqa: BLE001 - best effort on the way out
+            log.warning("could not sign node %d off: %s", self.node_id, exc)
+
+
+def client_public_key(key_file: str) -> Any:
+    """The public half of an OpenSSH private key file."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    return load_ssh_private_key(Path(key_file).expanduser().read_bytes(), None).public_key()
+
+
+# --------------------------------------------------------------------------------------------
 # The worker and its supervisor
 # --------------------------------------------------------------------------------------------
 
@@ -152,10 +325,12 @@ class Supervisor(threading.Thread):
     """Starts the worker once the Runtime API listens; if the worker exits, logs an error
     naming the node and ends this SuperNode (exit status 75)."""
 
-    def __init__(self, name: str, host: str, port: int, worker_args: list[str]) -> None:
+    def __init__(self, name: str, host: str, port: int, worker_args: list[str],
+                 identity: NodeIdentity | None = None) -> None:
         super().__init__(name="liquid-fed-worker-supervisor", daemon=True)
         self.node, self.host, self.port = name, host, port
         self.worker_args = worker_args
+        self.identity = identity
         self.proc: subprocess.Popen | None = None
         self.stopping = False
 
@@ -194,6 +369,8 @@ class Supervisor(threading.Thread):
     def _fail(self, why: str) -> None:
         log.error("SuperNode %s stops: %s. The run cannot get this node's replies.",
                   self.node, why)
+        if self.identity is not None:  # the server sees the node offline now, not in 20 s
+            self.identity.release()
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stderr.flush()
@@ -203,6 +380,19 @@ class Supervisor(threading.Thread):
         self.stopping = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+
+
+def node_identity(flower: list[str], id_file: str = "") -> NodeIdentity | None:
+    """The :class:`NodeIdentity` of a SuperNode with ``flower-supernode`` flags ``flower``;
+    None without an auth key (Flower then registers a new node per start)."""
+    key = _option(flower, "--auth-supernode-private-key", "")
+    if not key:
+        return None
+    root = _option(flower, "--root-certificates", "") or None
+    if root is None and "--insecure" not in flower:
+        return None  # system CAs: not a set-up this project writes
+    return NodeIdentity(_option(flower, "--superlink", "127.0.0.1:9092"), key, root,
+                        id_file or f"{key}.node-id")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reply-poll", type=float, default=0.05)
     parser.add_argument("--worker-poll", type=float, default=0.05)
     parser.add_argument("--worker-idle-poll", type=float, default=0.5)
+    parser.add_argument("--node-id-file", default="",
+                        help="where the node id of this SuperNode's auth key is kept "
+                             "(default: next to the key, <key>.node-id)")
+    parser.add_argument("--reclaim-wait", type=float, default=RECLAIM_WAIT,
+                        help="seconds a restart without a node-id file waits for a node of "
+                             f"its key left online to expire (default {RECLAIM_WAIT:g})")
     parser.add_argument("flower_args", nargs=argparse.REMAINDER,
                         help="-- then flower-supernode's arguments")
     return parser
@@ -252,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "--hot-window", str(args.hot_window)])
         if mode == "fast":
             install_waits(args.hot_poll, args.idle_poll, args.hot_window, args.reply_poll)
+        supervisor.identity = node_identity(rest, args.node_id_file)
+        if supervisor.identity is not None and install_heartbeat():
+            node_id = supervisor.identity.reclaim(args.reclaim_wait)
+            log.info("SuperNode %s: node %s of this key reclaimed", name, node_id)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args(rest, supervisor is not None)]
