@@ -7,6 +7,12 @@
 its requests with ``KEYS/party-K/supernode.key`` and gives its ClientApp the node config
 ``partition-id=K num-partitions=N data-dir="SHARDS/party-K"``; it runs until stopped (Ctrl-C
 or SIGTERM) or until the SuperNode exits. Its local runtime API listens on 127.0.0.1 only.
+
+A party whose SuperNode or worker died (crash, kill -9, reboot) rejoins the running run when
+the same command is started again: the SuperNode reclaims its key's node at the SuperLink
+(its id is kept in ``KEYS/party-K/supernode.key.node-id``), the server sets the party up
+again from its own last checkpoint in ``SHARDS/party-K/checkpoints``, and it takes part in
+the next rounds.
 How the SuperNode runs the ClientApp (``--mode``) is :mod:`clients.supernode`'s business; the
 commands and flags every SuperNode of a deployment gets (here and in the loopback rehearsal,
 :mod:`server.deploy_local`) are built by this module.
@@ -142,6 +148,8 @@ def party_host(superlink: str, keys: str | None, data_dir: str, partition_id: in
         node.wait_closed(2)
         rc = node.proc.returncode
     if rc != 0:
-        print(f"party-host: the SuperNode exited with status {rc}:\n{node.tail()}",
-              file=sys.stderr)
+        print(f"party-host: the SuperNode exited with status {rc}:\n{node.tail()}\n"
+              "The run goes on without this party if the server allows absences "
+              "(federation.min_clients); start the same command again (same --keys and "
+              "--data-dir) to rejoin it.", file=sys.stderr)
     return rc

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -141,7 +143,8 @@ class LocalDeployment(ProcessGroup):
     def __init__(self, n_nodes: int, work_dir: Path, echo: IO[str] | None = None,
                  keys: KeySet | None = None, shards: Path | None = None,
                  rogue: int = 0, host: str = "127.0.0.1", port: int | None = None,
-                 server_keys: ServerKeys | None = None, mode: str = DEFAULT_MODE) -> None:
+                 server_keys: ServerKeys | None = None, mode: str = DEFAULT_MODE,
+                 tolerate_exits: bool = False) -> None:
         if mode not in MODES:
             raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
         super().__init__(work_dir, echo)
@@ -158,12 +161,44 @@ class LocalDeployment(ProcessGroup):
         self.node_connect_seconds: list[float] = []
         self.nodes: list[Child] = []
         self.flwr_home = self.work_dir / "flwr-cli"  # the `flwr` CLI's home: the connection
+        self.tolerate_exits = tolerate_exits
+        self.exits_seen: list[Child] = []
+        self.restarts: dict[int, int] = {}
 
     def check_nodes(self) -> None:
         """Raise :class:`DeploymentError` naming the first SuperNode that has exited (in warm
-        modes a SuperNode stops as soon as its ClientApp worker dies)."""
-        for node in self.nodes:
-            self.check_alive(node, "the run")
+        modes a SuperNode stops as soon as its ClientApp worker dies).
+
+        With :attr:`tolerate_exits` (a run that goes on over the parties present) an exit is
+        logged once, naming the party, and the run goes on: the ServerApp counts the party
+        absent until it rejoins (:meth:`restart_node`)."""
+        for k, node in enumerate(self.nodes):
+            if not self.tolerate_exits:
+                self.check_alive(node, "the run")
+            elif node.proc.poll() is not None and node not in self.exits_seen:
+                self.exits_seen.append(node)
+                node.wait_closed(2)
+                log.warning("party %d's SuperNode (%s) exited with status %s during the run; "
+                            "the run goes on without it until it rejoins. Its last lines:\n%s",
+                            k, node.name, node.proc.returncode, node.tail(5))
+
+    def kill_node(self, k: int, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to party ``k``'s SuperNode process (tests: a crash); its pid."""
+        pid = self.nodes[k].proc.pid
+        os.kill(pid, sig)
+        return pid
+
+    def restart_node(self, k: int) -> Child:
+        """Start party ``k``'s SuperNode again, same key and shard, on a new port (what a
+        person does with ``liquid-fed party-host`` after a crash); the new process."""
+        self.restarts[k] = self.restarts.get(k, 0) + 1
+        port = procs.free_port()
+        self.ports.append(port)
+        name = f"supernode-{k}-restart{self.restarts[k]}"
+        child = self.spawn(name, self.supernode_command(k, port),
+                           self.work_dir / f"supernode-{k}-home")
+        self.nodes[k] = child
+        return child
 
     def supernode_command(self, k: int, port: int) -> list[str]:
         """The command of SuperNode ``k`` for :attr:`mode` (its Runtime API on ``port``)."""
@@ -355,6 +390,14 @@ def resolve(config: str | Path | None, overrides: list[str], out: str | Path | N
     return cfg, overrides, n
 
 
+def tolerates_absence(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s rounds go on while some parties are missing (then a SuperNode that
+    exits mid-run is not the end of the run)."""
+    federation = getattr(cfg, "federation", None)
+    min_clients = getattr(federation, "min_clients", None)
+    return isinstance(min_clients, int) and 0 < min_clients < cfg.n_clients
+
+
 def check_new_run_dir(run_dir: Path) -> None:
     """Refuse a run folder that already holds results (nothing there is overwritten)."""
     if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
@@ -441,7 +484,7 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
            keys: str | Path | None = None, insecure: bool = False,
            shards: str | Path | bool = True, rogue: int = 0, mode: str = DEFAULT_MODE,
            after_run: Callable[[LocalDeployment], None] | None = None,
-           check_run_dir: bool = True) -> DeployResult:
+           check_run_dir: bool = True, tolerate_exits: bool | None = None) -> DeployResult:
     """Run the federation on a real SuperLink and SuperNodes on this machine.
 
     By default every API runs over TLS, the SuperLink admits only the SuperNodes whose keys it
@@ -471,6 +514,10 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
             (e.g. to measure it while idle).
         check_run_dir: refuse a run folder holding results here, before anything starts
             (False leaves the refusal to the ServerApp, on the SuperLink).
+        tolerate_exits: a SuperNode that exits during the run is logged and the run goes on
+            (the ServerApp counts the party absent); False fails the run at once naming it.
+            Default: True when the config lets rounds go on with parties missing
+            (``federation.min_clients`` below the number of parties).
 
     Returns:
         A :class:`DeployResult` (run folder, timings, the run's summary).
@@ -514,8 +561,10 @@ def deploy(config: str | Path | None, overrides: list[str] = (), clients: int | 
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
         raise
+    if tolerate_exits is None:
+        tolerate_exits = tolerates_absence(cfg)
     dep = LocalDeployment(n_nodes, base, echo, keys=key_set, shards=shard_dir, rogue=rogue,
-                          mode=mode)
+                          mode=mode, tolerate_exits=tolerate_exits)
     try:
         with dep:
             dep.start()
