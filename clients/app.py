@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from clients.codec import decode, encode
 from liquid_fed.federation import handle_client_message
+from liquid_fed.federation.client import obey_fault
 
 STATE_ARRAYS = "liquid-fed.state"
 STATE_SETTINGS = "liquid-fed.settings"
@@ -23,6 +24,7 @@ app = ClientApp()
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
     arrays, settings = decode(msg.content)
+    obey_fault(settings)  # an injected crash or hang (simulations only) ends here
     stored = context.state.config_records.get(STATE_SETTINGS, ConfigRecord())
     settings = {**dict(stored), **settings}
     # A deployed node reads its private shard (node config `data-dir`), never the data set,

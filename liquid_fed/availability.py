@@ -37,6 +37,19 @@ def scheduled_absent(absent: Sequence[dict[str, Any]], k: int, round_number: int
     return out
 
 
+def faulted(faults: Sequence[dict[str, Any]], k: int, round_number: int) -> np.ndarray:
+    """(K,) bool: the parties an injected fault (``federation.faults``) takes out of training
+    round ``round_number`` (counted from 1). Every fault kind makes its party absent from
+    that round: a crashed or hung client never replies; a NaN reply is dropped, and the
+    signals its client applied before answering are the ones it would have applied at its
+    next message anyway."""
+    out = np.zeros(k, dtype=bool)
+    for entry in faults:
+        if int(entry["round"]) == round_number:
+            out[int(entry["client"])] = True
+    return out
+
+
 def round_presence(dropout: float, absent: Sequence[dict[str, Any]], k: int,
                    round_index: int, seed: int) -> np.ndarray:
     """The parties that answer in training round ``round_index`` (counted from 0).

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from liquid_fed.availability import round_presence
+from liquid_fed.availability import faulted, round_presence
 from liquid_fed.config import RunConfig
 from liquid_fed.ensemble import LiquidConfig, LiquidEnsemble
+from liquid_fed.errors import ClientFailure
 from liquid_fed.federation.setup import (
     ClientView,
     ServerData,
@@ -202,7 +203,8 @@ def _answering(cfg: RunConfig, k: int, n: int) -> Callable[[int], np.ndarray] | 
     lies in that epoch's chunk ``s // chunk_size`` (wholly so when ``chunk_size`` is a
     multiple of ``batch_size``; with equal sizes a step is a round)."""
     avail = cfg.availability
-    if avail.dropout == 0 and not avail.absent:
+    faults = cfg.federation.faults
+    if avail.dropout == 0 and not avail.absent and not faults:
         return None
     if k != cfg.n_clients:  # a baseline over fewer experts (one trained alone) has no parties
         return None
@@ -213,7 +215,13 @@ def _answering(cfg: RunConfig, k: int, n: int) -> Callable[[int], np.ndarray] | 
     def answering(step: int) -> np.ndarray:
         epoch, b = divmod(step, batches)
         r = epoch * chunks + (b * tcfg.batch_size) // tcfg.chunk_size
-        return round_presence(avail.dropout, avail.absent, k, r, cfg.seed)
+        mask = round_presence(avail.dropout, avail.absent, k, r, cfg.seed)
+        mask &= ~faulted(faults, k, r + 1)  # as the federation loses a faulted party's reply
+        if mask.sum() < cfg.federation.min_clients:  # where the federation stops
+            raise ClientFailure(f"training round {r + 1}: {int(mask.sum())} of {k} clients "
+                                "answer (availability, federation.faults), fewer than "
+                                f"federation.min_clients = {cfg.federation.min_clients}")
+        return mask
 
     return answering
 

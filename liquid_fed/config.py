@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: How the server lines up the ids its clients hold with the labelled ones.
 ALIGNMENTS = ("strict", "intersect")
+#: What the server does with a reply that fails its checks (``federation.on_bad_reply``).
+BAD_REPLY_ACTIONS = ("drop", "fail")
+#: Injected failures (``federation.faults``): the client's process exits, blocks, or sends NaN.
+FAULT_KINDS = ("crash", "hang", "nan")
 
 
 @dataclass
@@ -104,7 +108,6 @@ class SimulationConfig:
     pull_interval: float = 0.001
     dispatch_poll: float = 0.005  # longest wait of the engine's dispatch loop; 0 = Flower's 0.1 s
     threads_per_client: int = 1  # torch threads in each client; tiny experts run best on one
-    timeout: float = 600.0  # seconds to wait for all replies of one round
 
 
 @dataclass
@@ -144,6 +147,27 @@ class AvailabilityConfig:
 
 
 @dataclass
+class FederationConfig:
+    """How the server treats parties that fail during a run (see
+    :mod:`liquid_fed.federation.loop`).
+
+    ``reply_timeout``: seconds the server waits for the replies of one exchange; a party that
+    has not answered by then (crashed, hung, unreachable) is absent for that round.
+    ``min_clients``: the run goes on while at least this many parties answer a round, and
+    fails naming the missing parties and why below that. ``on_bad_reply``: a reply that fails
+    the server's checks (non-finite values, wrong shapes, other samples' ids) makes its party
+    absent for the round (``drop``) or ends the run (``fail``). ``faults``: injected failures
+    for tests and studies, ``{client: K, round: R, kind: crash | hang | nan}`` (training
+    rounds counted from 1; ``hang`` takes ``seconds``, default three times ``reply_timeout``).
+    """
+
+    reply_timeout: float = 600.0
+    min_clients: int = 1
+    on_bad_reply: str = "drop"
+    faults: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class BaselinesConfig:
     """Centralized references computed beside the run, for the summary."""
 
@@ -169,6 +193,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     @property
     def n_clients(self) -> int:
@@ -189,6 +214,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.align": ALIGNMENTS,
     "optim.name": tuple(OPTIMIZERS),
     "train.dtype": tuple(DTYPES),
+    "federation.on_bad_reply": BAD_REPLY_ACTIONS,
 }
 # key: (low, high, low_inclusive, high_inclusive); None = unbounded
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
@@ -211,7 +237,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "simulation.pull_interval": (0, None, False, True),
     "simulation.dispatch_poll": (0, 1, True, True),
     "simulation.threads_per_client": (1, None, True, True),
-    "simulation.timeout": (0, None, False, True),
+    "federation.reply_timeout": (0, None, False, True),
+    "federation.min_clients": (1, None, True, True),
     "server.threads": (1, None, True, True),
     "server.reply_limit": (0, None, False, True),
     "privacy.clip": (0, None, True, True),
@@ -360,6 +387,10 @@ def _check(cfg: RunConfig) -> None:
                 "(accepted: kind, options)"
             )
     _check_absent(cfg.availability.absent, cfg.views.n_views)
+    if cfg.federation.min_clients > cfg.n_clients:
+        raise ConfigError(f"federation.min_clients: got {cfg.federation.min_clients}; must be "
+                          f"<= the number of clients (views.n_views = {cfg.n_clients})")
+    _check_faults(cfg.federation.faults, cfg.views.n_views)
     if not _DEVICE.fullmatch(cfg.server.device):
         raise ConfigError(
             f'server.device: got "{cfg.server.device}"; accepted: auto, cpu, cuda, cuda:N'
@@ -415,6 +446,58 @@ def _check_absent(absent: list[dict[str, Any]], k: int) -> None:
                               f"{r}; at least one must answer every round")
 
 
+def _int_field(entry: dict[str, Any], key: str, where: str) -> int:
+    value = entry[key]
+    if isinstance(value, float) and value.is_integer():
+        value = entry[key] = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}.{key}: got {value!r}; expected an integer")
+    return value
+
+
+def _check_faults(faults: list[dict[str, Any]], k: int) -> None:
+    """``federation.faults``: complete entries, clients in range, rounds from 1, known kinds,
+    at most one fault per client and round."""
+    seen: set[tuple[int, int]] = set()
+    for i, entry in enumerate(faults):
+        where = f"federation.faults[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: got {entry!r}; expected a mapping "
+                              "{client: K, round: R, kind: crash | hang | nan}")
+        unknown = sorted(set(entry) - {*_FAULT_KEYS, "seconds"}, key=str)
+        if unknown:
+            raise ConfigError(f'unknown config key "{where}.{unknown[0]}" (accepted: '
+                              f"{', '.join(_FAULT_KEYS)}, seconds)")
+        lacking = [key for key in _FAULT_KEYS if key not in entry]
+        if lacking:
+            raise ConfigError(f"{where}: got {entry!r}, which lacks {', '.join(lacking)}; a "
+                              "fault needs client, round and kind")
+        client, round_number = _int_field(entry, "client", where), _int_field(entry, "round",
+                                                                              where)
+        if not 0 <= client < k:
+            raise ConfigError(f"{where}.client: got {client}; must lie in [0, {k - 1}] "
+                              f"(views.n_views = {k})")
+        if round_number < 1:
+            raise ConfigError(f"{where}.round: got {round_number}; rounds are counted from 1")
+        if entry["kind"] not in FAULT_KINDS:
+            raise ConfigError(f"{where}.kind: got {entry['kind']!r}; accepted: "
+                              f"{', '.join(FAULT_KINDS)}")
+        if "seconds" in entry:
+            seconds = entry["seconds"]
+            if entry["kind"] != "hang":
+                raise ConfigError(f"{where}.seconds: only a hang lasts seconds (kind is "
+                                  f"{entry['kind']!r})")
+            if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                    or not math.isfinite(seconds) or seconds <= 0):
+                raise ConfigError(f"{where}.seconds: got {seconds!r}; expected a positive "
+                                  "number")
+        if (client, round_number) in seen:
+            raise ConfigError(f"{where}: client {client} already has a fault in round "
+                              f"{round_number}; one fault per client and round")
+        seen.add((client, round_number))
+
+
+_FAULT_KEYS = ("client", "round", "kind")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -545,10 +628,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] = ()) -> RunConfig:
     """A validated :class:`RunConfig` from a nested dict plus overrides."""
     # A deep copy: overrides must not write into the caller's nested sections.
-    data = apply_overrides(copy.deepcopy(dict(data or {})), list(overrides))
+    data = _migrate(copy.deepcopy(dict(data or {})))
+    data = apply_overrides(data, list(overrides))
     cfg = _build(RunConfig, data)
     _check(cfg)
     return cfg
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Keys of earlier versions, moved to their present place (run folders written before keep
+    resuming): ``simulation.timeout`` is ``federation.reply_timeout``."""
+    simulation = data.get("simulation")
+    if isinstance(simulation, dict) and "timeout" in simulation:
+        federation = data.setdefault("federation", {})
+        if isinstance(federation, dict) and "reply_timeout" not in federation:
+            federation["reply_timeout"] = simulation.pop("timeout")
+            log.warning("simulation.timeout is now federation.reply_timeout; taken as that")
+    return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -180,6 +180,7 @@ def run_federated(
         "label_leakage": result.label_leakage,
         **({"smoothing": result.smoothing} if result.smoothing is not None else {}),
         **({"robustness": result.robustness} if result.robustness is not None else {}),
+        **({"parties": result.parties} if result.parties is not None else {}),
         "privacy": {"clip": cfg.privacy.clip, "noise": cfg.privacy.noise},
         "references": {"centralized_" + k: v for k, v in refs.items()},
         "references_seconds": time.perf_counter() - t0,

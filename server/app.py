@@ -26,6 +26,7 @@ from liquid_fed import rundir
 from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation import RoundInfo, ServerData
+from liquid_fed.federation.transport import NoReply, Reply
 from liquid_fed.rundir import RunLock
 from liquid_fed.runs import run_federated
 from liquid_fed.shards import load_server_shard
@@ -66,6 +67,9 @@ class GridTransport:
         hold private data must never be silently swapped.
         """
         replies = self._send_raw("hello", nodes, [{} for _ in nodes], [{} for _ in nodes])
+        for node, reply in zip(nodes, replies, strict=True):
+            if isinstance(reply, NoReply):
+                raise ClientFailure(f'node {node} did not answer "hello": {reply.reason}')
         parts = {node: info.get("partition_id") for node, (_, info) in zip(nodes, replies,
                                                                               strict=True)}
         if all(p is None for p in parts.values()):
@@ -94,31 +98,30 @@ class GridTransport:
 
     def _send_raw(self, kind: str, nodes: Sequence[int], arrays: Sequence[dict],
                   settings: Sequence[dict],
-                  clients: Sequence[int] | None = None) -> list[tuple[dict, dict]]:
+                  clients: Sequence[int] | None = None) -> list[Reply | NoReply]:
         self.round += 1
         msgs = [Message(encode(a, s), dst_node_id=node, message_type=MESSAGE_TYPES[kind],
                         group_id=str(self.round))
                 for node, a, s in zip(nodes, arrays, settings, strict=True)]
         replies, waited = exchange_messages(self.grid, msgs, self.timeout, self.poll,
                                             self.health, kind)
-        out = []
+        out: list[Reply | NoReply] = []
         names = range(len(nodes)) if clients is None else clients  # how errors name them
         for k, node in zip(names, nodes, strict=True):
             reply = replies.get(node)
             if reply is None:
-                raise ClientFailure(
-                    f'client {k} (node {node}) sent no reply to "{kind}" within {waited:.0f} s '
-                    f"(simulation.timeout = {self.timeout:g} s)"
-                )
-            if reply.has_error():
-                raise ClientFailure(
-                    f'client {k} (node {node}) failed on "{kind}": {reply.error.reason}'
-                )
-            out.append(decode(reply.content))
+                out.append(NoReply("timeout", f'client {k} (node {node}) sent no reply to '
+                                              f'"{kind}" within {waited:.1f} s '
+                                              f"(federation.reply_timeout = {self.timeout:g} s)"))
+            elif reply.has_error():
+                out.append(NoReply("error", f'client {k} (node {node}) failed on "{kind}": '
+                                            f"{reply.error.reason}"))
+            else:
+                out.append(decode(reply.content))
         return out
 
     def exchange(self, kind: str, arrays: Sequence[dict], settings: Sequence[dict],
-                 clients: Sequence[int] | None = None) -> list[tuple[dict, dict]]:
+                 clients: Sequence[int] | None = None) -> list[Reply | NoReply]:
         if kind == "setup":
             settings = [{**s, "threads": self.threads} for s in settings]
         nodes = self.nodes if clients is None else [self.nodes[k] for k in clients]
@@ -164,7 +167,7 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     # The simulation Grid lives in this process: poll it often. A deployment's SuperLink is
     # reached over HTTP: every 0.15 s instead of Flower's fixed 3 s.
     poll = cfg.simulation.pull_interval if hasattr(grid, "pull_interval") else 0.15
-    transport = GridTransport(grid, cfg.n_clients, cfg.simulation.timeout,
+    transport = GridTransport(grid, cfg.n_clients, cfg.federation.reply_timeout,
                               cfg.simulation.threads_per_client, poll=poll, health=health)
     return run_federated(cfg, transport, run_dir, resume, stop_after, on_round, extra,
                          server_data)

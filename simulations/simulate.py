@@ -273,6 +273,7 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from liquid_fed.federation.client import FAULTS_ENV
     from server.app import make_server_app
     from simulations import engine
 
@@ -288,9 +289,14 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
 
     app = make_server_app(cfg, run_dir, resume, stop_after, on_round,
                           health=engine.WATCH.reason if watched else None)
+    if cfg.federation.faults:  # the clients (Ray workers inherit it) obey injected faults
+        os.environ[FAULTS_ENV] = "1"
     backend = {
+        # A client actor whose process dies (a crash, an injected one included) is restarted
+        # by Ray; its node's state lives in the engine, so the client comes back with it.
         "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client,
-                             "num_gpus": cfg.simulation.num_gpus_per_client},
+                             "num_gpus": cfg.simulation.num_gpus_per_client,
+                             "max_restarts": -1},
         "init_args": {"num_cpus": os.cpu_count() or 1,
                       "object_store_memory": cfg.simulation.object_store_mb << 20,
                       "logging_level": "ERROR", "log_to_driver": False},

@@ -114,7 +114,7 @@ def test_ensemble_section_is_the_layer_config() -> None:
         build_config({}, ["ensemble.load_temperature=0"])
 
 
-FLOAT_KEYS = ["ensemble.epsilon", "ensemble.penalty", "optim.lr", "simulation.timeout",
+FLOAT_KEYS = ["ensemble.epsilon", "ensemble.penalty", "optim.lr", "federation.reply_timeout",
               "views.overlap", "data.val", "data.test", "ensemble.load_weight",
               "optim.weight_decay", "privacy.noise", "server.reply_limit", "views.noise"]
 

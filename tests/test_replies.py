@@ -3,6 +3,8 @@ client, and nothing it sends can make an honest expert's parameters non-finite."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -103,7 +105,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_training_reply_fails_the_round_naming_the_client(name: str) -> None:
     corrupt, message = CASES[name]
-    cfg = build_config(TINY)
+    cfg = build_config(TINY, ["federation.on_bad_reply=fail"])
     transport = _Hostile(cfg.n_clients, "train", corrupt, at=2)
     fed = Federation(cfg, transport)
     with pytest.raises(ClientFailure, match=r'client 1 sent a bad reply to "train": ' + message):
@@ -116,12 +118,35 @@ def test_bad_training_reply_fails_the_round_naming_the_client(name: str) -> None
     assert len(fed.train_losses) == 2 and np.isfinite(fed.train_losses).all()
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_training_reply_drops_the_party_for_the_round(name: str) -> None:
+    corrupt, message = CASES[name]
+    cfg = build_config(TINY)  # federation.on_bad_reply: drop
+    transport = _Hostile(cfg.n_clients, "train", corrupt, at=2)
+    result = Federation(cfg, transport).run()
+    assert result.parties[1]["absent"] == {"bad_reply": 1}
+    assert re.search(r'client 1 sent a bad reply to "train": ' + message,
+                     result.parties[1]["last_reason"])
+    assert [p["rounds_present"] for p in result.parties] == [result.rounds, result.rounds - 1,
+                                                             result.rounds, result.rounds]
+    assert np.isfinite(result.train_losses).all()
+    for k in range(cfg.n_clients):
+        for key, value in transport.states[k].items():
+            if value.dtype.kind == "f":
+                assert np.isfinite(value).all(), (k, key)
+
+
 def test_nan_at_evaluation_is_refused_instead_of_reported_as_accuracy() -> None:
-    cfg = build_config(TINY)
+    cfg = build_config(TINY, ["federation.on_bad_reply=fail"])
     fed = Federation(cfg, _Hostile(cfg.n_clients, "evaluate", _nan_at, at=0))
     with pytest.raises(ClientFailure, match=r'client 1 sent a bad reply to "evaluate": '
                                             r"'pred'\[3, 2\] is nan"):
         fed.run()
+    # Dropped instead: the evaluation combines the other three, and its rows say so.
+    result = Federation(build_config(TINY), _Hostile(cfg.n_clients, "evaluate", _nan_at,
+                                                     at=0)).run()
+    assert [row["absent"] for row in result.history] == [[1], [1]]
+    assert np.isfinite(result.test["loss"]) and 0 < result.test["accuracy"] <= 1
 
 
 def test_bad_setup_and_checkpoint_replies_are_refused() -> None:

@@ -10,7 +10,9 @@ persisted state alone.
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +32,11 @@ from liquid_fed.train import DTYPES, batch_order, make_optimizer
 
 #: What the server's setup message fixes for the rest of the run (a node adds its data_dir).
 SETUP_KEYS = ("config", "index", "out_dim", "salt", "run_id")
+#: Set to 1 (by ``liquid-fed run``'s simulation, for ``federation.faults``) to let this
+#: process obey injected ``crash`` and ``hang`` faults; a deployed node never does.
+FAULTS_ENV = "LIQUID_FED_FAULTS"
+#: The exit status of a process that an injected fault ended.
+FAULT_EXIT = 86
 
 
 @dataclass
@@ -123,6 +130,30 @@ def _client_forward(rt: ClientRuntime, ids: np.ndarray, train: bool) -> Arrays:
             "ids_digest": ids_digest(ids)}
 
 
+def obey_fault(settings: dict[str, Any]) -> None:
+    """Carry out an injected ``crash`` or ``hang`` (setting ``fault``) before the message is
+    handled: the process exits at once, or blocks ``fault_seconds`` and then exits (as a
+    watchdog would end it), so it never replies and never writes state for this message.
+
+    Raises:
+        ValueError: the fault is not allowed in this process (:data:`FAULTS_ENV` unset: a
+            deployed node refuses to kill itself on a server's word).
+    """
+    kind = settings.get("fault")
+    if kind not in ("crash", "hang"):
+        return
+    if os.environ.get(FAULTS_ENV) != "1":
+        raise ValueError(f"refused an injected {kind}: fault injection is off in this process "
+                         f"({FAULTS_ENV} is not 1; only simulations enable it)")
+    if kind == "hang":
+        time.sleep(float(settings.get("fault_seconds", 0.0)))
+    os._exit(FAULT_EXIT)
+
+
+def _applied_round(state: Arrays) -> int:
+    return int(state["applied_round"][0]) if "applied_round" in state else -1
+
+
 def _client_backward(rt: ClientRuntime, ids: np.ndarray, g_pred: np.ndarray,
                      g_del: np.ndarray, round_index: int) -> None:
     """Back-propagate the server's signals through the expert over mini-batches of the chunk."""
@@ -193,6 +224,12 @@ def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
             ``g_pred``, ``g_del``) for round ``settings["round"]``, then returns predictions
             and delegations on ``fwd_ids`` (if given).
         ``checkpoint``: applies pending signals, then returns the expert and optimizer state.
+
+    Signals are applied at most once: the state remembers the last round applied and skips a
+    copy the server sends again (it re-sends the signals of a message it got no valid reply
+    to, not knowing whether they were applied). A client that holds no state for the run (a
+    restarted process) answers any message but ``setup`` with info ``needs_setup``.
+    Setting ``fault: nan`` (an injected fault) replaces the predictions with NaN.
     """
     if kind == "setup":
         state = {"train_ids": np.asarray(arrays["train_ids"], dtype=np.int64)}
@@ -211,22 +248,24 @@ def handle_client_message(kind: str, arrays: Arrays, settings: dict[str, Any],
                 "shard": str(settings.get("data_dir", ""))}
         tokens = rt.view.tokens
         return {"ids": tokens, "absent": tokens[~rt.view.present]}, info, state
-    if "config" not in settings:
-        raise ValueError(f'client received "{kind}" before "setup"')
+    if kind not in ("train", "evaluate", "checkpoint"):
+        raise ValueError(f'unknown client message kind "{kind}" '
+                         "(accepted: setup, train, evaluate, checkpoint)")
+    if "config" not in settings or "train_ids" not in state:
+        return {}, {"needs_setup": True}, state
     rt = _runtime(settings, state)
-    if "bwd_ids" in arrays:
-        _client_backward(rt, arrays["bwd_ids"], arrays["g_pred"], arrays["g_del"],
-                         int(settings.get("round", 0)))
-        state = _persist(rt, state)
+    round_index = int(settings.get("round", 0))
+    if "bwd_ids" in arrays and round_index > _applied_round(state):
+        _client_backward(rt, arrays["bwd_ids"], arrays["g_pred"], arrays["g_del"], round_index)
+        state = _persist(rt, {**state, "applied_round": np.array([round_index], np.int64)})
     reply: Arrays = {}
     if kind in ("train", "evaluate") and "fwd_ids" in arrays:
         reply = _client_forward(rt, arrays["fwd_ids"], train=kind == "train")
+        if settings.get("fault") == "nan":
+            reply["pred"] = np.full_like(reply["pred"], np.nan)
     elif kind == "checkpoint":  # the persisted state is already the latest
         own = {k: v for k, v in state.items() if k.startswith(("model/", "optimizer/"))}
         if settings.get("data_dir"):  # experts stay home: the server gets a receipt
             return {}, _save_own_checkpoint(settings, own), state
         reply = own
-    elif kind not in ("train", "evaluate"):
-        raise ValueError(f'unknown client message kind "{kind}" '
-                         "(accepted: setup, train, evaluate, checkpoint)")
     return reply, {}, state

@@ -49,12 +49,23 @@ from liquid_fed.federation.replies import (
 from liquid_fed.federation.server import ServerStep, absent_reply
 from liquid_fed.federation.setup import ServerData, drop_unseen, id_tokens, load_server_data
 from liquid_fed.federation.state import Arrays
-from liquid_fed.federation.transport import Transport, describe_client, payload_bytes
+from liquid_fed.federation.transport import (
+    NoReply,
+    Reply,
+    Transport,
+    describe_client,
+    payload_bytes,
+)
 from liquid_fed.privacy import LabelLeakage, guarantee
 from liquid_fed.rundir import METRICS_FILE, OUTPUTS_FILE, Checkpoint, RunDir
 from liquid_fed.train import batch_order
 
 log = logging.getLogger(__name__)
+
+#: A client's signals not yet applied: (chunk ids, signals, round).
+Pending = tuple[np.ndarray, Arrays, int]
+#: What a tolerant exchange returns: (reply, info) by client, (cause, reason) of the missing.
+Answers = tuple[dict[int, Reply], dict[int, tuple[str, str]]]
 
 
 @dataclass
@@ -84,6 +95,7 @@ class FederationResult:
     label_leakage: dict[str, Any]
     smoothing: dict[str, Any] | None = None  # the pick of ``ensemble.smoothing: auto``
     robustness: dict[str, Any] | None = None  # test metrics with parties absent
+    parties: list[dict[str, Any]] | None = None  # per party: rounds present, absences, why
 
 
 class Federation:
@@ -115,7 +127,7 @@ class Federation:
         self.n_params: list[int] = []
         # Per client: (chunk ids, signals, round) not yet applied. They travel with the
         # client's next message, whichever round asks it next (a round may skip it).
-        self.pending: list[tuple[np.ndarray, Arrays, int] | None] = [None] * self.k
+        self.pending: list[Pending | None] = [None] * self.k
         # Training rounds each client answered since the last metrics rows (``present``).
         self.answered = np.zeros(self.k, dtype=np.int64)
         self.salt = b""  # drawn at setup (or taken from the checkpoint): ids travel as tokens
@@ -128,12 +140,21 @@ class Federation:
         self.leakage: LabelLeakage | None = None
         self.smoothing: SmoothingPick | None = None  # picked at the final evaluation (auto)
         self.robustness: dict[str, Any] | None = None  # scored at the final evaluation
+        # Parties that fail: who must be set up again (answered without state), and per party
+        # the rounds answered, absences by cause, rejoins and the last reason (the summary).
+        self.resetup: set[int] = set()
+        self.saved_states: list[Arrays] | None = None  # clients' states at the last checkpoint
+        self.rounds_present = np.zeros(self.k, dtype=np.int64)
+        self.absences: list[dict[str, int]] = [{} for _ in range(self.k)]
+        self.rejoins = np.zeros(self.k, dtype=np.int64)
+        self.last_reason = [""] * self.k
 
     # -- messaging ---------------------------------------------------------------------------
 
     def _exchange(self, kind: str, arrays: Sequence[Arrays], settings: Sequence[dict[str, Any]],
-                  clients: Sequence[int] | None = None) -> list[tuple[Arrays, dict[str, Any]]]:
-        """One message to each of ``clients`` (all when None); replies in that order."""
+                  clients: Sequence[int] | None = None) -> list[Reply | NoReply]:
+        """One message to each of ``clients`` (all when None); replies in that order, a
+        :class:`NoReply` for each client that did not answer."""
         self.bytes_down += sum(payload_bytes(a, s) for a, s in zip(arrays, settings, strict=True))
         if clients is None or len(clients) == self.k:
             replies = self.transport.exchange(kind, arrays, settings)
@@ -142,8 +163,20 @@ class Federation:
         expected = self.k if clients is None else len(clients)
         if len(replies) != expected:
             raise ClientFailure(f'"{kind}": {len(replies)} replies for {expected} clients')
-        self.bytes_up += sum(payload_bytes(r, i) for r, i in replies)
+        self.bytes_up += sum(payload_bytes(*r) for r in replies if not isinstance(r, NoReply))
         return replies
+
+    def _exchange_all(self, kind: str, arrays: Sequence[Arrays],
+                      settings: Sequence[dict[str, Any]],
+                      clients: Sequence[int] | None = None) -> list[Reply]:
+        """:meth:`_exchange` where every client must answer (setup)."""
+        replies = self._exchange(kind, arrays, settings, clients)
+        clients = list(range(self.k)) if clients is None else list(clients)
+        for k, reply in zip(clients, replies, strict=True):
+            if isinstance(reply, NoReply):
+                raise ClientFailure(f'{describe_client(self.transport, k)} did not answer '
+                                    f'"{kind}" ({reply.cause}): {reply.reason}')
+        return replies  # type: ignore[return-value]
 
     # -- ids travel as tokens ----------------------------------------------------------------
 
@@ -165,32 +198,130 @@ class Federation:
         return self.data.ids[pos[found]]
 
     def _with_pending(self, arrays: list[Arrays], settings: list[dict[str, Any]],
-                      clients: Sequence[int]) -> None:
-        """Add each messaged client's pending signals (``arrays[i]`` goes to ``clients[i]``)."""
+                      clients: Sequence[int]) -> list[Pending | None]:
+        """Add each messaged client's pending signals (``arrays[i]`` goes to ``clients[i]``);
+        returns what each was sent (to put back if its reply does not come)."""
+        sent: list[Pending | None] = []
         for i, k in enumerate(clients):
+            sent.append(self.pending[k])
             if self.pending[k] is None:
                 continue
             ids, signals, round_index = self.pending[k]
             arrays[i].update({"bwd_ids": self.tokens(ids), **signals})
             settings[i]["round"] = round_index
             self.pending[k] = None
+        return sent
 
-    def _send(self, kind: str, fwd_ids: np.ndarray | None,
-              clients: Sequence[int] | None = None) -> list[Arrays]:
-        """One exchange with ``clients`` (all when None), replies in that order; with
-        ``fwd_ids``, every reply is checked before it is used."""
+    def _send(self, kind: str, fwd_ids: np.ndarray | None, clients: Sequence[int] | None = None,
+              settings: Sequence[dict[str, Any]] | None = None) -> Answers:
+        """One exchange with ``clients`` (all when None) that tolerates failures.
+
+        Clients that asked to be set up again (:attr:`resetup`) are set up first. With
+        ``fwd_ids``, every reply is checked before it is used; a reply that fails the checks
+        counts as missing under ``federation.on_bad_reply: drop`` and ends the run under
+        ``fail``. The signals a missing client was sent are kept for its next message (it
+        applies a round's signals at most once).
+
+        Returns:
+            The (reply, info) pairs by client, and ``{client: (cause, reason)}`` for those
+            missing.
+        """
         clients = list(range(self.k)) if clients is None else list(clients)
+        missing: dict[int, tuple[str, str]] = {}
+        for k in [k for k in clients if k in self.resetup]:
+            why = self._setup_again(k)
+            if why is not None:
+                missing[k] = why
+        clients = [k for k in clients if k not in missing]
         fwd = None if fwd_ids is None else self.tokens(fwd_ids)
         arrays: list[Arrays] = [{} if fwd is None else {"fwd_ids": fwd} for _ in clients]
-        settings: list[dict[str, Any]] = [{} for _ in clients]
-        self._with_pending(arrays, settings, clients)
-        replies = [r for r, _ in self._exchange(kind, arrays, settings, clients)]
-        for k, r in zip(clients, replies, strict=True):
+        settings = [dict(s) for s in settings] if settings is not None else (
+            [{} for _ in clients])
+        sent = self._with_pending(arrays, settings, clients)
+        got: dict[int, Reply] = {}
+        results = self._exchange(kind, arrays, settings, clients) if clients else []
+        for k, result, was in zip(clients, results, sent, strict=True):
             who = describe_client(self.transport, k)
+            if isinstance(result, NoReply):
+                missing[k] = (result.cause, result.reason)
+                self.pending[k] = was
+                continue
+            reply, info = result
+            if info.get("needs_setup"):  # a restarted process: its expert comes back at setup
+                missing[k] = ("restarted", f"{who} holds no state of this run (restarted); "
+                                           "it is set up again before its next message")
+                self.resetup.add(k)
+                continue
             if fwd is not None:
-                check_prediction_reply(r, fwd, self.data.n_outputs, self.k, who, kind,
-                                       self.cfg.server.reply_limit)
-        return replies
+                try:
+                    check_prediction_reply(reply, fwd, self.data.n_outputs, self.k, who, kind,
+                                           self.cfg.server.reply_limit)
+                except ClientFailure as exc:
+                    if self.cfg.federation.on_bad_reply == "fail":
+                        raise ClientFailure(f"{exc} (federation.on_bad_reply = fail)") from exc
+                    missing[k] = ("bad_reply", str(exc))
+                    self.pending[k] = was
+                    continue
+            got[k] = result
+        for k, (cause, reason) in missing.items():
+            self.absences[k][cause] = self.absences[k].get(cause, 0) + 1
+            self.last_reason[k] = reason
+            log.warning('"%s": %s is absent (%s): %s', kind, describe_client(self.transport, k),
+                        cause, reason)
+        return got, missing
+
+    def _enough(self, got: dict[int, Reply], missing: dict[int, tuple[str, str]],
+                where: str) -> None:
+        """Fail when fewer than ``federation.min_clients`` answered, naming who is missing."""
+        need = self.cfg.federation.min_clients
+        if len(got) >= need:
+            return
+        away = [k for k in range(self.k) if k not in got]
+        why = "; ".join(f"{describe_client(self.transport, k)}: "
+                        + (f"{missing[k][0]}: {missing[k][1]}" if k in missing
+                           else "not asked (availability)") for k in away)
+        raise ClientFailure(f"{where}: {len(got)} of {self.k} clients answered, fewer than "
+                            f"federation.min_clients = {need}. Missing: {why}")
+
+    def _setup_message(self, k: int, train: np.ndarray, state: Arrays | None,
+                       party: dict[str, Any] | None) -> tuple[Arrays, dict[str, Any]]:
+        """Client ``k``'s setup: the run's settings, the training tokens and, when resuming,
+        its state (``state``) or the generation of its own checkpoint (``party``)."""
+        arrays: Arrays = {"train_ids": train, **(state or {})}
+        settings = {"config": self.cfg_yaml, "index": k, "out_dim": self.data.n_outputs,
+                    "salt": self.salt.hex(), "run_id": self.run_id}
+        if party is not None:  # the client keeps its own state
+            settings.update(resume_generation=party["generation"],
+                            resume_sha256=party["sha256"])
+        return arrays, settings
+
+    def _setup_again(self, k: int) -> tuple[str, str] | None:
+        """Set up a client that lost its state, from the latest complete checkpoint generation
+        (its own file, or the state the server holds) or from scratch when there is none yet.
+
+        Returns:
+            None when it took, else (cause, reason) of its absence.
+        """
+        state = self.saved_states[k] if self.saved_states else None
+        party = self.parties[k] if self.parties else None
+        arrays, settings = self._setup_message(k, self.tokens(self.data.splits.train), state,
+                                               party)
+        [result] = self._exchange("setup", [arrays], [settings], [k])
+        who = describe_client(self.transport, k)
+        if isinstance(result, NoReply):
+            return result.cause, result.reason
+        reply, info = result
+        check_setup_reply(reply, info, who)
+        if int(info["n_params"]) != self.n_params[k]:
+            raise ClientFailure(f"{who} came back with {info['n_params']} parameters; it had "
+                                f"{self.n_params[k]}")
+        self.resetup.discard(k)
+        self.pending[k] = None  # signals for outputs of a state it no longer holds
+        self.rejoins[k] += 1
+        log.warning("%s rejoined the run (%s)", who, "from its last checkpoint"
+                    if state is not None or party is not None else "from scratch: no "
+                    "checkpoint yet")
+        return None
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -207,23 +338,17 @@ class Federation:
             secrets.token_hex(16))
         self.step.defence = dataclasses.replace(self.step.defence,
                                                 key=bytes.fromhex(self.noise_key))
-        out_dim = self.data.n_outputs
         train = self.tokens(self.data.splits.train)
-        arrays, settings = [], []
-        for k in range(self.k):
-            a: Arrays = {"train_ids": train}
-            s = {"config": self.cfg_yaml, "index": k, "out_dim": out_dim,
-                 "salt": self.salt.hex(), "run_id": self.run_id}
-            if resume is not None and resume.clients:
-                a.update(resume.clients[k])
-            elif resume is not None and resume.server.get("parties"):
-                party = resume.server["parties"][k]  # the client keeps its own state
-                s.update(resume_generation=party["generation"], resume_sha256=party["sha256"])
-            arrays.append(a)
-            settings.append(s)
-        replies = self._exchange("setup", arrays, settings)
+        messages = [self._setup_message(
+            k, train, resume.clients[k] if resume is not None and resume.clients else None,
+            resume.server["parties"][k] if resume is not None and not resume.clients
+            and resume.server.get("parties") else None) for k in range(self.k)]
+        replies = self._exchange_all("setup", [a for a, _ in messages], [s for _, s in messages])
         for k, (reply, info) in enumerate(replies):
             check_setup_reply(reply, info, describe_client(self.transport, k))
+        if resume is not None:
+            self.saved_states = list(resume.clients) or None
+            self.parties = resume.server.get("parties")
         self.n_params = [int(info["n_params"]) for _, info in replies]
         self.shards = [str(info.get("shard", "")) for _, info in replies]
         held = {self._holder(k): self.known_ids(r["ids"]) for k, (r, _) in enumerate(replies)}
@@ -255,7 +380,13 @@ class Federation:
         and evaluates every split with it (:attr:`smoothing` keeps the pick).
         """
         parts = [getattr(self.data.splits, split) for split in splits]
-        replies = self._send("evaluate", np.concatenate(parts))
+        ids_all = np.concatenate(parts)
+        got, missing = self._send("evaluate", ids_all)
+        self._enough(got, missing, f"evaluation after round {round_index}")
+        # A party missing at evaluation passes its vote on (present nowhere).
+        replies = [got[k][0] if k in got else absent_reply(ids_all.size, self.data.n_outputs,
+                                                         self.k, self.step.dtype)
+                   for k in range(self.k)]
         subs, start = [], 0
         for ids in parts:
             subs.append([{k: v[start:start + ids.size] for k, v in r.items()
@@ -271,7 +402,8 @@ class Federation:
             metrics, details = self.step.evaluate(ids, sub, self.n_params, smoothing)
             row = {"round": round_index, "split": split, **metrics,
                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                   "present": self.answered.tolist()}
+                   "present": self.answered.tolist(),
+                   **({"absent": sorted(missing)} if missing else {})}
             self.history.append(row)
             rows.append(row)
             if final and split == "test":  # the same replies, combined once per absence
@@ -289,22 +421,30 @@ class Federation:
         shard = self.shards[k] if k < len(self.shards) else ""
         return f"client_{k}" + (f" (shard {shard})" if shard else "")
 
-    def checkpoint(self, round_index: int, elapsed: float) -> list[Arrays]:
+    def checkpoint(self, round_index: int, elapsed: float) -> bool:
         """Flush pending signals; every client checkpoints its state (into its own folder when
-        it has one, else in its reply); write the server's generation."""
-        arrays: list[Arrays] = [{} for _ in range(self.k)]
-        settings: list[dict[str, Any]] = [{"checkpoint_round": round_index}
-                                          for _ in range(self.k)]
-        self._with_pending(arrays, settings, range(self.k))
-        replies = self._exchange("checkpoint", arrays, settings)
-        kept = [bool(info.get("generation")) for _, info in replies]
+        it has one, else in its reply); write the server's generation.
+
+        A generation is complete only with every party: when one does not answer, none is
+        written (the latest complete one stays; a warning says why) and False is returned.
+        """
+        settings = [{"checkpoint_round": round_index} for _ in range(self.k)]
+        got, missing = self._send("checkpoint", None, settings=settings)
+        if missing:
+            log.warning("checkpoint after round %d not written: %s did not answer; the latest "
+                        "complete checkpoint stays", round_index,
+                        ", ".join(describe_client(self.transport, k) for k in sorted(missing)))
+            return False
+        infos = [got[k][1] for k in range(self.k)]
+        kept = [bool(info.get("generation")) for info in infos]
         if any(kept) and not all(kept):
             raise ClientFailure(
                 f"clients {[k for k, v in enumerate(kept) if v]} keep their own checkpoints "
                 f"and {[k for k, v in enumerate(kept) if not v]} do not: give every node a "
                 "data-dir, or none")
         states = []
-        for k, (state, _) in enumerate(replies):
+        for k in range(self.k):
+            state = got[k][0]
             if kept[k]:
                 if state:
                     raise ClientFailure(f"{describe_client(self.transport, k)} keeps its own "
@@ -312,18 +452,35 @@ class Federation:
             else:
                 check_state_reply(state, describe_client(self.transport, k))
             states.append(state)
-        self.parties = ([{"generation": str(info["generation"]), "sha256": str(info["sha256"])}
-                         for _, info in replies] if all(kept) else None)
+        self.parties = ([{"generation": str(infos[k]["generation"]),
+                          "sha256": str(infos[k]["sha256"])} for k in range(self.k)]
+                        if all(kept) else None)
+        self.saved_states = None if self.parties else states
         if self.run_dir is not None:
             server = {"history": self.history, "bytes_up": self.bytes_up,
                       "bytes_down": self.bytes_down, "train_losses": self.train_losses,
                       "elapsed": elapsed, "config": self.cfg_yaml, "salt": self.salt.hex(),
                       "run_id": self.run_id, "parties": self.parties,
-                      "noise_key": self.noise_key, "answered": self.answered.tolist()}
+                      "noise_key": self.noise_key, "answered": self.answered.tolist(),
+                      "party_record": self.party_record()}
             leak = self.leakage.state() if self.leakage is not None else {}
             clients = [] if self.parties else list(states)
             self.run_dir.save_checkpoint(Checkpoint(round_index, server, leak, clients))
-        return states
+        return True
+
+    def party_record(self) -> list[dict[str, Any]]:
+        """Per party: training rounds answered, rounds absent by cause, rejoins, and the last
+        reason it was absent (the summary's ``parties``).
+
+        Causes: ``availability`` (not asked: ``availability.dropout`` / ``absent``),
+        ``timeout`` (no reply within ``federation.reply_timeout``), ``error`` (its process
+        raised or died), ``bad_reply`` (the reply failed the server's checks), ``restarted``
+        (it answered without its state and was set up again).
+        """
+        return [{"client": k, "rounds_present": int(self.rounds_present[k]),
+                 "absent": dict(sorted(self.absences[k].items())),
+                 "rejoined": int(self.rejoins[k]), "last_reason": self.last_reason[k]}
+                for k in range(self.k)]
 
     def rounds_per_epoch(self) -> int:
         return math.ceil(self.data.splits.train.size / self.cfg.train.chunk_size)
@@ -347,6 +504,7 @@ class Federation:
             elapsed0 = float(resume.server["elapsed"])
             self.answered = np.asarray(resume.server.get("answered", [0] * self.k),
                                        dtype=np.int64)
+            self._load_party_record(resume.server.get("party_record"))
         self.setup(resume)
         if resume is not None and self.leakage is not None:
             self.leakage.load(resume.server_arrays)
@@ -363,18 +521,26 @@ class Federation:
                 chunks = {epoch: list(batch_order(train_ids.size, tcfg.chunk_size, epoch,
                                                   self.cfg.seed))}
             ids = train_ids[chunks[epoch][j]]
-            answering = round_presence(avail.dropout, avail.absent, self.k, r, self.cfg.seed)
-            clients = [k for k in range(self.k) if answering[k]]
-            asked = dict(zip(clients, self._send("train", ids, clients), strict=True))
-            replies = [asked[k] if k in asked else
+            asked = round_presence(avail.dropout, avail.absent, self.k, r, self.cfg.seed)
+            clients = [k for k in range(self.k) if asked[k]]
+            for k in range(self.k):
+                if not asked[k]:
+                    self.absences[k]["availability"] = self.absences[k].get("availability",
+                                                                            0) + 1
+            got, missing = self._send("train", ids, clients,
+                                      [self._fault(k, r + 1) for k in clients])
+            self._enough(got, missing, f"training round {r + 1}")
+            answered = [k for k in clients if k in got]
+            replies = [got[k][0] if k in got else
                        absent_reply(ids.size, self.data.n_outputs, self.k, self.step.dtype)
                        for k in range(self.k)]
             loss, signals = self.step.train_step(ids, replies, r)
-            self.leakage.observe(ids, [signals[k] for k in clients],
-                                 [asked[k]["pred"] for k in clients], parties=clients)
-            for k in clients:  # an absent party is sent nothing: its expert stays as it was
+            self.leakage.observe(ids, [signals[k] for k in answered],
+                                 [got[k][0]["pred"] for k in answered], parties=answered)
+            for k in answered:  # an absent party is sent nothing: its expert stays as it was
                 self.pending[k] = (ids, signals[k], r)
-            self.answered += answering
+            self.answered[answered] += 1
+            self.rounds_present[answered] += 1
             self.train_losses.append(loss)
             metrics = None
             done = r + 1
@@ -395,7 +561,25 @@ class Federation:
         return FederationResult(self.history, test, total, self.bytes_up, self.bytes_down,
                                 wall, self.train_losses, self.n_params, self.leakage_report(),
                                 None if self.smoothing is None else self.smoothing.to_dict(),
-                                self.robustness)
+                                self.robustness, self.party_record())
+
+    def _fault(self, k: int, round_number: int) -> dict[str, Any]:
+        """The settings that inject client ``k``'s fault in training round ``round_number``
+        (counted from 1; ``federation.faults``), or none."""
+        fed = self.cfg.federation
+        for entry in fed.faults:
+            if int(entry["client"]) == k and int(entry["round"]) == round_number:
+                seconds = float(entry.get("seconds", 3 * fed.reply_timeout))
+                return {"fault": entry["kind"], "fault_seconds": seconds}
+        return {}
+
+    def _load_party_record(self, record: list[dict[str, Any]] | None) -> None:
+        for entry in record or []:
+            k = int(entry["client"])
+            self.rounds_present[k] = int(entry["rounds_present"])
+            self.absences[k] = {str(c): int(n) for c, n in entry["absent"].items()}
+            self.rejoins[k] = int(entry["rejoined"])
+            self.last_reason[k] = str(entry["last_reason"])
 
     def leakage_report(self) -> dict[str, Any]:
         """``label_leakage``: the strongest accumulated attack of :mod:`liquid_fed.privacy` and,

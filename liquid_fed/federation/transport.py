@@ -8,6 +8,7 @@ studies.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,12 +26,30 @@ def payload_bytes(arrays: Arrays, settings: dict[str, Any] | None = None) -> int
     return total
 
 
+@dataclass(frozen=True)
+class NoReply:
+    """What stands in a transport's answer for a client that did not reply.
+
+    Attributes:
+        cause: ``timeout`` (no reply within ``federation.reply_timeout``: crashed, hung or
+            unreachable) or ``error`` (the client's process raised or died on the message).
+        reason: the transport's own words, naming the client.
+    """
+
+    cause: str
+    reason: str
+
+
+Reply = tuple[Arrays, dict[str, Any]]
+
+
 class Transport(Protocol):
     """How the server reaches its K clients (Flower's Grid, or in-process for tests)."""
 
     def exchange(self, kind: str, arrays: Sequence[Arrays],
-                 settings: Sequence[dict[str, Any]]) -> list[tuple[Arrays, dict[str, Any]]]:
-        """Send one message per client (list index = client index); replies in that order.
+                 settings: Sequence[dict[str, Any]]) -> list[Reply | NoReply]:
+        """Send one message per client (list index = client index); replies in that order,
+        a :class:`NoReply` for each client that did not answer.
 
         A round that some parties miss (``availability``) calls it with the keyword
         ``clients``: the indices of the clients the messages go to, in order; the others get
@@ -47,6 +66,10 @@ def describe_client(transport: Transport, k: int) -> str:
 class LocalTransport:
     """Clients as in-process state dicts; runs the exact client code without Flower.
 
+    Injected faults (setting ``fault``): ``crash`` and ``hang`` leave the client as it was and
+    give a :class:`NoReply` (a process that dies or blocks before replying); ``nan`` runs in
+    the client code. :meth:`restart` forgets a client's state, as a restarted process would.
+
     Args:
         n_clients: K.
         data_dirs: optionally, each client's private shard folder (what a deployed node's
@@ -61,13 +84,22 @@ class LocalTransport:
             [{} for _ in range(n_clients)])
 
     def exchange(self, kind: str, arrays: Sequence[Arrays], settings: Sequence[dict[str, Any]],
-                 clients: Sequence[int] | None = None) -> list[tuple[Arrays, dict[str, Any]]]:
-        replies = []
+                 clients: Sequence[int] | None = None) -> list[Reply | NoReply]:
+        replies: list[Reply | NoReply] = []
         clients = range(len(self.states)) if clients is None else clients
         for k, a, s in zip(clients, arrays, settings, strict=True):
+            if s.get("fault") in ("crash", "hang"):
+                cause = "error" if s["fault"] == "crash" else "timeout"
+                replies.append(NoReply(cause, f'client {k}: injected {s["fault"]} on "{kind}"'))
+                continue
             merged = {**self.settings[k], **s, **self.local[k]}
             reply, info, self.states[k] = handle_client_message(kind, a, merged, self.states[k])
             if kind == "setup":
                 self.settings[k] = {key: merged[key] for key in SETUP_KEYS}
             replies.append((reply, info))
         return replies
+
+    def restart(self, k: int) -> None:
+        """Client ``k`` loses everything it held in memory (a restarted process)."""
+        self.states[k] = {}
+        self.settings[k] = {}
