@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from clients import fastpath
@@ -36,7 +37,14 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.to
 
 
 class GridTransport:
-    """The protocol's exchanges over a Flower Grid; client index = node's partition-id."""
+    """The protocol's exchanges over a Flower Grid; client index = node's partition-id.
+
+    A client that missed an exchange may come back as another node (a restarted SuperNode
+    without an auth key registers anew; with one it keeps its node id): before the next
+    exchange, a node that was not there before is asked its partition-id once, and takes the
+    place of a missing client with that partition-id whose node is offline. A node naming a
+    partition whose node is online is never given it (logged, asked again later).
+    """
 
     def __init__(self, grid: Grid, n_clients: int, timeout: float, threads: int = 1,
                  wait: float = 120.0, poll: float = 0.15,
@@ -47,6 +55,10 @@ class GridTransport:
         self.poll = poll
         self.health = health
         self.round = 0
+        self.n_clients = n_clients
+        self.missed: set[int] = set()  # clients without a reply to their last message
+        self.partitions: dict[int, Any] = {}  # node -> partition-id it named (asked once)
+        self.refused: set[int] = set()  # nodes told off for naming a live partition
         deadline = time.monotonic() + wait
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < n_clients and time.monotonic() < deadline:
@@ -57,7 +69,11 @@ class GridTransport:
                 f"{len(nodes)} nodes connected within {wait:.0f} s but the config needs "
                 f"{n_clients} (views.n_views)"
             )
+        # The first message to a node loads its app (seconds on a cold worker): "hello" may
+        # take as long as the nodes were given to connect, not just one reply's timeout.
+        self.timeout = max(timeout, wait)
         self.nodes = self._assign(nodes, n_clients)
+        self.timeout = timeout
 
     def _assign(self, nodes: list[int], n_clients: int) -> list[int]:
         """Map client index -> node id by each node's ``partition-id``.
@@ -113,6 +129,10 @@ class GridTransport:
                 out.append(NoReply("timeout", f'client {k} (node {node}) sent no reply to '
                                               f'"{kind}" within {waited:.1f} s '
                                               f"(federation.reply_timeout = {self.timeout:g} s)"))
+            elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                out.append(NoReply("error", f'client {k} (node {node}) is offline on "{kind}": '
+                                            "the SuperLink has no heartbeat from its SuperNode "
+                                            "(stopped, killed or unreachable)"))
             elif reply.has_error():
                 out.append(NoReply("error", f'client {k} (node {node}) failed on "{kind}": '
                                             f"{reply.error.reason}"))
@@ -124,8 +144,40 @@ class GridTransport:
                  clients: Sequence[int] | None = None) -> list[Reply | NoReply]:
         if kind == "setup":
             settings = [{**s, "threads": self.threads} for s in settings]
-        nodes = self.nodes if clients is None else [self.nodes[k] for k in clients]
-        return self._send_raw(kind, nodes, arrays, settings, clients)
+        if self.missed:
+            self._replace_missing_nodes()
+        clients = range(len(self.nodes)) if clients is None else clients
+        nodes = [self.nodes[k] for k in clients]
+        replies = self._send_raw(kind, nodes, arrays, settings, clients)
+        for k, reply in zip(clients, replies, strict=True):
+            if isinstance(reply, NoReply):
+                self.missed.add(k)
+            else:
+                self.missed.discard(k)
+        return replies
+
+    def _replace_missing_nodes(self) -> None:
+        """Give a missing client's index to a new node that names its partition-id, if the
+        client's own node is offline (see the class's docstring)."""
+        online = set(self.grid.get_node_ids())
+        new = sorted(n for n in online if n not in self.nodes and n not in self.partitions)
+        if new:
+            replies = self._send_raw("hello", new, [{} for _ in new], [{} for _ in new])
+            for node, reply in zip(new, replies, strict=True):
+                if not isinstance(reply, NoReply):
+                    self.partitions[node] = reply[1].get("partition_id")
+        for node in sorted(n for n in online if n not in self.nodes and n in self.partitions):
+            k = self.partitions[node]
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.n_clients:
+                continue  # refused for good: no such client index
+            if k in self.missed and self.nodes[k] not in online:
+                log.warning("client %d: node %d takes the place of node %d (offline), naming "
+                            "partition-id %d", k, node, self.nodes[k], k)
+                self.nodes[k] = node
+            elif node not in self.refused:  # said once per node
+                self.refused.add(node)
+                log.warning("node %d names partition-id %d, which node %d holds and is "
+                            "online: refused", node, k, self.nodes[k])
 
 
 def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll: float,
@@ -136,15 +188,22 @@ def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll:
     runtime crashed): that ends the wait at once with the runtime's reason.
 
     Returns:
-        Replies by source node id, and the seconds waited.
+        Replies by the node each message went to, and the seconds waited.
     """
     t0 = time.monotonic()
-    pending = set(grid.push_messages(msgs))
+    ids = list(grid.push_messages(msgs))
+    # Matched by the message they answer, not by sender: for a node it lost, the SuperLink
+    # answers itself (an error signed with its own node id).
+    dst = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, msgs, strict=True)
+           if mid is not None}
+    pending = set(dst)
     replies: dict[int, Message] = {}
     while pending:
         for reply in grid.pull_messages(list(pending)):
-            replies[reply.metadata.src_node_id] = reply
-            pending.discard(reply.metadata.reply_to_message_id)
+            mid = reply.metadata.reply_to_message_id
+            if mid in pending:
+                replies[dst[mid]] = reply
+                pending.discard(mid)
         if not pending:
             break
         waited = time.monotonic() - t0

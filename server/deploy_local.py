@@ -393,9 +393,7 @@ def resolve(config: str | Path | None, overrides: list[str], out: str | Path | N
 def tolerates_absence(cfg: RunConfig) -> bool:
     """Whether ``cfg``'s rounds go on while some parties are missing (then a SuperNode that
     exits mid-run is not the end of the run)."""
-    federation = getattr(cfg, "federation", None)
-    min_clients = getattr(federation, "min_clients", None)
-    return isinstance(min_clients, int) and 0 < min_clients < cfg.n_clients
+    return cfg.federation.min_clients < cfg.n_clients
 
 
 def check_new_run_dir(run_dir: Path) -> None:

@@ -199,6 +199,12 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def _generations(run: Path) -> list[Path]:
+    """The server's complete checkpoint generations (manifest written, folder renamed)."""
+    return [m for m in (run / "checkpoints").glob("*/manifest.json")
+            if not m.parent.name.startswith(".")]
+
+
 @slow
 @deployment
 def test_a_killed_party_is_absent_and_rejoins_the_running_deployment(tmp_path: Path) -> None:
@@ -228,9 +234,9 @@ def test_a_killed_party_is_absent_and_rejoins_the_running_deployment(tmp_path: P
         thread = threading.Thread(target=submit, daemon=True)
         thread.start()
         deadline = time.monotonic() + 120
-        party = shards / "party-1" / "checkpoints"
-        # Under way: a metrics row written and a checkpoint kept at home to rejoin from.
-        while not (_rows(run) and any(party.rglob("*.npz"))) and thread.is_alive():
+        # Under way: a metrics row written and a complete checkpoint (the server's receipts,
+        # each party's expert at home) to rejoin from.
+        while not (_rows(run) and _generations(run)) and thread.is_alive():
             assert time.monotonic() < deadline, "the run never got under way"
             time.sleep(0.05)
         assert thread.is_alive(), outcome

@@ -157,8 +157,9 @@ def test_a_killed_worker_fails_the_run_naming_its_node(tmp_path: Path) -> None:
 
     def run() -> None:
         try:
-            deploy(QUICKSTART, [*TINY, "train.epochs=50"], out=tmp_path / "runs",
-                   timeout=600, work_dir=work, mode="fast")
+            # Every party required (federation.min_clients = 2): a dead node ends the run.
+            deploy(QUICKSTART, [*TINY, "train.epochs=50", "federation.min_clients=2"],
+                   out=tmp_path / "runs", timeout=600, work_dir=work, mode="fast")
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = exc
         outcome["end"] = time.monotonic()
