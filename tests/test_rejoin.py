@@ -213,7 +213,7 @@ def test_a_killed_party_is_absent_and_rejoins_the_running_deployment(tmp_path: P
     from server.keys import make_keys
 
     reply_timeout = 3.0
-    sets = [*TINY, "train.epochs=20", "train.eval_every=2", "train.checkpoint_every=2",
+    sets = [*TINY, "train.epochs=12", "train.eval_every=2", "train.checkpoint_every=2",
             f"federation.reply_timeout={reply_timeout}", "federation.min_clients=1"]
     cfg, overrides, _ = resolve(QUICKSTART, sets, tmp_path / "runs")
     keys, shards = make_keys(tmp_path / "keys", 2), tmp_path / "shards"
@@ -262,7 +262,7 @@ def test_a_killed_party_is_absent_and_rejoins_the_running_deployment(tmp_path: P
         tag, ports = dep.tag, list(dep.ports)
     assert "error" not in outcome, outcome.get("error")
     _, status, summary = outcome["result"]
-    assert status == "finished:completed" and summary["rounds"] == 20
+    assert status == "finished:completed" and summary["rounds"] == 12
     # The restarted SuperNode reclaimed the node its predecessor left online (same key, same
     # node id) instead of being refused like an unknown key.
     assert "still online at the SuperLink" in node_log and "reclaimed" in node_log
