@@ -131,7 +131,7 @@ class GridTransport:
                                               f"(federation.reply_timeout = {self.timeout:g} s)"))
             elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                 out.append(NoReply("error", f'client {k} (node {node}) is offline on "{kind}": '
-                                            "the SuperLink has no heartbeat from its SuperNode "
+                                            "its SuperNode signed off or its heartbeats stopped "
                                             "(stopped, killed or unreachable)"))
             elif reply.has_error():
                 out.append(NoReply("error", f'client {k} (node {node}) failed on "{kind}": '
