@@ -16,11 +16,11 @@ TLS and authentication flags...). The modes:
   (0.05; Flower: 0.5 s), and retry an object that is not uploaded yet after 0.05 s doubling to
   0.5 s (Flower: 1 s doubling to 10 s). Polls much under 0.05-0.1 s saturate small machines.
 
-In ``warm`` and ``fast`` modes a SuperNode with an auth key (``--auth-supernode-private-key``)
-also keeps its node at the SuperLink claimable (:class:`NodeIdentity`): it reports a heartbeat
-interval of 10 s (Flower: 30 s), so a node that dies unannounced is offline after 20 s, not
-60 s; it signs its node off when its worker dies; and at start it signs off a node of its own
-key that a killed predecessor left online (Flower refuses to activate a node that is online, so
+In ``warm`` and ``fast`` modes a SuperNode reports a heartbeat interval of 10 s (Flower: 30 s),
+so a node that dies unannounced is offline at the SuperLink after 20 s, not 60 s. With an auth
+key (``--auth-supernode-private-key``) it also keeps its node claimable (:class:`NodeIdentity`):
+it signs its node off when its worker dies, and at start it signs off a node of its own key
+that a killed predecessor left online (Flower refuses to activate a node that is online, so
 a restarted party would be turned away like an unknown key for up to a minute). The node id
 is kept next to the key (``--node-id-file``) because the SuperLink says it to no one else.
 
@@ -382,7 +382,8 @@ class Supervisor(threading.Thread):
             self.proc.terminate()
 
 
-def node_identity(flower: list[str], id_file: str = "") -> NodeIdentity | None:
+def node_identity(flower: list[str], id_file: str = "", heartbeat: int = HEARTBEAT_INTERVAL
+                  ) -> NodeIdentity | None:
     """The :class:`NodeIdentity` of a SuperNode with ``flower-supernode`` flags ``flower``;
     None without an auth key (Flower then registers a new node per start)."""
     key = _option(flower, "--auth-supernode-private-key", "")
@@ -392,7 +393,7 @@ def node_identity(flower: list[str], id_file: str = "") -> NodeIdentity | None:
     if root is None and "--insecure" not in flower:
         return None  # system CAs: not a set-up this project writes
     return NodeIdentity(_option(flower, "--superlink", "127.0.0.1:9092"), key, root,
-                        id_file or f"{key}.node-id")
+                        id_file or f"{key}.node-id", heartbeat)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "--hot-window", str(args.hot_window)])
         if mode == "fast":
             install_waits(args.hot_poll, args.idle_poll, args.hot_window, args.reply_poll)
-        supervisor.identity = node_identity(rest, args.node_id_file)
-        if supervisor.identity is not None and install_heartbeat():
+        beat = HEARTBEAT_INTERVAL if install_heartbeat() else HEARTBEAT_STOCK
+        supervisor.identity = node_identity(rest, args.node_id_file, beat)
+        if supervisor.identity is not None:
             node_id = supervisor.identity.reclaim(args.reclaim_wait)
             log.info("SuperNode %s: node %s of this key reclaimed", name, node_id)
     from flwr.supernode.cli import flower_supernode
