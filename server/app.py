@@ -69,9 +69,12 @@ class GridTransport:
                 f"{len(nodes)} nodes connected within {wait:.0f} s but the config needs "
                 f"{n_clients} (views.n_views)"
             )
-        # The first message to a node loads its app (seconds on a cold worker): "hello" may
-        # take as long as the nodes were given to connect, not just one reply's timeout.
-        self.timeout = max(timeout, wait)
+        # The first message to a node loads its app (seconds on a cold worker), and the run's
+        # first "setup" loads every party's data: both may take as long as the nodes were
+        # given to connect, not just one reply's timeout.
+        self.start_timeout = max(timeout, wait)
+        self.set_up = False
+        self.timeout = self.start_timeout
         self.nodes = self._assign(nodes, n_clients)
         self.timeout = timeout
 
@@ -148,7 +151,13 @@ class GridTransport:
             self._replace_missing_nodes()
         clients = range(len(self.nodes)) if clients is None else clients
         nodes = [self.nodes[k] for k in clients]
-        replies = self._send_raw(kind, nodes, arrays, settings, clients)
+        starting = kind == "setup" and not self.set_up
+        timeout, self.timeout = self.timeout, self.start_timeout if starting else self.timeout
+        try:
+            replies = self._send_raw(kind, nodes, arrays, settings, clients)
+        finally:
+            self.timeout = timeout
+        self.set_up = self.set_up or starting
         for k, reply in zip(clients, replies, strict=True):
             if isinstance(reply, NoReply):
                 self.missed.add(k)
