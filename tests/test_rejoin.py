@@ -234,7 +234,7 @@ def test_a_killed_party_is_absent_and_rejoins_the_running_deployment(tmp_path: P
     from server.deploy_local import LocalDeployment, resolve, submit_run
     from server.keys import make_keys
 
-    reply_timeout = 3.0
+    reply_timeout = 4.0
     sets = [*TINY, "train.epochs=12", "train.eval_every=2", "train.checkpoint_every=2",
             f"federation.reply_timeout={reply_timeout}", "federation.min_clients=1"]
     cfg, overrides, _ = resolve(QUICKSTART, sets, tmp_path / "runs")
