@@ -33,6 +33,8 @@ from liquid_fed.shards import load_server_shard
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml, configs/
+#: The exchanges that wait ``federation.setup_timeout``: a client's start is in them.
+SETUP_KINDS = ("hello", "setup")
 
 
 class GridTransport:
@@ -40,9 +42,13 @@ class GridTransport:
 
     def __init__(self, grid: Grid, n_clients: int, timeout: float, threads: int = 1,
                  wait: float = 120.0, poll: float = 0.15,
-                 health: Callable[[], str | None] | None = None) -> None:
+                 health: Callable[[], str | None] | None = None,
+                 setup_timeout: float | None = None) -> None:
         self.grid = grid
         self.timeout = timeout
+        # A client's first messages include its start (imports, data, expert): they may wait
+        # longer than a round's reply.
+        self.setup_timeout = max(timeout, setup_timeout or 0.0)
         self.threads = threads
         self.poll = poll
         self.health = health
@@ -103,8 +109,10 @@ class GridTransport:
         msgs = [Message(encode(a, s), dst_node_id=node, message_type=MESSAGE_TYPES[kind],
                         group_id=str(self.round))
                 for node, a, s in zip(nodes, arrays, settings, strict=True)]
-        replies, waited = exchange_messages(self.grid, msgs, self.timeout, self.poll,
-                                            self.health, kind)
+        timeout, key = ((self.setup_timeout, "setup_timeout") if kind in SETUP_KINDS
+                        else (self.timeout, "reply_timeout"))
+        replies, waited = exchange_messages(self.grid, msgs, timeout, self.poll, self.health,
+                                            kind)
         out: list[Reply | NoReply] = []
         names = range(len(nodes)) if clients is None else clients  # how errors name them
         for k, node in zip(names, nodes, strict=True):
@@ -112,7 +120,7 @@ class GridTransport:
             if reply is None:
                 out.append(NoReply("timeout", f'client {k} (node {node}) sent no reply to '
                                               f'"{kind}" within {waited:.1f} s '
-                                              f"(federation.reply_timeout = {self.timeout:g} s)"))
+                                              f"(federation.{key} = {timeout:g} s)"))
             elif reply.has_error():
                 out.append(NoReply("error", f'client {k} (node {node}) failed on "{kind}": '
                                             f"{reply.error.reason}"))
@@ -168,7 +176,8 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     # reached over HTTP: every 0.15 s instead of Flower's fixed 3 s.
     poll = cfg.simulation.pull_interval if hasattr(grid, "pull_interval") else 0.15
     transport = GridTransport(grid, cfg.n_clients, cfg.federation.reply_timeout,
-                              cfg.simulation.threads_per_client, poll=poll, health=health)
+                              cfg.simulation.threads_per_client, poll=poll, health=health,
+                              setup_timeout=cfg.federation.setup_timeout)
     return run_federated(cfg, transport, run_dir, resume, stop_after, on_round, extra,
                          server_data)
 
