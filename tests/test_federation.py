@@ -351,11 +351,12 @@ def test_faults_of_every_kind_through_flower_on_ray(tmp_path: Path) -> None:
               "kind: hang, seconds: 11}, {client: 0, round: 5, kind: nan}]")
     sets = ["train.epochs=1", *EXACT_SETS, faults]
     run = tmp_path / "faults"
-    ok(liquid_fed("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
-                  "--out", str(run), "--quiet"))
+    proc = ok(liquid_fed("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+                         "--out", str(run), "--quiet"))
     result = summary(run)
     parties = {p["client"]: p for p in result["parties"]}
     rounds = result["rounds"]
+    assert f"client 2 answered {rounds - 1} of {rounds} rounds (absent: 1 timeout)" in proc.stdout
     assert [parties[k]["rounds_present"] for k in range(4)] == [rounds - 1] * 3 + [rounds]
     assert parties[1]["absent"] == {"error": 1}  # the process died on the message
     assert 'client 1 (node' in parties[1]["last_reason"]
