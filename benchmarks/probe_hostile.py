@@ -270,7 +270,7 @@ NUMERIC = ["data.val", "data.test", "views.overlap", "views.noise", "views.missi
            "ensemble.load_temperature", "ensemble.specialization_weight",
            "ensemble.expert_loss_weight", "optim.lr", "optim.weight_decay", "optim.momentum",
            "simulation.num_cpus_per_client", "simulation.num_gpus_per_client",
-           "simulation.pull_interval", "simulation.dispatch_poll", "simulation.timeout",
+           "simulation.pull_interval", "simulation.dispatch_poll", "federation.reply_timeout",
            "server.reply_limit", "privacy.clip", "privacy.noise"]
 
 
@@ -280,12 +280,12 @@ def config_cases() -> list[Case]:
         cases.append(Case(f"cfg-nan-{key}", "config", f"{key}=NaN", validate(f"{key}=.nan"),
                           names=(key,), na=key_missing(key)))
     for key in ["optim.lr", "ensemble.expert_loss_weight", "ensemble.load_weight",
-                "privacy.noise", "views.noise", "simulation.timeout"]:
+                "privacy.noise", "views.noise", "federation.reply_timeout"]:
         cases.append(Case(f"cfg-inf-{key}", "config", f"{key}=inf", validate(f"{key}=.inf"),
                           names=(key,), na=key_missing(key)))
     for key, val in [("optim.lr", "0"), ("optim.lr", "-1"), ("train.epochs", "-1"),
                      ("train.chunk_size", "0"), ("views.n_views", "0"),
-                     ("simulation.timeout", "0"), ("simulation.object_store_mb", "10"),
+                     ("federation.reply_timeout", "0"), ("simulation.object_store_mb", "10"),
                      ("train.batch_size", "0"), ("ensemble.epsilon", "0"),
                      ("privacy.noise", "-1"), ("views.noise", "-0.5"),
                      ("server.threads", "0")]:
@@ -772,7 +772,7 @@ def _plot_pickle(ctx: Ctx) -> list[str]:
 RAY_SET = ["train.epochs=300", "views.n_views=2", "views.kind=blocks", "views.options={}",
            "data.name=digits_flat", "data.options={}", "experts.options={hidden: [16]}",
            "baselines.uniform=false", "baselines.independent=false", "train.eval_every=5",
-           "train.checkpoint_every=5", "simulation.timeout=300"]
+           "train.checkpoint_every=5", "federation.reply_timeout=300"]
 SHORT = [s if not s.startswith("train.epochs") else "train.epochs=20" for s in RAY_SET]
 
 

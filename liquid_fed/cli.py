@@ -222,6 +222,13 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"  label leakage: a client recovers {100 * leak['max']:.1f} % of the "
                      "training labels from the gradients it is sent (chance "
                      f"{100 * leak['chance']:.1f} %)")
+    for party in summary.get("parties") or []:
+        if party["absent"]:
+            causes = ", ".join(f"{n} {cause}" for cause, n in party["absent"].items())
+            lines.append(f"  client {party['client']} answered {party['rounds_present']} of "
+                         f"{summary['rounds']} rounds (absent: {causes}"
+                         + (f"; rejoined {party['rejoined']}x" if party["rejoined"] else "")
+                         + ")")
     lines.append(f"  outputs: {run_dir}")
     return "\n".join(lines)
 

@@ -153,6 +153,9 @@ class FederationConfig:
 
     ``reply_timeout``: seconds the server waits for the replies of one exchange; a party that
     has not answered by then (crashed, hung, unreachable) is absent for that round.
+    ``setup_timeout``: the same for the start of a run and of a rejoining party (``hello``,
+    ``setup``: a client's imports, data and expert are built then); at least
+    ``reply_timeout``.
     ``min_clients``: the run goes on while at least this many parties answer a round, and
     fails naming the missing parties and why below that. ``on_bad_reply``: a reply that fails
     the server's checks (non-finite values, wrong shapes, other samples' ids) makes its party
@@ -162,6 +165,7 @@ class FederationConfig:
     """
 
     reply_timeout: float = 600.0
+    setup_timeout: float = 600.0
     min_clients: int = 1
     on_bad_reply: str = "drop"
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -238,6 +242,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "simulation.dispatch_poll": (0, 1, True, True),
     "simulation.threads_per_client": (1, None, True, True),
     "federation.reply_timeout": (0, None, False, True),
+    "federation.setup_timeout": (0, None, False, True),
     "federation.min_clients": (1, None, True, True),
     "server.threads": (1, None, True, True),
     "server.reply_limit": (0, None, False, True),

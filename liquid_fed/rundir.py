@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -261,6 +262,8 @@ class Checkpoint:
         clients: each client's state arrays (expert and optimizer), by client index; empty when
             the clients keep their own checkpoints.
         generation: the generation id the manifest names.
+        client_files: the clients' file names (``client_<k>.npz`` when empty; a party's own
+            checkpoint names its file by its index, ``party_<k>.npz``).
     """
 
     round: int
@@ -269,6 +272,7 @@ class Checkpoint:
     clients: list[dict[str, np.ndarray]] = field(default_factory=list)
     generation: str = ""
     digests: dict[str, str] = field(default_factory=dict)  # SHA-256 per file, once written
+    client_files: list[str] = field(default_factory=list)
 
 
 def _client_file(k: int) -> str:
@@ -289,26 +293,36 @@ def _generations(ck: Path) -> list[Path]:
     return [p for _, _, p in sorted(gens, key=lambda g: (g[0], g[1]), reverse=True)]
 
 
-def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> str:
+def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, private: bool = False) -> str:
     """Write ``ckpt`` as a new generation (manifest last, folder renamed when whole), then drop
-    all but the newest :data:`KEEP_GENERATIONS` generations; returns the generation id."""
+    all but the newest :data:`KEEP_GENERATIONS` generations; returns the generation id.
+
+    ``private`` (a party's own checkpoints): folders 0700 and files 0600, whatever the umask.
+    """
     ck = Path(run_dir) / CHECKPOINTS_DIR
     gen_id = secrets.token_hex(8)
     name = f"{_GEN_PREFIX}{ckpt.round:08d}-{gen_id}"
     partial = ck / f".{name}.partial"
     files = {SERVER_STATE_FILE: json_text({"round": ckpt.round, **ckpt.server}).encode(),
              SERVER_ARRAYS_FILE: npz_bytes(ckpt.server_arrays)}
-    for k, state in enumerate(ckpt.clients):
-        files[_client_file(k)] = npz_bytes(state)
+    names = ckpt.client_files or [_client_file(k) for k in range(len(ckpt.clients))]
+    if len(names) != len(ckpt.clients) or not all(_CLIENT_FILE.fullmatch(n) for n in names):
+        raise ValueError(f"client files {names!r}: one <name>_<k>.npz per client")
+    for fname, state in zip(names, ckpt.clients, strict=True):
+        files[fname] = npz_bytes(state)
+    mode = 0o600 if private else None
     try:
-        partial.mkdir(parents=True, exist_ok=False)
+        if private:
+            private_folder(run_dir)
+            private_folder(ck)
+        partial.mkdir(parents=True, exist_ok=False, mode=0o700 if private else 0o777)
         for fname, data in files.items():
-            atomic_write(partial / fname, data)
+            atomic_write(partial / fname, data, mode)
         manifest = {"format": CHECKPOINT_FORMAT, "generation": gen_id, "round": ckpt.round,
-                    "n_clients": len(ckpt.clients),
+                    "n_clients": len(ckpt.clients), "client_files": names,
                     "files": {f: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)}
                               for f, d in files.items()}}
-        atomic_write(partial / MANIFEST_FILE, json_text(manifest).encode())
+        atomic_write(partial / MANIFEST_FILE, json_text(manifest).encode(), mode)
         os.replace(partial, ck / name)
         _fsync_dir(ck)
         ckpt.generation = gen_id
@@ -340,6 +354,33 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_CLIENT_FILE = re.compile(r"[a-z]+_\d{1,6}\.npz")
+
+
+def private_folder(path: str | Path) -> Path:
+    """Create ``path`` (and its parents) if needed and make it 0700: only its owner may list
+    or enter it (shards, a party's checkpoints)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _client_files(manifest: dict[str, Any]) -> list[str]:
+    """The clients' file names a manifest lists (older manifests: ``client_<k>.npz``)."""
+    names = manifest.get("client_files")
+    if names is None:
+        return [_client_file(k) for k in range(int(manifest["n_clients"]))]
+    if (not isinstance(names, list) or len(names) != manifest.get("n_clients")
+            or not all(isinstance(n, str) and _CLIENT_FILE.fullmatch(n) for n in names)):
+        raise RunFolderError(f"manifest lists client files {names!r}; expected one "
+                             "<name>_<k>.npz per client")
+    missing = [n for n in names if n not in manifest["files"]]
+    if missing:
+        raise RunFolderError(f"manifest has no checksum for {missing[0]}")
+    return names
 
 
 def _check_generation(gen: Path, n_clients: int | None) -> dict[str, Any]:
@@ -387,7 +428,8 @@ def load_checkpoint(run_dir: str | Path, n_clients: int | None = None,
             server = read_json(gen / SERVER_STATE_FILE)
             arrays = read_npz(gen / SERVER_ARRAYS_FILE) if (
                 SERVER_ARRAYS_FILE in manifest["files"]) else {}
-            clients = [read_npz(gen / _client_file(k)) for k in range(manifest["n_clients"])]
+            names = _client_files(manifest)
+            clients = [read_npz(gen / fname) for fname in names]
         except RunFolderError as exc:
             log.warning("checkpoint %s is not used: %s", gen, exc)
             refused.append(f"{gen.name}: {exc}")
@@ -395,7 +437,8 @@ def load_checkpoint(run_dir: str | Path, n_clients: int | None = None,
         if refused:
             log.warning("resuming from the older complete checkpoint %s", gen.name)
         rnd = int(server.pop("round"))
-        ckpt = Checkpoint(rnd, server, arrays, clients, str(manifest["generation"]))
+        ckpt = Checkpoint(rnd, server, arrays, clients, str(manifest["generation"]),
+                          client_files=names)
         ckpt.digests = {f: m["sha256"] for f, m in manifest["files"].items()}
         return ckpt
     legacy = sorted(p.name for p in ck.glob("*.pt")) if ck.is_dir() else []

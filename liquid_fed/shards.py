@@ -30,9 +30,17 @@ from liquid_fed.config import RunConfig
 from liquid_fed.data import Splits
 from liquid_fed.errors import DataError, RunFileError
 from liquid_fed.federation.setup import ClientView, ServerData, client_view, load_server_data
-from liquid_fed.rundir import RunDir, read_json, read_npz
+from liquid_fed.rundir import (
+    atomic_write,
+    json_text,
+    npz_bytes,
+    private_folder,
+    read_json,
+    read_npz,
+)
 
 log = logging.getLogger(__name__)
+PRIVATE = 0o600  # shard files: readable by their owner only
 
 SHARD_FORMAT = "liquid-fed-shard/1"
 FEATURES_FILE = "features.npz"
@@ -56,11 +64,13 @@ def shard_fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
 def _write(folder: Path, data_file: str, arrays: dict[str, np.ndarray],
            manifest: dict[str, Any]) -> None:
-    run = RunDir(folder)
-    path = run.write_npz(data_file, arrays)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    run.write_json(MANIFEST_FILE, {"format": SHARD_FORMAT, **manifest,
-                                   "files": {data_file: digest}})
+    """One shard: a 0700 folder whose files are 0600 (a party's data is for its owner only)."""
+    private_folder(folder)
+    data = npz_bytes(arrays, compress=True)
+    atomic_write(folder / data_file, data, PRIVATE)
+    atomic_write(folder / MANIFEST_FILE, (json_text(
+        {"format": SHARD_FORMAT, **manifest,
+         "files": {data_file: hashlib.sha256(data).hexdigest()}}) + "\n").encode(), PRIVATE)
 
 
 def write_shards(cfg: RunConfig, out: str | Path) -> list[Path]:
@@ -77,6 +87,7 @@ def write_shards(cfg: RunConfig, out: str | Path) -> list[Path]:
     out = Path(out)
     if (out / SERVER_DIR / MANIFEST_FILE).exists() or any(out.glob(f"party-*/{MANIFEST_FILE}")):
         raise RunFolderError(f"{out} already holds shards; choose another --out")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)  # a folder of the user's keeps its mode
     fingerprint = shard_fingerprint(cfg)
     folders = []
     for k in range(cfg.n_clients):

@@ -34,6 +34,8 @@ from liquid_fed.shards import load_server_shard
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml, configs/
+#: The exchanges that wait ``federation.setup_timeout``: a client's start is in them.
+SETUP_KINDS = ("hello", "setup")
 
 
 class GridTransport:
@@ -48,9 +50,13 @@ class GridTransport:
 
     def __init__(self, grid: Grid, n_clients: int, timeout: float, threads: int = 1,
                  wait: float = 120.0, poll: float = 0.15,
-                 health: Callable[[], str | None] | None = None) -> None:
+                 health: Callable[[], str | None] | None = None,
+                 setup_timeout: float | None = None) -> None:
         self.grid = grid
         self.timeout = timeout
+        # A client's first messages include its start (imports, data, expert): they may wait
+        # longer than a round's reply.
+        self.setup_timeout = max(timeout, setup_timeout or 0.0)
         self.threads = threads
         self.poll = poll
         self.health = health
@@ -69,14 +75,7 @@ class GridTransport:
                 f"{len(nodes)} nodes connected within {wait:.0f} s but the config needs "
                 f"{n_clients} (views.n_views)"
             )
-        # The first message to a node loads its app (seconds on a cold worker), and the run's
-        # first "setup" loads every party's data: both may take as long as the nodes were
-        # given to connect, not just one reply's timeout.
-        self.start_timeout = max(timeout, wait)
-        self.set_up = False
-        self.timeout = self.start_timeout
         self.nodes = self._assign(nodes, n_clients)
-        self.timeout = timeout
 
     def _assign(self, nodes: list[int], n_clients: int) -> list[int]:
         """Map client index -> node id by each node's ``partition-id``.
@@ -122,8 +121,10 @@ class GridTransport:
         msgs = [Message(encode(a, s), dst_node_id=node, message_type=MESSAGE_TYPES[kind],
                         group_id=str(self.round))
                 for node, a, s in zip(nodes, arrays, settings, strict=True)]
-        replies, waited = exchange_messages(self.grid, msgs, self.timeout, self.poll,
-                                            self.health, kind)
+        timeout, key = ((self.setup_timeout, "setup_timeout") if kind in SETUP_KINDS
+                        else (self.timeout, "reply_timeout"))
+        replies, waited = exchange_messages(self.grid, msgs, timeout, self.poll, self.health,
+                                            kind)
         out: list[Reply | NoReply] = []
         names = range(len(nodes)) if clients is None else clients  # how errors name them
         for k, node in zip(names, nodes, strict=True):
@@ -131,7 +132,7 @@ class GridTransport:
             if reply is None:
                 out.append(NoReply("timeout", f'client {k} (node {node}) sent no reply to '
                                               f'"{kind}" within {waited:.1f} s '
-                                              f"(federation.reply_timeout = {self.timeout:g} s)"))
+                                              f"(federation.{key} = {timeout:g} s)"))
             elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                 out.append(NoReply("error", f'client {k} (node {node}) is offline on "{kind}": '
                                             "its SuperNode signed off or its heartbeats stopped "
@@ -151,13 +152,7 @@ class GridTransport:
             self._replace_missing_nodes()
         clients = range(len(self.nodes)) if clients is None else clients
         nodes = [self.nodes[k] for k in clients]
-        starting = kind == "setup" and not self.set_up
-        timeout, self.timeout = self.timeout, self.start_timeout if starting else self.timeout
-        try:
-            replies = self._send_raw(kind, nodes, arrays, settings, clients)
-        finally:
-            self.timeout = timeout
-        self.set_up = self.set_up or starting
+        replies = self._send_raw(kind, nodes, arrays, settings, clients)
         for k, reply in zip(clients, replies, strict=True):
             if isinstance(reply, NoReply):
                 self.missed.add(k)
@@ -173,8 +168,9 @@ class GridTransport:
         if new:
             replies = self._send_raw("hello", new, [{} for _ in new], [{} for _ in new])
             for node, reply in zip(new, replies, strict=True):
-                if not isinstance(reply, NoReply):
-                    self.partitions[node] = reply[1].get("partition_id")
+                # No answer within federation.setup_timeout: not a party's node, for good.
+                self.partitions[node] = (None if isinstance(reply, NoReply)
+                                         else reply[1].get("partition_id"))
         for node in sorted(n for n in online if n not in self.nodes and n in self.partitions):
             k = self.partitions[node]
             if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.n_clients:
@@ -236,7 +232,8 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     # reached over HTTP: every 0.15 s instead of Flower's fixed 3 s.
     poll = cfg.simulation.pull_interval if hasattr(grid, "pull_interval") else 0.15
     transport = GridTransport(grid, cfg.n_clients, cfg.federation.reply_timeout,
-                              cfg.simulation.threads_per_client, poll=poll, health=health)
+                              cfg.simulation.threads_per_client, poll=poll, health=health,
+                              setup_timeout=cfg.federation.setup_timeout)
     return run_federated(cfg, transport, run_dir, resume, stop_after, on_round, extra,
                          server_data)
 

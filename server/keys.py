@@ -25,6 +25,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ CURVE = ec.SECP384R1
 PRIVATE = 0o600
 PUBLIC = 0o644
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+MAX_NODES = 1000  # parties one key set serves; a key pair each (about 2 ms apiece)
 
 
 @dataclass(frozen=True)
@@ -145,14 +149,25 @@ def _check_hosts(hosts: list[str]) -> list[str]:
     out: list[str] = []
     for host in hosts:
         host = host.strip()
-        if not host or any(c in host for c in " /:@") and not _is_ip(host):
-            raise ConfigError(f"--host: got {host!r}; accepted: an IP address or a DNS name "
-                              "(no port, no scheme)")
+        if not (_is_ip(host) or _is_dns_name(host)):
+            shown = host if len(host) <= 80 else f"{host[:77]}..."
+            raise ConfigError(f"--host: got {shown!r}; accepted: an IP address or a DNS name "
+                              "(letters, digits and '-' in dot-separated labels of at most 63 "
+                              "characters, 253 in all; no wildcard, port or scheme)")
         if host not in out:
             out.append(host)
     if not out:
         raise ConfigError("--host: at least one IP address or DNS name is needed")
     return out
+
+
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_dns_name(host: str) -> bool:
+    """A host name as RFC 1123 allows it (a certificate must never name a wildcard)."""
+    return 0 < len(host) <= 253 and all(_LABEL.fullmatch(label)
+                                        for label in host.removesuffix(".").split("."))
 
 
 def _is_ip(host: str) -> bool:
@@ -205,15 +220,35 @@ def make_keys(out: str | Path, nodes: int, hosts: list[str] | tuple[str, ...] = 
         ConfigError: ``nodes``, ``hosts`` or ``days`` out of range.
         RunFolderError: ``out`` already holds files (keys are never overwritten).
     """
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ConfigError(f"--nodes: got {nodes!r}; accepted: an integer >= 1")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= MAX_NODES:
+        raise ConfigError(f"--nodes: got {nodes!r}; accepted: an integer in 1..{MAX_NODES}")
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
         raise ConfigError(f"--days: got {days!r}; accepted: an integer in 1..3650")
     hosts = _check_hosts(list(hosts))
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise RunFolderError(f"{root} is a file, not a folder; give a new folder for the keys")
     if root.exists() and any(root.iterdir()):
         raise RunFolderError(f"{root} is not empty; keys are never overwritten (choose a new "
                              "folder)")
+    # Everything is written into a hidden sibling, renamed into place when whole: an
+    # interrupted or failed run leaves no partial key folder.
+    resolved = root.resolve()
+    partial = resolved.with_name(f".{resolved.name}.partial-{os.getpid()}")
+    try:
+        keys = _write_keys(partial, nodes, hosts, days)
+        if root.exists():
+            root.rmdir()  # empty (checked above)
+        os.replace(partial, root)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log.info("keys for %d parties and hosts %s in %s", nodes, hosts, root)
+    return KeySet(root, keys.n_nodes)
+
+
+def _write_keys(root: Path, nodes: int, hosts: list[str], days: int) -> KeySet:
+    """The whole key set of :func:`make_keys`, written into ``root``."""
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
@@ -274,7 +309,6 @@ def make_keys(out: str | Path, nodes: int, hosts: list[str] | tuple[str, ...] = 
     for folder in (root, root / "ca", server.folder, *(keys.party(k).folder
                                                        for k in range(nodes))):
         folder.chmod(0o700)
-    log.info("keys for %d parties and hosts %s in %s", nodes, hosts, root)
     return keys
 
 

@@ -296,7 +296,7 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
         # by Ray; its node's state lives in the engine, so the client comes back with it.
         "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client,
                              "num_gpus": cfg.simulation.num_gpus_per_client,
-                             "max_restarts": -1},
+                             "max_restarts": -1, "max_task_retries": 1},
         "init_args": {"num_cpus": os.cpu_count() or 1,
                       "object_store_memory": cfg.simulation.object_store_mb << 20,
                       "logging_level": "ERROR", "log_to_driver": False},

@@ -259,3 +259,31 @@ def test_overrides_leave_the_callers_dict_alone() -> None:
     cfg = build_config(base, ["train.epochs=5", "views.options.grid=[1, 4]"])
     assert (cfg.train.epochs, cfg.views.options["grid"]) == (5, [1, 4])
     assert base == {"train": {"epochs": 3}, "views": {"options": {"grid": [2, 2]}}}
+
+
+def test_federation_keys_are_checked_and_the_old_timeout_is_read() -> None:
+    # A run folder written before federation.reply_timeout existed still resumes.
+    cfg = build_config({"simulation": {"timeout": 42.0}})
+    assert cfg.federation.reply_timeout == 42.0 and "timeout" not in cfg.to_dict()["simulation"]
+    bad = {
+        "federation.min_clients=5": r"federation.min_clients: got 5; must be <= the number of "
+                                    r"clients \(views.n_views = 4\)",
+        "federation.on_bad_reply=ignore": 'federation.on_bad_reply: got "ignore"; accepted: '
+                                          "drop, fail",
+        "federation.faults=[{client: 4, round: 1, kind: crash}]":
+            r"federation.faults\[0\].client: got 4; must lie in \[0, 3\]",
+        "federation.faults=[{client: 0, round: 0, kind: crash}]":
+            r"federation.faults\[0\].round: got 0; rounds are counted from 1",
+        "federation.faults=[{client: 0, round: 1, kind: explode}]":
+            r"federation.faults\[0\].kind: got 'explode'; accepted: crash, hang, nan",
+        "federation.faults=[{client: 0, round: 1}]": "which lacks kind",
+        "federation.faults=[{client: 0, round: 1, kind: hang, seconds: -1}]":
+            r"federation.faults\[0\].seconds: got -1; expected a positive number",
+        "federation.faults=[{client: 0, round: 1, kind: nan, when: 3}]":
+            r'unknown config key "federation.faults\[0\].when"',
+        "federation.faults=[{client: 1, round: 2, kind: nan}, {client: 1, round: 2, kind: crash}]":
+            "client 1 already has a fault in round 2",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            build_config({}, [override])

@@ -172,11 +172,14 @@ def test_heterogeneous_experts_in_one_federation(tmp_path: Path) -> None:
     assert result["test"]["accuracy"] > 0.5
 
 
-def start_live_run(run: Path, env: dict[str, str]) -> subprocess.Popen:
-    """A long `liquid-fed run`, returned once it has written its first checkpoint."""
-    cmd = [sys.executable, "-m", "liquid_fed.cli", "run", str(QUICKSTART), "--out", str(run),
-           "--quiet", "--set", "train.checkpoint_every=5", "--set", "train.epochs=200",
-           "--set", "baselines.uniform=false", "--set", "baselines.independent=false"]
+def start_live_run(run: Path, env: dict[str, str],
+                   args: list[str] | None = None) -> subprocess.Popen:
+    """A long `liquid-fed run` (of ``args``: a config and its options), returned once it has
+    written its first checkpoint."""
+    args = args or [str(QUICKSTART), "--set", "train.checkpoint_every=5", "--set",
+                    "train.epochs=200", "--set", "baselines.uniform=false", "--set",
+                    "baselines.independent=false"]
+    cmd = [sys.executable, "-m", "liquid_fed.cli", "run", *args, "--out", str(run), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 180
@@ -320,3 +323,71 @@ engine: federated
                           "liquid-sink_one" / "summary.json").read_text())
     assert summary["study_engine"] == "federated" and summary["peak_memory_bytes"] > 0
     assert summary["engine"]["startup_seconds"] > 0  # Flower on Ray, as `liquid-fed run`
+
+
+# Exact split learning (float64, one step per chunk, momentum: a signal applied twice or a
+# faulted party's optimizer stepped would show).
+EXACT_SETS = ["train.chunk_size=64", "train.batch_size=64", "train.dtype=float64",
+              "train.eval_every=0", "optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=0",
+              "optim.momentum=0.9", "baselines.uniform=false", "baselines.independent=false",
+              "experts.options={hidden: [32]}", "federation.reply_timeout=10"]
+
+
+def _twin_losses(sets: list[str]) -> list[float]:
+    """The centralized twin's loss per step: a faulted party is absent from its round."""
+    cfg = load_config(QUICKSTART, sets)
+    data = central_data(cfg)
+    losses: list[float] = []
+    train_ensemble(cfg, data, build_ensemble(cfg, data),
+                   on_step=lambda _, loss: losses.append(loss))
+    return losses
+
+
+def test_faults_of_every_kind_through_flower_on_ray(tmp_path: Path) -> None:
+    # Client 1's actor process exits in round 2 (Ray restarts it; its state lives in the
+    # engine); client 2's blocks 11 s in round 3, past the 10 s reply_timeout, then exits;
+    # client 0 sends NaN predictions in round 5.
+    faults = ("federation.faults=[{client: 1, round: 2, kind: crash}, {client: 2, round: 3, "
+              "kind: hang, seconds: 11}, {client: 0, round: 5, kind: nan}]")
+    sets = ["train.epochs=1", *EXACT_SETS, faults]
+    run = tmp_path / "faults"
+    proc = ok(liquid_fed("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+                         "--out", str(run), "--quiet"))
+    result = summary(run)
+    parties = {p["client"]: p for p in result["parties"]}
+    rounds = result["rounds"]
+    assert f"client 2 answered {rounds - 1} of {rounds} rounds (absent: 1 timeout)" in proc.stdout
+    assert [parties[k]["rounds_present"] for k in range(4)] == [rounds - 1] * 3 + [rounds]
+    assert parties[1]["absent"] == {"error": 1}  # the process died on the message
+    assert 'client 1 (node' in parties[1]["last_reason"]
+    assert parties[2]["absent"] == {"timeout": 1}
+    assert "sent no reply to \"train\" within 1" in parties[2]["last_reason"]
+    assert parties[0]["absent"] == {"bad_reply": 1}
+    assert "'pred'[0, 0] is nan" in parties[0]["last_reason"]
+    assert parties[3]["absent"] == {}
+    losses = load_checkpoint(run, 4).server["train_losses"]
+    np.testing.assert_allclose(losses, _twin_losses(sets), rtol=0, atol=1e-6)
+
+
+@live
+def test_a_run_with_faults_killed_and_resumed_gives_the_same_losses(tmp_path: Path) -> None:
+    # A NaN reply before the kill, a crash after it: the resumed run equals the twin.
+    faults = ("federation.faults=[{client: 0, round: 3, kind: nan}, "
+              "{client: 3, round: 30, kind: crash}]")
+    sets = ["train.epochs=2", "train.checkpoint_every=5", *EXACT_SETS, faults]
+    run = tmp_path / "killed"
+    env, tag = tagged_env()
+    args = [a for s in sets for a in ("--set", s)]
+    proc = start_live_run(run, env, [str(QUICKSTART), *args])
+    proc.kill()  # SIGKILL of the launcher: the run dies with it
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while live_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stopped_at = load_checkpoint(run, 4).round
+    assert 0 < stopped_at < 30 and not (run / "summary.json").exists()
+    ok(liquid_fed("run", str(QUICKSTART), *args, "--out", str(run), "--quiet", "--resume"))
+    losses = load_checkpoint(run, 4).server["train_losses"]
+    np.testing.assert_allclose(losses, _twin_losses(sets), rtol=0, atol=1e-6)
+    parties = summary(run)["parties"]
+    assert [p["absent"] for p in parties] == [{"bad_reply": 1}, {}, {}, {"error": 1}]

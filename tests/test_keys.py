@@ -163,3 +163,46 @@ def test_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                            tmp_path / "k" / "ca" / "ca.crt", host)
     assert main(["keys", str(tmp_path / "k"), "--nodes", "2"]) == 2  # not overwritten
     assert "not empty" in capsys.readouterr().err
+
+
+def test_small_bad_inputs_get_one_line_errors_and_leave_no_folder(tmp_path: Path,
+                                                                   capsys) -> None:
+    from server.keys import MAX_NODES
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(["keys", str(a_file), "--nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{a_file} is a file, not a folder" in err and "Traceback" not in err
+    assert a_file.read_text() == "mine"
+    for nodes in ("100000", "0"):
+        assert main(["keys", str(tmp_path / "many"), "--nodes", nodes]) == 2
+        assert f"--nodes: got {nodes}; accepted: an integer in 1..{MAX_NODES}" in (
+            capsys.readouterr().err)
+    for host in ("*", "*.example.org", "a" * 300, "-bad.example.org", "x..y"):
+        assert main(["keys", str(tmp_path / "hosts"), "--nodes", "1", f"--host={host}"]) == 2
+        err = capsys.readouterr().err
+        assert "--host: got" in err and "no wildcard" in err and len(err) < 400
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing half-made
+    good = tmp_path / "good"
+    assert main(["keys", str(good), "--nodes", "2", "--host", "server.example.org"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "notes.txt"]
+    assert (good / "server" / "supernodes" / "party-1.pub").is_file()
+
+
+def test_a_failure_midway_leaves_no_partial_key_folder(tmp_path: Path, monkeypatch) -> None:
+    import server.keys as keys
+
+    calls = []
+
+    def failing(folder, name="supernode"):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second party's key is written
+        return real(folder, name)
+
+    real = keys.write_node_key
+    monkeypatch.setattr(keys, "write_node_key", failing)
+    with pytest.raises(KeyboardInterrupt):
+        keys.make_keys(tmp_path / "keys", 3)
+    assert list(tmp_path.iterdir()) == []

@@ -91,7 +91,7 @@ def _transport(grid: _Grid, nodes: list[int]) -> GridTransport:
         grid, list(nodes), 1, 0, 0.2, 0.01, None)
     t.n_clients = len(nodes)
     t.missed, t.partitions, t.refused = set(), {}, set()
-    t.set_up, t.start_timeout = True, 0.2
+    t.setup_timeout = 0.2
     return t
 
 
@@ -147,21 +147,19 @@ def test_a_new_node_takes_a_missing_partition_but_never_a_live_one(stand_in_mess
     assert t.nodes == [11, 21]
 
 
-def test_the_runs_first_setup_may_take_the_start_up_wait_later_ones_a_reply_timeout(
+def test_a_new_node_silent_to_hello_is_asked_once_and_given_nothing(
         stand_in_messages) -> None:
-    pushed_at: dict[int, float] = {}
+    def answer(node: int, kind: str) -> dict | None:
+        return None if node in (12, 31) else {"info": {}}
 
-    def answer(node: int, kind: str) -> dict | None:  # every reply takes 0.3 s
-        pushed_at.setdefault(len(grid.pushed), time.monotonic())
-        return {"info": {}} if time.monotonic() - pushed_at[len(grid.pushed)] > 0.3 else None
-
-    grid = _Grid([11], answer)
-    t = _transport(grid, [11])
-    t.set_up, t.start_timeout, t.timeout = False, 5.0, 0.1
-    assert t.exchange("setup", [{}], [{}]) == [({}, {})]  # loading the data: waited for
-    assert t.timeout == 0.1 and t.set_up
-    again = t.exchange("setup", [{}], [{}])  # a rejoining party's setup: one reply's timeout
-    assert isinstance(again[0], NoReply) and again[0].cause == "timeout"
+    grid = _Grid([11, 12], answer)
+    t = _transport(grid, [11, 12])
+    grid.online = [11, 31]  # 12 gone; 31 never answers (not a party's SuperNode)
+    t.exchange("train", [{}, {}], [{}, {}])
+    for _ in range(2):
+        t.exchange("train", [{}, {}], [{}, {}])
+    assert [n for n, k in grid.pushed if k == "query.hello"] == [31]  # within setup_timeout
+    assert t.nodes == [11, 12] and t.missed == {1}
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,3 +210,20 @@ def test_a_full_disk_loses_nothing_already_written(tmp_path: Path) -> None:
     assert "File too large" in out.stdout
     assert (tmp_path / "summary.json").read_text() == '{"kept": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+def test_a_manifest_cannot_name_client_files_outside_its_generation(tmp_path: Path) -> None:
+    from liquid_fed.rundir import Checkpoint, load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, Checkpoint(2, {"x": 1}, clients=[{"a": np.zeros(2)}]))
+    [gen] = (tmp_path / "checkpoints").iterdir()
+    manifest = json.loads((gen / "manifest.json").read_text())
+    assert manifest["client_files"] == ["client_0.npz"]
+    for planted in (["../../secret.npz"], ["client_0.npz", "client_1.npz"], "client_0.npz"):
+        (gen / "manifest.json").write_text(json.dumps({**manifest, "client_files": planted}))
+        with pytest.raises(RunFolderError, match="client files"):
+            load_checkpoint(tmp_path)
+    # A manifest of an older version (no client_files) reads client_<k>.npz.
+    del manifest["client_files"]
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+    assert load_checkpoint(tmp_path).client_files == ["client_0.npz"]

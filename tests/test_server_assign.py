@@ -72,7 +72,6 @@ def test_a_round_without_some_parties_messages_and_names_only_the_others(monkeyp
     t.nodes, t.threads, t.round, t.timeout, t.poll, t.health = [11, 12, 13], 1, 0, 0.0, 0.0, None
     t.grid = _SilentGrid()
     t.n_clients, t.missed, t.partitions, t.refused = 3, set(), {}, set()  # what __init__ sets
-    t.set_up, t.start_timeout = True, 0.0
     replies = t.exchange("train", [{}, {}], [{}, {}], clients=[2, 0])
     # No reply within the timeout: each client named by its index and node, as absent.
     assert [r.cause for r in replies] == ["timeout", "timeout"]

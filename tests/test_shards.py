@@ -155,3 +155,34 @@ def test_split_command(tmp_path: Path) -> None:
                             str(ROOT / "configs" / "quickstart.yaml"), "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already holds shards" in again.stderr
+
+
+def test_shards_and_a_partys_checkpoints_are_private(tmp_path: Path) -> None:
+    import stat
+
+    from liquid_fed.federation.client import own_file
+    from liquid_fed.rundir import Checkpoint, load_checkpoint, save_checkpoint
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    cfg = build_config({"data": {"name": "iris"}, "views": {"kind": "random", "n_views": 2,
+                                                            "options": {}}})
+    folders = write_shards(cfg, tmp_path / "shards")
+    for folder in folders:
+        assert mode(folder) == 0o700, folder
+        for f in folder.iterdir():
+            assert mode(f) == 0o600, f
+    # A party's own checkpoint: 0700 folders, 0600 files, its file named by its index.
+    where = tmp_path / "party" / "checkpoints" / "run-1"
+    state = {"model/w": np.arange(3.0)}
+    save_checkpoint(where, Checkpoint(4, {"party": 3}, clients=[state],
+                                      client_files=[own_file(3)]), private=True)
+    [gen] = (where / "checkpoints").iterdir()
+    assert "party_3.npz" in {p.name for p in gen.iterdir()}
+    assert not any(p.name.startswith("client_") for p in gen.iterdir())
+    assert {mode(p) for p in gen.iterdir()} == {0o600}
+    assert mode(gen) == mode(where / "checkpoints") == mode(where) == 0o700
+    back = load_checkpoint(where, 1)
+    assert back.client_files == ["party_3.npz"] and back.round == 4
+    np.testing.assert_array_equal(back.clients[0]["model/w"], state["model/w"])

@@ -27,7 +27,7 @@ from liquid_fed.experts import Expert
 from liquid_fed.federation.replies import check_signals, ids_digest
 from liquid_fed.federation.setup import ClientView, build_client_expert, client_view
 from liquid_fed.federation.state import OPT_GROUPS, Arrays, arrays_to_state, state_to_arrays
-from liquid_fed.rundir import Checkpoint, load_checkpoint, save_checkpoint
+from liquid_fed.rundir import Checkpoint, load_checkpoint, private_folder, save_checkpoint
 from liquid_fed.train import DTYPES, batch_order, make_optimizer
 
 #: What the server's setup message fixes for the rest of the run (a node adds its data_dir).
@@ -187,12 +187,19 @@ def own_checkpoints(settings: dict[str, Any]) -> Path:
     return Path(settings["data_dir"]) / "checkpoints" / str(settings["run_id"])
 
 
+def own_file(index: int) -> str:
+    """The file of a party's own checkpoint: named by its index."""
+    return f"party_{index}.npz"
+
+
 def _save_own_checkpoint(settings: dict[str, Any], own: Arrays) -> dict[str, Any]:
+    index = int(settings["index"])
     ckpt = Checkpoint(int(settings.get("checkpoint_round", 0)),
-                      {"party": int(settings["index"]), "run_id": settings["run_id"]},
-                      clients=[own])
-    save_checkpoint(own_checkpoints(settings), ckpt)
-    return {"generation": ckpt.generation, "sha256": ckpt.digests["client_0.npz"]}
+                      {"party": index, "run_id": settings["run_id"]}, clients=[own],
+                      client_files=[own_file(index)])
+    private_folder(Path(settings["data_dir"]) / "checkpoints")
+    save_checkpoint(own_checkpoints(settings), ckpt, private=True)  # 0600 files, 0700 folders
+    return {"generation": ckpt.generation, "sha256": ckpt.digests[own_file(index)]}
 
 
 def _load_own_checkpoint(settings: dict[str, Any]) -> Arrays:
@@ -203,7 +210,7 @@ def _load_own_checkpoint(settings: dict[str, Any]) -> Arrays:
         ckpt = load_checkpoint(where, 1, generation=gen)
     except RunFolderError as exc:
         raise RunFolderError(f"party {settings['index']}: cannot resume: {exc}") from exc
-    if ckpt.digests.get("client_0.npz") != settings.get("resume_sha256"):
+    if ckpt.digests.get(ckpt.client_files[0]) != settings.get("resume_sha256"):
         raise RunFolderError(f"party {settings['index']}: its checkpoint {gen} in {where} is "
                              "not the one the server's checkpoint names (checksums differ)")
     return ckpt.clients[0]
