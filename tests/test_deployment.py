@@ -211,7 +211,8 @@ def test_failed_run_is_reported_with_the_serverapp_error_and_cleaned_up(
 @deployment
 def test_timeout_stops_a_running_federation(tmp_path: Path) -> None:
     with pytest.raises(DeploymentError, match="did not finish within 15 s") as caught:
-        deploy(QUICKSTART, TINY, out=tmp_path / "runs", timeout=15,
+        # 200 rounds cannot finish in 15 s; a 1-round run now can (it did once in this test).
+        deploy(QUICKSTART, [*TINY, "train.epochs=200"], out=tmp_path / "runs", timeout=15,
                work_dir=tmp_path / "deploy")
     assert_all_stopped(caught.value.tag, caught.value.ports)
 
