@@ -28,7 +28,10 @@ Ctrl-C) they are all stopped with SIGTERM, then SIGKILL, before the command retu
 ``--mode`` says how the SuperNodes run the ClientApp (:mod:`clients.supernode`): ``fast``
 (default) keeps one ClientApp worker per node warm and shortens the SuperNodes' waits, ``warm``
 only keeps the worker, ``stock`` is Flower's own process per message. In the warm modes a
-SuperNode stops as soon as its worker dies, and the run fails at once naming that node.
+SuperNode stops as soon as its worker dies (and signs its node off, so the ServerApp sees it
+offline at once). When every party is required (``federation.min_clients`` = the number of
+parties) the run then fails at once naming that node; otherwise the exit is logged and the
+ServerApp counts the party absent until it rejoins.
 
 The run folder is ``<DIR>/<name>`` (``--out`` is passed to the ServerApp as an absolute
 ``out``; without it, ``<out>/<name>`` of the config relative to the current directory).
