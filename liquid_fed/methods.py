@@ -33,6 +33,31 @@ Methods:
     Vertical split learning: each party's bottom model is its expert's trunk (everything
     before the prediction head) and sends its embedding (B, H); the server concatenates the K
     embeddings into a top MLP (``MethodOptions.top_hidden``) -> (B, C). Trained end to end.
+``plugvfl``
+    Split learning with party-wise dropout (PlugVFL, arXiv 2303.18178): ``splitnn``'s model,
+    trained with each party's embedding of each sample zeroed with probability
+    ``MethodOptions.party_dropout`` (default 0.3; at least one party kept per sample, drawn
+    by :func:`~liquid_fed.availability.drop_keeping_one` from a stream of the run's seed),
+    so the top model learns to predict from any subset; no rescaling of the kept
+    embeddings. At test an absent party's embedding is zeros. Departures from the paper: the
+    drop is per sample (the paper drops a party for a whole batch) and no party is exempt
+    (the paper never drops the active party; here the labels sit at the server, which holds
+    no features).
+``laser``
+    LASER-VFL (Valdeira et al., ICLR 2025; read from ``Valdeira/LASER-VFL``,
+    ``models/model_utils.py`` and ``methods/laser.py``, and written anew): each party's
+    bottom model is its expert's trunk, and each party has a linear predictor (B, H) -> (B,
+    C) that reads the *mean* of the embeddings of a subset of parties that holds it (their
+    ``FusionModel`` with ``aggregation="mean"``). Training: per sample, for every present
+    party i and size s, one subset of the present parties with i in it and s members is
+    drawn, its loss weighted ``C(n-1, s-1)/s`` (n present), the terms summed (their
+    ``train_laser``). Prediction over the parties present: every present party's predictor
+    on the mean of the present embeddings, class probabilities averaged (outputs averaged
+    for regression). Departures: their observed set is one per batch, here per sample (the
+    study's test masks are per sample); they report the mean accuracy of the present
+    predictors, here their probabilities are averaged into one prediction; the predictors
+    are linear on the experts' trunks (their FusionModel is linear on ResNet/MLP
+    features). Needs one embedding width for all parties.
 ``aggvfl``
     Aggregate VFL: each party's expert outputs C logits (outputs); the server sums them.
 ``moe``
@@ -68,6 +93,28 @@ the absent view's features are 0, its training mean after standardisation (mean 
 :func:`~liquid_fed.train.batch_order` over those rows) and score only on the samples their view
 holds; ``oracle`` falls back to the average of the present experts where the informative view
 is absent. No party ever receives a gradient from a sample it lacks.
+
+Absent parties in training (``availability``, a study's ``train_missing``): the methods that
+train jointly (``liquid``, ``uniform``, ``splitnn``, ``plugvfl``, ``laser``, ``aggvfl``,
+``moe``) lose, in every mini-batch, the parties absent from the round whose chunk holds it
+(:func:`~liquid_fed.availability.round_presence`, the Liquid Ensemble's own draws: the same
+parties in the same batches for every method of a seed). An absent party is not asked: its
+network and its optimizer state are untouched that step; the others combine as under
+``views.missing`` above. ``averaged``, ``local`` and ``oracle`` train each party alone on
+its own view and the labels, with no round to miss: absences do not reach them; nor do they
+reach ``central`` (one model, no parties). Under absences ``uniform`` reports no label
+leakage (its steps with absent parties bypass the ensemble's forward that the eavesdropper
+follows).
+
+Absent parties at test (``MethodContext.test_missing``, ``MethodResult.test_missing``): every
+method is scored on the same masks of :func:`liquid_fed.robustness.missing_mask` (each test
+sample loses each party with the rate's probability, one kept) and of each party absent
+alone: ``liquid``/``uniform`` re-solve the powers over the present experts (the run's
+smoothing ``λ``), ``averaged``/``oracle`` weigh the present parties, ``aggvfl`` sums them,
+``moe`` gates over them, ``splitnn``/``plugvfl`` zero-fill the absent embeddings, ``laser``
+averages its present parties' predictors, ``local`` predicts with the best party (on
+validation) where it is present and else with the best present party, and ``central`` reads
+an absent view as zeros (its standardised training mean).
 
 Label leakage (``MethodResult.label_leakage``, see :mod:`liquid_fed.privacy`): the methods
 that send their parties gradients are attacked on exactly what each party receives during
@@ -600,11 +647,12 @@ JOINT = ("aggvfl", "splitnn", "plugvfl", "laser", "moe", "central")
 
 def build_joint(name: str, cfg: RunConfig, data: CentralData,
                 options: MethodOptions | None = None) -> _Joint:
-    """The untrained model of a jointly trained baseline (``aggvfl``, ``splitnn``, ``moe``,
-    ``central``), built exactly as :func:`run_method` builds it.
+    """The untrained model of a jointly trained baseline (one of :data:`JOINT`), built
+    exactly as :func:`run_method` builds it.
 
     Raises:
-        ValueError: for a name that is not one of these four.
+        ValueError: for a name that is not one of :data:`JOINT`.
+        ConfigError: ``laser`` with parties of different embedding widths.
     """
     options = options or MethodOptions()
     task, c, k = data.server.task, data.server.n_outputs, cfg.n_clients
@@ -1271,6 +1319,7 @@ def run_methods(names: Sequence[str], cfg: RunConfig, data: CentralData,
     return {n: run_method(n, cfg, data, context=context) for n in names}
 
 
-__all__ = ["METHODS", "AggVFL", "JointOutput", "MethodContext", "MethodOptions",
-           "Eavesdropper", "MethodResult", "MixtureOfParties", "PartyNet", "SplitNN", "build_joint",
+__all__ = ["JOINT", "METHODS", "AggVFL", "JointOutput", "Laser", "MethodContext",
+           "MethodOptions", "Eavesdropper", "MethodResult", "MixtureOfParties", "PartyNet",
+           "PlugVFL", "SplitNN", "build_joint",
            "check_methods", "mixture", "predict_joint", "run_method", "run_methods"]

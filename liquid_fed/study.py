@@ -21,6 +21,20 @@ A study file (YAML) names a base run config and the settings to vary::
     mixes: [probs, logits]           # optional: every pooling method once per ensemble.mix
     engine: centralized              # or federated (Flower on Ray) for the Liquid Ensemble
     method_options: {top_hidden: [64]}
+    test_missing: [0, 0.1, 0.3]      # optional: every run also scored with parties absent
+    show: [views.overlap]            # optional: the keys the report's setting labels show
+
+Absent parties (configs/studies/dropout.yaml). ``train_missing`` is a study name of the run
+key ``availability.dropout`` (usable in ``grid``, ``paired``, ``random``): each party misses
+each training round with that probability, and every method that trains jointly loses the
+same parties in the same mini-batches (:mod:`liquid_fed.methods`; with ``train.chunk_size ==
+train.batch_size`` a round is one mini-batch, the MARS-VFL protocol). ``test_missing`` is a
+study key, not an axis: a list of rates at which every run is scored on its test split, each
+sample losing each party with that probability (one kept), on masks drawn from the seed and
+shared by every method (:func:`liquid_fed.robustness.missing_mask`); each party absent alone
+is scored too (column ``absent_one``: the mean over parties). The rows of results.csv are
+then per *scored setting* (:meth:`Study.scored_settings`, id ``<cell>@<rate>``): one trained
+run gives one row per rate, so the rates of a setting are paired through its models.
 
 Method labels: ``liquid`` becomes ``liquid:<solver>`` per solver. With ``mixes``, every method
 that pools the experts' outputs through ``ensemble.mix`` (:data:`MIX_METHODS`: the Liquid
