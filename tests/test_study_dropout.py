@@ -8,6 +8,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from liquid_fed.errors import ConfigError
@@ -117,3 +118,29 @@ def test_bad_absence_keys_are_refused(tmp_path: Path, extra: str, message: str) 
         body += "grid: {train_missing: [0.0, 0.1]}\n"
     with pytest.raises(ConfigError, match=message):
         load_study(_write(tmp_path, body))
+
+
+def test_the_missing_figure_draws_each_methods_mean_per_test_rate(tmp_path: Path) -> None:
+    from liquid_fed.study_plots import missing_figure
+
+    body = TINY.replace("seeds: [4]", "seeds: [0, 1]")
+    study = load_study(_write(tmp_path, body))
+    rows = []
+    for s in study.scored_settings():
+        for seed in study.seeds:
+            for m in study.methods:
+                # a score that tells every panel, line, rate and seed apart
+                score = (0.9 - 0.3 * s.values["test_missing"] - 0.1 * s.values["train_missing"]
+                         - 0.01 * study.methods.index(m) + 0.001 * seed)
+                rows.append({"cell": s.id, "seed": seed, "method": m, "metric": "accuracy",
+                             "score": score})
+    fig = missing_figure(study, rows)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["train missing 0.0", "train missing 0.3"]
+    for ax, train in zip(axes, (0.0, 0.3), strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert list(lines) == study.methods
+        for i, (label, line) in enumerate(lines.items()):
+            assert list(line.get_xdata()) == [0.0, 0.5]
+            expected = [0.9 - 0.3 * p - 0.1 * train - 0.01 * i + 0.0005 for p in (0.0, 0.5)]
+            assert np.allclose(line.get_ydata(), expected), label
