@@ -435,7 +435,9 @@ def knob_figure(study: Study, rows: Sequence[dict[str, Any]], knob: str) -> Any 
             ax.set_xticks(xs, [str(p[0]) for p in points])
         ax.set_xlabel(knob)
         ax.set_ylabel(_metric_name(rows))
-        ax.set_title(", ".join(f"{k}={v}" for k, v in key) or "all settings", fontsize="small")
+        shown = study.scored_settings()[0].show  # the study's `show` (and test_missing)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in key if shown is None or k in shown)
+                     or "all settings", fontsize="small")
         ax.grid(alpha=0.3)
     for ax in axes[n:]:
         ax.set_visible(False)
