@@ -961,7 +961,7 @@ def _ensemble_method(ctx: MethodContext, name: str, **overrides: Any) -> MethodR
     ens = build_ensemble(cfg, data, **overrides)
     # fit runs the experts themselves in steps with absent parties (not the ensemble's
     # forward, which the eavesdropper follows): no attack is measured under absences
-    rounds = cfg.availability.dropout > 0 or bool(cfg.availability.absent)
+    rounds = _answering(cfg, cfg.n_clients, int(data.targets["train"].shape[0])) is not None
     spy = Eavesdropper(name, ens, cfg, data) if name == "uniform" and not rounds else None
     losses, seconds = _fit(cfg, ens, data.inputs["train"], data.targets["train"],
                            data.present["train"], rounds=True)
