@@ -118,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"{outcome.out}", file=sys.stderr)
         return 130
     print(f"study {outcome.name}: "
-          f"{outcome.rows} runs -> {outcome.out}/{studies.RESULTS_FILE}, "
+          f"{outcome.rows} result rows -> {outcome.out}/{studies.RESULTS_FILE}, "
           f"{outcome.out}/{studies.REPORT_FILE}, {outcome.figures} figure(s) in "
           f"{outcome.out}/figures")
     return 0

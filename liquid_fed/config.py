@@ -418,20 +418,9 @@ def _check_absent(absent: list[dict[str, Any]], k: int) -> None:
     round in which every client is scheduled away."""
     for i, entry in enumerate(absent):
         where = f"availability.absent[{i}]"
-        unknown = sorted(set(entry) - set(_ABSENT_KEYS), key=str)
-        if unknown:
-            raise ConfigError(f'unknown config key "{where}.{unknown[0]}" (accepted: '
-                              f"{', '.join(_ABSENT_KEYS)})")
-        lacking = [key for key in _ABSENT_KEYS if key not in entry]
-        if lacking:
-            raise ConfigError(f"{where}: got {entry!r}, which lacks {', '.join(lacking)}; an "
-                              "absence needs client, from_round and to_round")
+        _check_entry_keys(entry, where, _ABSENT_KEYS, (), "an absence")
         for key in _ABSENT_KEYS:
-            value = entry[key]
-            if isinstance(value, float) and value.is_integer():
-                value = entry[key] = int(value)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{where}.{key}: got {value!r}; expected an integer")
+            _int_field(entry, key, where)
         if not 0 <= entry["client"] < k:
             raise ConfigError(f"{where}.client: got {entry['client']}; must lie in [0, {k - 1}] "
                               f"(views.n_views = {k})")
@@ -451,6 +440,22 @@ def _check_absent(absent: list[dict[str, Any]], k: int) -> None:
                               f"{r}; at least one must answer every round")
 
 
+def _check_entry_keys(entry: Any, where: str, required: tuple[str, ...],
+                      optional: tuple[str, ...], what: str) -> None:
+    """One entry of a list of mappings: a mapping, no unknown key, every required key."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: got {entry!r}; expected a mapping with "
+                          f"{', '.join(required)}")
+    unknown = sorted(set(entry) - {*required, *optional}, key=str)
+    if unknown:
+        raise ConfigError(f'unknown config key "{where}.{unknown[0]}" (accepted: '
+                          f"{', '.join((*required, *optional))})")
+    lacking = [key for key in required if key not in entry]
+    if lacking:
+        raise ConfigError(f"{where}: got {entry!r}, which lacks {', '.join(lacking)}; "
+                          f"{what} needs {', '.join(required[:-1])} and {required[-1]}")
+
+
 def _int_field(entry: dict[str, Any], key: str, where: str) -> int:
     value = entry[key]
     if isinstance(value, float) and value.is_integer():
@@ -466,17 +471,7 @@ def _check_faults(faults: list[dict[str, Any]], k: int) -> None:
     seen: set[tuple[int, int]] = set()
     for i, entry in enumerate(faults):
         where = f"federation.faults[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: got {entry!r}; expected a mapping "
-                              "{client: K, round: R, kind: crash | hang | nan}")
-        unknown = sorted(set(entry) - {*_FAULT_KEYS, "seconds"}, key=str)
-        if unknown:
-            raise ConfigError(f'unknown config key "{where}.{unknown[0]}" (accepted: '
-                              f"{', '.join(_FAULT_KEYS)}, seconds)")
-        lacking = [key for key in _FAULT_KEYS if key not in entry]
-        if lacking:
-            raise ConfigError(f"{where}: got {entry!r}, which lacks {', '.join(lacking)}; a "
-                              "fault needs client, round and kind")
+        _check_entry_keys(entry, where, _FAULT_KEYS, ("seconds",), "a fault")
         client, round_number = _int_field(entry, "client", where), _int_field(entry, "round",
                                                                               where)
         if not 0 <= client < k:

@@ -33,6 +33,31 @@ Methods:
     Vertical split learning: each party's bottom model is its expert's trunk (everything
     before the prediction head) and sends its embedding (B, H); the server concatenates the K
     embeddings into a top MLP (``MethodOptions.top_hidden``) -> (B, C). Trained end to end.
+``plugvfl``
+    Split learning with party-wise dropout (PlugVFL, arXiv 2303.18178): ``splitnn``'s model,
+    trained with each party's embedding of each sample zeroed with probability
+    ``MethodOptions.party_dropout`` (default 0.3; at least one party kept per sample, drawn
+    by :func:`~liquid_fed.availability.drop_keeping_one` from a stream of the run's seed),
+    so the top model learns to predict from any subset; no rescaling of the kept
+    embeddings. At test an absent party's embedding is zeros. Departures from the paper: the
+    drop is per sample (the paper drops a party for a whole batch) and no party is exempt
+    (the paper never drops the active party; here the labels sit at the server, which holds
+    no features).
+``laser``
+    LASER-VFL (Valdeira et al., ICLR 2025; read from ``Valdeira/LASER-VFL``,
+    ``models/model_utils.py`` and ``methods/laser.py``, and written anew): each party's
+    bottom model is its expert's trunk, and each party has a linear predictor (B, H) -> (B,
+    C) that reads the *mean* of the embeddings of a subset of parties that holds it (their
+    ``FusionModel`` with ``aggregation="mean"``). Training: per sample, for every present
+    party i and size s, one subset of the present parties with i in it and s members is
+    drawn, its loss weighted ``C(n-1, s-1)/s`` (n present), the terms summed (their
+    ``train_laser``). Prediction over the parties present: every present party's predictor
+    on the mean of the present embeddings, class probabilities averaged (outputs averaged
+    for regression). Departures: their observed set is one per batch, here per sample (the
+    study's test masks are per sample); they report the mean accuracy of the present
+    predictors, here their probabilities are averaged into one prediction; the predictors
+    are linear on the experts' trunks (their FusionModel is linear on ResNet/MLP
+    features). Needs one embedding width for all parties.
 ``aggvfl``
     Aggregate VFL: each party's expert outputs C logits (outputs); the server sums them.
 ``moe``
@@ -68,6 +93,28 @@ the absent view's features are 0, its training mean after standardisation (mean 
 :func:`~liquid_fed.train.batch_order` over those rows) and score only on the samples their view
 holds; ``oracle`` falls back to the average of the present experts where the informative view
 is absent. No party ever receives a gradient from a sample it lacks.
+
+Absent parties in training (``availability``, a study's ``train_missing``): the methods that
+train jointly (``liquid``, ``uniform``, ``splitnn``, ``plugvfl``, ``laser``, ``aggvfl``,
+``moe``) lose, in every mini-batch, the parties absent from the round whose chunk holds it
+(:func:`~liquid_fed.availability.round_presence`, the Liquid Ensemble's own draws: the same
+parties in the same batches for every method of a seed). An absent party is not asked: its
+network and its optimizer state are untouched that step; the others combine as under
+``views.missing`` above. ``averaged``, ``local`` and ``oracle`` train each party alone on
+its own view and the labels, with no round to miss: absences do not reach them; nor do they
+reach ``central`` (one model, no parties). Under absences ``uniform`` reports no label
+leakage (its steps with absent parties bypass the ensemble's forward that the eavesdropper
+follows).
+
+Absent parties at test (``MethodContext.test_missing``, ``MethodResult.test_missing``): every
+method is scored on the same masks of :func:`liquid_fed.robustness.missing_mask` (each test
+sample loses each party with the rate's probability, one kept) and of each party absent
+alone: ``liquid``/``uniform`` re-solve the powers over the present experts (the run's
+smoothing ``λ``), ``averaged``/``oracle`` weigh the present parties, ``aggvfl`` sums them,
+``moe`` gates over them, ``splitnn``/``plugvfl`` zero-fill the absent embeddings, ``laser``
+averages its present parties' predictors, ``local`` predicts with the best party (on
+validation) where it is present and else with the best present party, and ``central`` reads
+an absent view as zeros (its standardised training mean).
 
 Label leakage (``MethodResult.label_leakage``, see :mod:`liquid_fed.privacy`): the methods
 that send their parties gradients are attacked on exactly what each party receives during
@@ -105,19 +152,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liquid_fed.centralized import CentralData, build_ensemble
+from liquid_fed.availability import drop_keeping_one, round_mask, stream_rng
+from liquid_fed.centralized import CentralData, _answering, build_ensemble
 from liquid_fed.config import RunConfig
-from liquid_fed.ensemble import EnsembleOutput, pool, task_loss
+from liquid_fed.ensemble import EnsembleOutput, LiquidEnsemble, pool, task_loss
 from liquid_fed.errors import ConfigError
 from liquid_fed.experts import Expert, build_expert
 from liquid_fed.federation.setup import build_client_expert
 from liquid_fed.metrics import TASK_METRICS, confidences, evaluate_output, primary_score
 from liquid_fed.privacy import EmbeddingLeakage, LabelLeakage, labels_at_party, strongest
+from liquid_fed.robustness import (
+    absent_key,
+    absent_mask,
+    check_missing_rate,
+    missing_mask,
+    rate_key,
+    score,
+)
 from liquid_fed.train import DTYPES, batch_order, fit, predict_splits
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1024
+#: Options of :class:`MethodOptions` that are probabilities, not lists of widths.
+_RATE_OPTIONS = ("party_dropout",)
+# Random streams of the run's seed (liquid_fed.availability.stream_rng), apart from the
+# rounds' absences and the test masks: plugvfl's party-wise dropout, laser's subset draws.
+_PLUG_STREAM = 0x9106
+_LASER_STREAM = 0x1A5E4
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +191,11 @@ EVAL_BATCH = 1024
 class MethodOptions:
     """Settings of the server-side models of the baselines (widths of hidden layers)."""
 
-    top_hidden: list[int] = field(default_factory=lambda: [64])  # splitnn's top MLP
+    top_hidden: list[int] = field(default_factory=lambda: [64])  # splitnn's/plugvfl's top MLP
     gate_hidden: list[int] = field(default_factory=list)  # moe's gate; [] = linear gate
+    # plugvfl: each party's embedding is zeroed with this probability in training (PlugVFL's
+    # p_drop, which the paper takes in (0, 0.5))
+    party_dropout: float = 0.3
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "method_options"
@@ -147,6 +212,14 @@ class MethodOptions:
             raise ConfigError(f'unknown key "{where}.{unknown[0]}" (accepted: '
                               f"{', '.join(names)})")
         for key, value in data.items():
+            if key in _RATE_OPTIONS:
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and 0.0 <= value < 1.0)
+                if not ok:
+                    raise ConfigError(f"{where}.{key}: got {value!r}; expected a probability "
+                                      "in [0, 1)")
+                data[key] = float(value)
+                continue
             if not isinstance(value, (list, tuple)) or not all(
                     isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
                 raise ConfigError(f"{where}.{key}: got {value!r}; expected a list of positive "
@@ -167,6 +240,11 @@ class MethodResult:
     ``power`` (n, K), ``delegation`` (n, K, K), ``gate`` (n, K), ``conf_<measure>`` (n,)).
     ``model``: the trained module (not serialised). ``label_leakage``: what the parties
     recover of the training labels from the gradients they receive (see the module docstring).
+    ``test_missing``: the test metrics with parties missing at test, per missing rate
+    (:func:`liquid_fed.robustness.rate_key` of the rate -> metrics; the rates of
+    ``MethodContext.test_missing`` above 0, each scored on the masks of
+    :func:`liquid_fed.robustness.missing_mask`, the same for every method of a seed) and
+    with each party absent alone (:func:`~liquid_fed.robustness.absent_key`).
     """
 
     method: str
@@ -179,13 +257,17 @@ class MethodResult:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
     label_leakage: dict[str, Any] | None = None
+    test_missing: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able part: everything but the arrays and the model."""
-        return {"method": self.method, "val": self.val, "test": self.test,
-                "train_seconds": self.train_seconds, "epoch_losses": self.epoch_losses,
-                "per_party": self.per_party, "party_weight": self.party_weight,
-                "label_leakage": self.label_leakage}
+        out = {"method": self.method, "val": self.val, "test": self.test,
+               "train_seconds": self.train_seconds, "epoch_losses": self.epoch_losses,
+               "per_party": self.per_party, "party_weight": self.party_weight,
+               "label_leakage": self.label_leakage}
+        if self.test_missing:
+            out["test_missing"] = self.test_missing
+        return out
 
 
 @dataclass
@@ -200,12 +282,31 @@ class MethodContext:
     alone), so that ``averaged``, ``local`` and ``oracle`` train them once."""
 
     def __init__(self, cfg: RunConfig, data: CentralData,
-                 options: MethodOptions | None = None) -> None:
+                 options: MethodOptions | None = None,
+                 test_missing: Sequence[float] = ()) -> None:
         self.cfg = cfg
         self.data = data
         self.options = options or MethodOptions()
+        self.test_missing = tuple(check_missing_rate(p) for p in test_missing)
         self._solos: _Solos | None = None
         self._shared: MethodContext | None = None
+
+    def missing_masks(self) -> dict[str, Tensor]:
+        """The test presence masks (n, K) of ``test_missing``: per missing rate above 0
+        (:func:`liquid_fed.robustness.missing_mask`: drawn from the run's seed, on top of the
+        data's own absences; every method of a seed gets the same masks, and so does the
+        Liquid Ensemble's ``robustness``), and with each party absent alone (``absent <k>``,
+        :func:`~liquid_fed.robustness.absent_mask`). Empty without ``test_missing``."""
+        if not self.test_missing:
+            return {}
+        target = self.data.targets["test"]
+        n, k = int(target.shape[0]), self.cfg.n_clients
+        base = self.data.present["test"]
+        masks = {rate_key(p): missing_mask(n, k, p, self.cfg.seed, base)
+                 for p in self.test_missing if p > 0}
+        if k > 1:
+            masks.update({absent_key(j): absent_mask(n, k, [j], base) for j in range(k)})
+        return masks
 
     def solos(self) -> _Solos:
         if self._solos is None:
@@ -226,7 +327,7 @@ class MethodContext:
         if dataclasses.replace(cfg, ensemble=self.cfg.ensemble) != self.cfg:
             raise ValueError("MethodContext.for_config: the config differs in more than its "
                              "ensemble section; the experts trained alone cannot be shared")
-        other = MethodContext(cfg, self.data, self.options)
+        other = MethodContext(cfg, self.data, self.options, self.test_missing)
         other._shared = self
         return other
 
@@ -246,6 +347,10 @@ class JointOutput(NamedTuple):
     predictions: Tensor | None = None  # (B, K, C) each party's head, where there is one
     gate: Tensor | None = None  # (B, K) weights over parties, where there are some
     present: Tensor | None = None  # (B, K)
+    # laser in training: the sampled subset predictors' outputs (B, M, C) and the weights of
+    # their losses (B, M) in the training objective
+    subset_outputs: Tensor | None = None
+    subset_weights: Tensor | None = None
 
 
 class PartyNet(nn.Module):
@@ -325,13 +430,26 @@ class _Joint(nn.Module):
                              f"got {len(inputs)}")
         embeds, preds = [], []
         for k, (party, x) in enumerate(zip(self.parties, inputs, strict=True)):
-            h, y = party(x)
+            if present is not None and not bool(present[:, k].any()):
+                # A party absent from the whole batch (a round it missed) is not asked: its
+                # network gets no gradient, so the optimizer leaves it and its state as they
+                # were, as the Liquid Ensemble's absent experts. Run for the shapes only.
+                with torch.no_grad():
+                    h, y = party(x)
+                h, y = torch.zeros_like(h), torch.zeros_like(y)
+            else:
+                h, y = party(x)
             embeds.append(_mask(h, present, k))
             preds.append(_mask(y, present, k))
         return embeds, preds
 
     def loss(self, out: JointOutput, target: Tensor) -> Tensor:
-        """The task loss of the output (NLL of log-probabilities, or mean squared error)."""
+        """The task loss of the output (NLL of log-probabilities, or mean squared error); for
+        laser in training, its subset predictors' weighted losses (summed per sample,
+        averaged over the batch)."""
+        if out.subset_outputs is not None and out.subset_weights is not None:
+            per = _per_sample_loss(out.subset_outputs, target, self.task)  # (B, M)
+            return (per * out.subset_weights).sum(-1).mean()
         return task_loss(out.output, target, self.task)
 
 
@@ -357,6 +475,121 @@ class SplitNN(_Joint):
                            present)
 
 
+class PlugVFL(SplitNN):
+    """Split learning with party-wise dropout (PlugVFL, arXiv 2303.18178): in training, each
+    party's embedding of each sample is zeroed with probability ``party_dropout`` (at least
+    one party kept per sample), so that the top model learns to predict from any subset;
+    at test an absent party's embedding is zeros, as in :class:`SplitNN`.
+
+    The draws of training step ``t`` come from :func:`liquid_fed.availability.stream_rng`
+    ``(seed, plug stream, t)`` through :func:`~liquid_fed.availability.drop_keeping_one`,
+    on top of the batch's own presence (absent stays absent)."""
+
+    def __init__(self, parties: Sequence[nn.Module], top: nn.Module, task: str,
+                 party_dropout: float, seed: int) -> None:
+        super().__init__(parties, top, task)
+        self.party_dropout = float(party_dropout)
+        self.seed = int(seed)
+        self.steps = 0  # training forwards so far: the key of the next step's draws
+
+    def party_mask(self, n: int, present: Tensor | None) -> Tensor:
+        """(B, K) the presence of the next training step: ``present`` (or all) with each
+        entry dropped with probability ``party_dropout``, one party kept per sample."""
+        k = self.n_parties
+        held = (np.ones((n, k), dtype=bool) if present is None
+                else present.to(torch.bool).cpu().numpy())
+        keep = drop_keeping_one(stream_rng(self.seed, _PLUG_STREAM, self.steps), held,
+                                self.party_dropout) & held  # a row holding none stays so
+        self.steps += 1
+        return torch.from_numpy(keep)
+
+    def forward(self, inputs: Sequence[Tensor], present: Tensor | None = None) -> JointOutput:
+        if self.training and torch.is_grad_enabled() and self.party_dropout > 0:
+            present = self.party_mask(inputs[0].shape[0], present)
+        return super().forward(inputs, present)
+
+
+class Laser(_Joint):
+    """LASER-VFL (Valdeira et al., ICLR 2025): one predictor per party that reads the mean of
+    the embeddings of any subset of parties holding it (B, H) -> (B, C).
+
+    Prediction over the parties present ``P`` of a sample: every present party's predictor on
+    the mean of the present embeddings, their class probabilities averaged (outputs averaged
+    for regression). Training (per sample, parties present ``P``, ``n = |P|``): for every
+    present party ``i`` and every size ``s`` in ``1..n``, one subset ``S`` of ``P`` with
+    ``i`` in it and ``|S| = s`` is drawn uniformly; its loss enters with weight
+    ``C(n - 1, s - 1) / s``, so the objective is an unbiased estimate of the sum over all
+    subsets ``S`` of ``P`` of the mean loss of the predictors of ``S`` (as LASER-VFL's
+    ``train_laser`` weighs its draws). The draws of training step ``t`` come from
+    :func:`liquid_fed.availability.stream_rng` ``(seed, laser stream, t)``.
+    """
+
+    def __init__(self, parties: Sequence[nn.Module], heads: Sequence[nn.Module], task: str,
+                 seed: int) -> None:
+        super().__init__(parties, task)
+        if len(heads) != len(parties):
+            raise ValueError(f"laser: one head per party; got {len(heads)} heads for "
+                             f"{len(parties)} parties")
+        self.heads = nn.ModuleList(heads)
+        self.seed = int(seed)
+        self.steps = 0  # training forwards so far: the key of the next step's draws
+
+    def predict_subsets(self, embeds: Tensor, subsets: Tensor) -> Tensor:
+        """(B, K, C): party ``i``'s predictor on the mean embedding of ``subsets[:, i]``.
+
+        Args:
+            embeds: (B, K, H) the parties' embeddings.
+            subsets: (B, K, K) bool, ``subsets[b, i, j]``: party j is in the subset that
+                party i's predictor reads for sample b (rows with no party give zeros in).
+        """
+        w = subsets.to(embeds.dtype)  # (B, K, K)
+        fused = torch.einsum("bij,bjh->bih", w, embeds) / w.sum(-1, keepdim=True).clamp(min=1)
+        return torch.stack([head(fused[:, i]) for i, head in enumerate(self.heads)], 1)
+
+    def forward(self, inputs: Sequence[Tensor], present: Tensor | None = None) -> JointOutput:
+        embeds, _ = self._run(inputs, present)
+        h = torch.stack(embeds, 1)  # (B, K, H)
+        n, k = h.shape[:2]
+        mask = (torch.ones(n, k, dtype=torch.bool, device=h.device) if present is None
+                else present.to(torch.bool))
+        preds = self.predict_subsets(h, mask.unsqueeze(1).expand(n, k, k))  # (B, K, C)
+        weight = mask.to(h.dtype) / mask.sum(-1, keepdim=True).clamp(min=1).to(h.dtype)
+        log_weight = torch.where(mask, weight.log(), torch.full_like(weight, -math.inf))
+        out = mixture(preds, log_weight, self.task)
+        if not (self.training and torch.is_grad_enabled()):
+            return JointOutput(out, preds, weight, present)
+        outputs, weights = self._subset_terms(h, mask)
+        return JointOutput(out, preds, weight, present, outputs, weights)
+
+    def _subset_terms(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The training draws: (B, K·K, C) the predictors' outputs on the drawn subsets (party
+        i, size s at column ``i·K + s - 1``) and (B, K·K) their weights (0 where party i is
+        absent or fewer than s parties are present)."""
+        n, k = mask.shape
+        rng = stream_rng(self.seed, _LASER_STREAM, self.steps)
+        self.steps += 1
+        held = mask.cpu().numpy()
+        count = mask.sum(-1)  # (B,)
+        comb = torch.tensor([[math.comb(a, b) for b in range(k)] for a in range(k)],
+                            dtype=h.dtype, device=h.device)  # C(a, b)
+        outputs, weights = [], []
+        for size in range(1, k + 1):
+            subsets = np.zeros((n, k, k), dtype=bool)
+            for i in range(k):
+                u = rng.random((n, k))  # drawn whatever the mask: a fixed stream
+                u[~held] = np.inf
+                u[:, i] = -1.0  # party i is always in its own subset
+                rank = u.argsort(1).argsort(1)
+                subsets[:, i] = (rank < size) & held
+            outputs.append(self.predict_subsets(h, torch.from_numpy(subsets).to(h.device)))
+            valid = mask & (count >= size).unsqueeze(-1)  # (B, K)
+            w = comb[(count - 1).clamp(min=0), size - 1] / size  # (B,)
+            weights.append(torch.where(valid, w.unsqueeze(-1), torch.zeros_like(w)[:, None]))
+        # (B, K, sizes, C) -> party-major columns i·K + s - 1
+        outs = torch.stack(outputs, 2).reshape(n, k * k, -1)
+        return outs, torch.stack(weights, 2).reshape(n, k * k)
+
+
 class MixtureOfParties(_Joint):
     """Mixture of experts over parties: a server gate on the concatenated embeddings weighs
     each party's own head; absent parties get weight 0."""
@@ -374,6 +607,18 @@ class MixtureOfParties(_Joint):
         stacked = torch.stack(preds, 1)  # (B, K, C)
         return JointOutput(mixture(stacked, log_gate, self.task), stacked, log_gate.exp(),
                            present)
+
+
+def _per_sample_loss(output: Tensor, target: Tensor, task: str) -> Tensor:
+    """(B, M) the loss of M raw outputs (B, M, C) per sample: cross-entropy of logits, or the
+    squared error averaged over outputs."""
+    b, m = output.shape[:2]
+    if task == "classification":
+        flat = F.cross_entropy(output.reshape(b * m, -1),
+                               target.repeat_interleave(m), reduction="none")
+        return flat.reshape(b, m)
+    y = target.reshape(b, 1, -1).to(output.dtype)
+    return ((output - y) ** 2).mean(-1)
 
 
 def _seeded(cfg: RunConfig, index: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -396,28 +641,43 @@ def _embed_width(party: PartyNet, x: Tensor) -> int:
     return int(h.shape[-1])
 
 
+#: The jointly trained baselines :func:`build_joint` builds.
+JOINT = ("aggvfl", "splitnn", "plugvfl", "laser", "moe", "central")
+
+
 def build_joint(name: str, cfg: RunConfig, data: CentralData,
                 options: MethodOptions | None = None) -> _Joint:
-    """The untrained model of a jointly trained baseline (``aggvfl``, ``splitnn``, ``moe``,
-    ``central``), built exactly as :func:`run_method` builds it.
+    """The untrained model of a jointly trained baseline (one of :data:`JOINT`), built
+    exactly as :func:`run_method` builds it.
 
     Raises:
-        ValueError: for a name that is not one of these four.
+        ValueError: for a name that is not one of :data:`JOINT`.
+        ConfigError: ``laser`` with parties of different embedding widths.
     """
     options = options or MethodOptions()
     task, c, k = data.server.task, data.server.n_outputs, cfg.n_clients
     if name == "central":
         return _central_model(cfg, data)
-    if name not in ("aggvfl", "splitnn", "moe"):
-        raise ValueError(f'build_joint: name must be one of aggvfl, splitnn, moe, central, '
-                         f'got "{name}"')
+    if name not in JOINT:
+        raise ValueError(f'build_joint: name must be one of {", ".join(JOINT)}, got "{name}"')
     parties = _parties(cfg, data)
     if name == "aggvfl":
         return AggVFL(parties, task)
-    width = sum(_embed_width(p, x) for p, x in zip(parties, data.inputs["train"], strict=True))
-    if name == "splitnn":
+    widths = [_embed_width(p, x) for p, x in zip(parties, data.inputs["train"], strict=True)]
+    width = sum(widths)
+    if name in ("splitnn", "plugvfl"):
         top = _seeded(cfg, k, lambda: mlp([width, *options.top_hidden, c]))
+        if name == "plugvfl":
+            return PlugVFL(parties, top, task, options.party_dropout, cfg.seed)
         return SplitNN(parties, top, task)
+    if name == "laser":
+        if len(set(widths)) != 1:
+            raise ConfigError(f"method laser averages the parties' embeddings, which needs one "
+                              f"width; the experts' embedding widths are {widths} (set one "
+                              "hidden width in experts.options / experts.per_client)")
+        # one linear predictor per party (LASER-VFL's FusionModel), seeded after the server's
+        heads = [_seeded(cfg, k + 1 + i, lambda: nn.Linear(widths[0], c)) for i in range(k)]
+        return Laser(parties, heads, task, cfg.seed)
     gate = _seeded(cfg, k, lambda: mlp([width, *options.gate_hidden, k]))
     return MixtureOfParties(parties, gate, task)
 
@@ -435,8 +695,13 @@ def _central_spec(cfg: RunConfig, data: CentralData) -> tuple[str, dict[str, Any
     return "mlp", {"hidden": [128]}, False
 
 
-def _central_inputs(cfg: RunConfig, data: CentralData, split: str) -> list[Tensor]:
+def _central_inputs(cfg: RunConfig, data: CentralData, split: str,
+                    absent: Tensor | None = None) -> list[Tensor]:
+    """The central model's input; ``absent``: a presence (n, K) whose absent views read as
+    zeros."""
     xs = data.inputs[split]
+    if absent is not None:
+        xs = [_mask(x, absent, k) for k, x in enumerate(xs)]
     if _central_spec(cfg, data)[2]:
         return [torch.cat(xs, -1)]  # (n, T, Σ D_k)
     return [torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)]  # (n, Σ F_k)
@@ -488,7 +753,7 @@ class Eavesdropper:
         self.widths: list[int] = []
         self.handles = [model.register_forward_pre_hook(self._batch),
                         model.register_forward_hook(self._outputs)]
-        server_side = {"splitnn": "top", "moe": "gate"}.get(name)
+        server_side = {"splitnn": "top", "plugvfl": "top", "moe": "gate"}.get(name)
         if server_side is not None and task == "classification":
             self.widths = [_embed_width(p, x) for p, x in
                            zip(model.parties, data.inputs["train"], strict=True)]
@@ -564,14 +829,49 @@ class Eavesdropper:
 # --------------------------------------------------------------------------------------------
 
 
+class _RoundAbsences(nn.Module):
+    """A jointly trained model whose training steps drop the parties absent from the step's
+    round (``availability``: ``answering(step)`` (K,), the draws the Liquid Ensemble's rounds
+    take, :func:`liquid_fed.centralized._answering`). Rows that no answering party holds
+    (``views.missing`` on top of the round) keep the data's own presence."""
+
+    def __init__(self, model: _Joint, answering: Callable[[int], np.ndarray]) -> None:
+        super().__init__()
+        self.model = model
+        self.answering = answering
+        self.steps = 0
+
+    def forward(self, inputs: Sequence[Tensor], present: Tensor | None = None) -> JointOutput:
+        if self.training and torch.is_grad_enabled():
+            who = self.answering(self.steps)
+            self.steps += 1
+            mask = round_mask(present, who, int(inputs[0].shape[0]))
+            if mask is not None and present is not None:
+                lost = ~mask.any(-1, keepdim=True)
+                mask = torch.where(lost, present, mask)
+            present = mask
+        return self.model(inputs, present)
+
+    def loss(self, out: JointOutput, target: Tensor) -> Tensor:
+        return self.model.loss(out, target)
+
+
 def _fit(cfg: RunConfig, model: nn.Module, inputs: Sequence[Tensor], target: Tensor,
-         present: Tensor | None) -> tuple[list[float], float]:
-    """:func:`liquid_fed.train.fit` with the run's settings (as ``train_ensemble`` calls it)."""
+         present: Tensor | None, rounds: bool = False) -> tuple[list[float], float]:
+    """:func:`liquid_fed.train.fit` with the run's settings (as ``train_ensemble`` calls it).
+
+    ``rounds``: the model takes part in the run's training rounds, so the parties absent from
+    a round (``availability``) are absent from its steps, with the same draws as the Liquid
+    Ensemble's (an ensemble through ``fit``'s ``answering``, a jointly trained baseline
+    through :class:`_RoundAbsences`)."""
+    answering = _answering(cfg, cfg.n_clients, int(target.shape[0])) if rounds else None
+    if answering is not None and not isinstance(model, LiquidEnsemble):
+        model, answering = _RoundAbsences(model, answering), None
     t0 = time.perf_counter()
     losses = fit(model, inputs, target, epochs=cfg.train.epochs,
                  batch_size=cfg.train.batch_size, lr=cfg.optim.lr, optimizer=cfg.optim.name,
                  weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
-                 seed=cfg.seed, present=present)
+                 seed=cfg.seed, present=present, answering=answering)
     return losses, time.perf_counter() - t0
 
 
@@ -659,9 +959,12 @@ def _ensemble_method(ctx: MethodContext, name: str, **overrides: Any) -> MethodR
     cfg, data = ctx.cfg, ctx.data
     task = data.server.task
     ens = build_ensemble(cfg, data, **overrides)
-    spy = Eavesdropper(name, ens, cfg, data) if name == "uniform" else None
+    # fit runs the experts themselves in steps with absent parties (not the ensemble's
+    # forward, which the eavesdropper follows): no attack is measured under absences
+    rounds = _answering(cfg, cfg.n_clients, int(data.targets["train"].shape[0])) is not None
+    spy = Eavesdropper(name, ens, cfg, data) if name == "uniform" and not rounds else None
     losses, seconds = _fit(cfg, ens, data.inputs["train"], data.targets["train"],
-                           data.present["train"])
+                           data.present["train"], rounds=True)
     n_params = [sum(p.numel() for p in e.parameters()) for e in ens.experts]
     # the run's final smoothing (auto: picked on val), exactly as train_ensemble and the
     # federated server apply it
@@ -672,10 +975,15 @@ def _ensemble_method(ctx: MethodContext, name: str, **overrides: Any) -> MethodR
         metrics[split]["loss"] = float(ens.loss(out, data.targets[split]))
         metrics[split]["smoothing"] = smoothing
     test = outs["test"]
+    # absent at test: the powers re-solved over the present experts (as LE's robustness)
+    missing = {key: score(test.predictions, test.delegation, data.targets["test"], ens.config,
+                          smoothing, mask, n_params)
+               for key, mask in ctx.missing_masks().items()}
     return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
                         party_weight=_weights(test),
                         arrays=_arrays(data, test.output, data.targets["test"], task, test),
-                        model=ens, label_leakage=None if spy is None else spy.report())
+                        model=ens, label_leakage=None if spy is None else spy.report(),
+                        test_missing=missing)
 
 
 def liquid(ctx: MethodContext) -> MethodResult:
@@ -700,8 +1008,9 @@ def _joint_method(ctx: MethodContext, name: str) -> MethodResult:
         # the central model reads every view; an absent one is its (standardised) mean, 0
         return None if name == "central" else data.present[split]
     spy = None if name == "central" else Eavesdropper(name, model, cfg, data)
+    # the central model has no parties to lose: the rounds' absences do not reach it
     losses, seconds = _fit(cfg, model, inputs("train"), data.targets["train"],
-                           present("train"))
+                           present("train"), rounds=name != "central")
     leakage = None if spy is None else spy.report()
     metrics, outs = {}, {}
     for split in ("val", "test"):
@@ -716,15 +1025,26 @@ def _joint_method(ctx: MethodContext, name: str) -> MethodResult:
             outs[split] = out
         metrics[split]["loss"] = float(model.loss(out, target))
     test = outs["test"]
+    missing = {}
+    for key, mask in ctx.missing_masks().items():
+        # absent at test: zero-filled embeddings (splitnn, plugvfl), left out of the sum
+        # (aggvfl), the gate or the average over the present (moe, laser); the central
+        # model reads an absent view as zeros, its training mean after standardisation
+        if name == "central":
+            out = predict_joint(model, _central_inputs(cfg, data, "test", mask))
+        else:
+            out = predict_joint(model, data.inputs["test"], mask)
+        missing[key] = _basic_metrics(out.output, data.targets["test"], task)
+        missing[key]["present_fraction"] = float(mask.to(torch.float64).mean())
     if isinstance(test, EnsembleOutput):
         return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
                             party_weight=_weights(test),
                             arrays=_arrays(data, test.output, data.targets["test"], task, test,
                                            gate=test.power / test.power.shape[-1]),
-                            model=model, label_leakage=leakage)
+                            model=model, label_leakage=leakage, test_missing=missing)
     return MethodResult(name, metrics["val"], metrics["test"], seconds, losses,
                         arrays=_arrays(data, test.output, data.targets["test"], task),
-                        model=model, label_leakage=leakage)
+                        model=model, label_leakage=leakage, test_missing=missing)
 
 
 def splitnn(ctx: MethodContext) -> MethodResult:
@@ -735,6 +1055,16 @@ def splitnn(ctx: MethodContext) -> MethodResult:
 def aggvfl(ctx: MethodContext) -> MethodResult:
     """Aggregate VFL: the parties' outputs summed, trained jointly."""
     return _joint_method(ctx, "aggvfl")
+
+
+def plugvfl(ctx: MethodContext) -> MethodResult:
+    """Split learning with party-wise dropout in training (PlugVFL); zero-fill at test."""
+    return _joint_method(ctx, "plugvfl")
+
+
+def laser(ctx: MethodContext) -> MethodResult:
+    """LASER-VFL: per party a predictor over any subset of the parties' embeddings."""
+    return _joint_method(ctx, "laser")
 
 
 def moe(ctx: MethodContext) -> MethodResult:
@@ -798,11 +1128,19 @@ def _combined_method(ctx: MethodContext, name: str,
         metrics[split]["loss"] = float(task_loss(output, data.targets[split], task))
         outs[split] = ens
     test = outs["test"]
+    missing = {}
+    for key, mask in ctx.missing_masks().items():  # the votes of the present parties
+        weight, _ = weight_of("test", mask)
+        output = pool(test.predictions, test.predictions.shape[1] * weight, task,
+                      ctx.cfg.ensemble.mix)
+        missing[key] = _basic_metrics(output, data.targets["test"], task)
+        missing[key]["present_fraction"] = float(mask.to(torch.float64).mean())
     return MethodResult(name, metrics["val"], metrics["test"], solos.seconds,
                         [float(np.mean(e)) for e in zip(*solos.losses, strict=True)],
                         party_weight=_weights(test),
                         arrays=_arrays(data, test.output, data.targets["test"], task, test),
-                        model=nn.ModuleList(solos.experts), label_leakage=labels_at_party(name))
+                        model=nn.ModuleList(solos.experts), label_leakage=labels_at_party(name),
+                        test_missing=missing)
 
 
 def _even(present: Tensor, dtype: torch.dtype) -> Tensor:
@@ -868,6 +1206,20 @@ def local(ctx: MethodContext) -> MethodResult:
                 test_outputs.append((output, rows))
         per_party.append(entry)
     best = _best([primary_score(p["val"]) for p in per_party], task)
+    missing = {}
+    if ctx.test_missing:
+        # the best party alone; where it is absent, the best present party (validation order)
+        order = sorted(range(len(per_party)), key=lambda j: (
+            -primary_score(per_party[j]["val"]) if task == "classification"
+            else primary_score(per_party[j]["val"])))
+        outputs = torch.stack([o for o, _ in test_outputs], 1)  # (n, K, C)
+        for key, mask in ctx.missing_masks().items():
+            rank = torch.full(mask.shape, len(order), dtype=torch.long)
+            rank[:, order] = torch.arange(len(order))
+            pick = torch.where(mask, rank, torch.full_like(rank, len(order))).argmin(-1)
+            output = outputs[torch.arange(mask.shape[0]), pick]
+            missing[key] = _basic_metrics(output, data.targets["test"], task)
+            missing[key]["best_party_present"] = float(mask[:, best].to(torch.float64).mean())
     output, rows = test_outputs[best]
     arrays = _arrays(data, output, data.targets["test"], task)
     held = np.zeros(output.shape[0], dtype=bool)
@@ -879,7 +1231,8 @@ def local(ctx: MethodContext) -> MethodResult:
     return MethodResult("local", val, test, solos.seconds,
                         [float(np.mean(e)) for e in zip(*solos.losses, strict=True)],
                         per_party=per_party, arrays=arrays,
-                        model=nn.ModuleList(solos.experts), label_leakage=labels_at_party("local"))
+                        model=nn.ModuleList(solos.experts), label_leakage=labels_at_party("local"),
+                        test_missing=missing)
 
 
 #: Every method of a study by name.
@@ -889,6 +1242,8 @@ METHODS: dict[str, MethodFn] = {
     "averaged": averaged,
     "local": local,
     "splitnn": splitnn,
+    "plugvfl": plugvfl,
+    "laser": laser,
     "aggvfl": aggvfl,
     "moe": moe,
     "central": central,
@@ -946,20 +1301,25 @@ def run_method(name: str, cfg: RunConfig, data: CentralData,
 
 
 def run_methods(names: Sequence[str], cfg: RunConfig, data: CentralData,
-                options: MethodOptions | dict[str, Any] | None = None
-                ) -> dict[str, MethodResult]:
+                options: MethodOptions | dict[str, Any] | None = None,
+                test_missing: Sequence[float] = ()) -> dict[str, MethodResult]:
     """Several methods on the same data; the experts trained alone are trained once.
+
+    ``test_missing``: missing rates at which every method is scored on the test split too
+    (``MethodResult.test_missing``; the same masks for every method).
 
     Raises:
         ConfigError: an unknown or inapplicable method (before anything trains) or option.
+        ParameterError: a missing rate outside [0, 1).
     """
     check_methods(names, cfg, data)
     if not isinstance(options, MethodOptions):
         options = MethodOptions.from_dict(options)
-    context = MethodContext(cfg, data, options)
+    context = MethodContext(cfg, data, options, test_missing)
     return {n: run_method(n, cfg, data, context=context) for n in names}
 
 
-__all__ = ["METHODS", "AggVFL", "JointOutput", "MethodContext", "MethodOptions",
-           "Eavesdropper", "MethodResult", "MixtureOfParties", "PartyNet", "SplitNN", "build_joint",
+__all__ = ["JOINT", "METHODS", "AggVFL", "JointOutput", "Laser", "MethodContext",
+           "MethodOptions", "Eavesdropper", "MethodResult", "MixtureOfParties", "PartyNet",
+           "PlugVFL", "SplitNN", "build_joint",
            "check_methods", "mixture", "predict_joint", "run_method", "run_methods"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from liquid_fed.study import LIQUID, Study, parse_method
+from liquid_fed.study import ABSENT_ONE, LIQUID, Study, parse_method
 
 ORACLE = "oracle"
 ORACLE_NOTE = "ground-truth routing"
@@ -131,7 +131,7 @@ def verdicts(study: Study, rows: Sequence[dict[str, Any]]) -> list[Verdict]:
     out = []
     liquids = [m for m in study.methods if m.startswith(LIQUID)]
     others = [m for m in study.methods if not m.startswith(LIQUID)]
-    for setting in study.settings:
+    for setting in study.scored_settings():
         metric = next((r["metric"] for r in rows if r["cell"] == setting.id), None)
         if metric is None:
             continue
@@ -186,13 +186,13 @@ def overview(study: Study, rows: Sequence[dict[str, Any]], key: str = "score",
     metric = next((r["metric"] for r in rows), None)
     if metric is None or not any(isinstance(r.get(key), (int, float)) for r in rows):
         return []
-    higher = higher_is_better(metric) if key == "score" else False
+    higher = higher_is_better(metric) if key in ("score", ABSENT_ONE) else False
     methods = [m for m in study.methods if any(r["method"] == m for r in rows)]
     lines = [f"## Overview: mean test {title or metric} over seeds"
              f" ({'higher' if higher else 'lower'} is better)", "",
              "| setting | " + " | ".join(display_name(m) for m in methods) + " |",
              "|" + "---|" * (len(methods) + 1)]
-    for setting in study.settings:
+    for setting in study.scored_settings():
         means = {m: interval([r.get(key) for r in _rows_of(rows, setting.id, m)]).mean
                  for m in methods}
         finite = {m: v for m, v in means.items() if math.isfinite(v)}
@@ -212,23 +212,37 @@ def render(study: Study, rows: Sequence[dict[str, Any]]) -> str:
     if study.description:
         lines += [study.description, ""]
     seeds = ", ".join(map(str, study.seeds))
-    lines += [f"{len(study.settings)} setting(s) x {len(study.seeds)} seed(s) ({seeds}) x "
+    n_set = len(study.scored_settings())
+    lines += [f"{n_set} setting(s) x {len(study.seeds)} seed(s) ({seeds}) x "
               f"{len(study.methods)} method(s); the Liquid Ensemble trained with the "
               f"`{study.engine}` engine. Means over seeds with 95 % t-intervals; **bold**: the "
               "best mean of the setting.", ""]
     if study.swept:
         lines += ["Swept: " + ", ".join(f"`{k}`" for k in study.swept), ""]
-    total = sum(r.get("train_seconds") or 0.0 for r in rows)
-    lines += [f"Training time of all {len(rows)} runs: {total:.0f} s.", ""]
+    # a run scored at several test missing rates has a row per rate: count it once
+    runs = {(r["cell"].partition("@")[0], r["seed"], r["method"]): r.get("train_seconds") or 0.0
+            for r in rows}
+    lines += [f"Training time of all {len(runs)} runs: {sum(runs.values()):.0f} s.", ""]
     lines += overview(study, rows)
     metric = next((r["metric"] for r in rows), None)
     if metric in SECONDARY:
         lines += overview(study, rows, *SECONDARY[metric])
+    if study.test_missing:
+        lines += ["Absent at test: every run is scored with each sample losing each party with "
+                  "probability `test_missing` (one party kept; the same masks for every method "
+                  "of a seed), and with each party absent alone for every sample. Trained once "
+                  "per setting and seed, so the rows of one setting at different "
+                  "`test_missing` share their models.", ""]
+        lines += overview(study, rows, ABSENT_ONE,
+                          f"{metric} with one party absent (mean over which party)")
+        lines += overview(study, rows, ABSENT_ONE + "_drop",
+                          f"loss of {metric} when one party is absent (complete minus one "
+                          "absent)")
     if any(parse_method(m).name == ORACLE for m in study.methods):
         lines += [f"`{ORACLE}` ({ORACLE_NOTE}) predicts each sample with the expert of the view "
                   "that the data's ground truth marks informative: a reference no federation "
                   "can run.", ""]
-    for setting in study.settings:
+    for setting in study.scored_settings():
         cell_rows = [r for r in rows if r["cell"] == setting.id]
         if not cell_rows:
             continue

@@ -76,6 +76,18 @@ def check_absent(absent: Sequence[int], k: int) -> list[int]:
     return parties
 
 
+def rate_key(rate: float) -> str:
+    """The key of a missing rate in ``robustness["missing_rate"]`` and in a study run's
+    ``test_missing`` (``0.1`` -> ``"0.1"``)."""
+    return str(float(rate))
+
+
+def absent_key(party: int) -> str:
+    """The key of a party absent alone in ``robustness["absent"]`` is ``str(party)``; in a
+    study run's ``test_missing`` it is ``"absent <party>"``."""
+    return f"absent {int(party)}"
+
+
 def check_missing_rate(rate: float) -> float:
     """A missing rate, checked: a number in ``[0, 1)``.
 
@@ -211,7 +223,7 @@ def robustness(predictions: Tensor, delegation: Tensor, target: Tensor, config: 
     for j in range(k if k > 1 else 0):  # one party absent leaves nothing to predict with
         absent[str(j)] = score(predictions, delegation, target, config, smoothing,
                                absent_mask(n, k, [j], base), n_params)
-    missing = {str(p): score(predictions, delegation, target, config, smoothing,
+    missing = {rate_key(p): score(predictions, delegation, target, config, smoothing,
                              missing_mask(n, k, p, seed, base), n_params)
                for p in missing_rates}
     return {"absent": absent, "missing_rate": missing}

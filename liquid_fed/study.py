@@ -21,6 +21,20 @@ A study file (YAML) names a base run config and the settings to vary::
     mixes: [probs, logits]           # optional: every pooling method once per ensemble.mix
     engine: centralized              # or federated (Flower on Ray) for the Liquid Ensemble
     method_options: {top_hidden: [64]}
+    test_missing: [0, 0.1, 0.3]      # optional: every run also scored with parties absent
+    show: [views.overlap]            # optional: the keys the report's setting labels show
+
+Absent parties (configs/studies/dropout.yaml). ``train_missing`` is a study name of the run
+key ``availability.dropout`` (usable in ``grid``, ``paired``, ``random``): each party misses
+each training round with that probability, and every method that trains jointly loses the
+same parties in the same mini-batches (:mod:`liquid_fed.methods`; with ``train.chunk_size ==
+train.batch_size`` a round is one mini-batch, the MARS-VFL protocol). ``test_missing`` is a
+study key, not an axis: a list of rates at which every run is scored on its test split, each
+sample losing each party with that probability (one kept), on masks drawn from the seed and
+shared by every method (:func:`liquid_fed.robustness.missing_mask`); each party absent alone
+is scored too (column ``absent_one``: the mean over parties). The rows of results.csv are
+then per *scored setting* (:meth:`Study.scored_settings`, id ``<cell>@<rate>``): one trained
+run gives one row per rate, so the rates of a setting are paired through its models.
 
 Method labels: ``liquid`` becomes ``liquid:<solver>`` per solver. With ``mixes``, every method
 that pools the experts' outputs through ``ensemble.mix`` (:data:`MIX_METHODS`: the Liquid
@@ -83,7 +97,18 @@ REPORT_FILE = "report.md"
 CELLS_DIR = "cells"
 ENGINES = ("centralized", "federated")
 STUDY_KEYS = ("name", "description", "base", "set", "grid", "paired", "random", "seeds",
-              "methods", "solvers", "mixes", "engine", "method_options", "out")
+              "methods", "solvers", "mixes", "engine", "method_options", "test_missing", "show",
+              "out")
+#: Study keys that stand for run-config keys in ``grid``/``paired``/``random``/``set``:
+#: ``train_missing`` is the training rounds' dropout (each party misses each round, hence
+#: each mini-batch when ``train.chunk_size == train.batch_size``, with this probability;
+#: every method that trains jointly takes the same absences).
+ALIASES = {"train_missing": "availability.dropout"}
+#: The study key of the test-time missing rates and the column of results.csv.
+TEST_MISSING = "test_missing"
+#: The column of results.csv (rows at test_missing 0): the primary metric with one party
+#: absent at test for every sample, averaged over the parties.
+ABSENT_ONE = "absent_one"
 DRAWS = ("choice", "uniform", "loguniform", "int")
 LIQUID = "liquid"
 #: Methods that pool their experts' outputs through ``ensemble.mix``; ``mixes`` runs each of
@@ -108,9 +133,11 @@ class Setting:
 
     id: str
     values: dict[str, Any]
+    show: tuple[str, ...] | None = None  # the keys its label shows (the study's `show`)
 
     def label(self) -> str:
-        return ", ".join(f"{k}={_short(v)}" for k, v in self.values.items()) or "base"
+        return ", ".join(f"{k}={_short(v)}" for k, v in self.values.items()
+                         if self.show is None or k in self.show) or "base"
 
 
 def _short(value: Any) -> str:
@@ -155,9 +182,27 @@ class Study:
     methods: list[str]  # expanded labels: "liquid:<solver>[/<mix>]", "<method>[/<mix>]"
     engine: str
     method_options: dict[str, Any]
-    swept: list[str]  # the dotted keys the settings vary
+    swept: list[str]  # the dotted keys the settings vary (and test_missing, when given)
     description: str = ""
     configs: dict[tuple[str, int], RunConfig] = field(default_factory=dict, repr=False)
+    #: the missing rates at which every run is scored on its test split (None: not asked)
+    test_missing: list[float] | None = None
+
+    def scored_settings(self) -> list[Setting]:
+        """The settings of the result rows: the training settings, each once per test missing
+        rate when the study has ``test_missing`` (id ``<cell>@<rate>``, values with
+        ``test_missing``); a run is trained once per training setting and scored at every
+        rate, so the rates of one setting share each seed's trained models (paired)."""
+        if not self.test_missing:
+            return list(self.settings)
+        return [Setting(scored_id(s.id, p), {**s.values, TEST_MISSING: p},
+                        None if s.show is None else (*s.show, TEST_MISSING))
+                for s in self.settings for p in self.test_missing]
+
+    def training_setting(self, scored: Setting) -> Setting:
+        """The training setting of a scored setting (itself without ``test_missing``)."""
+        cell = scored.id.partition("@")[0]
+        return next(s for s in self.settings if s.id == cell)
 
     def config(self, setting: Setting, seed: int, method: str | None = None) -> RunConfig:
         """The run config of a cell, seed and (for the Liquid Ensemble) method."""
@@ -166,7 +211,7 @@ class Study:
             data = copy.deepcopy(self.base)
             data["seed"] = seed
             for dotted, value in setting.values.items():
-                merge_key(data, dotted, value)
+                merge_key(data, ALIASES.get(dotted, dotted), value)
             self.configs[key] = build_config(data)
         cfg = self.configs[key]
         if method is None:
@@ -184,13 +229,42 @@ class Study:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved study, as ``study.yaml`` holds it."""
-        return {"name": self.name, "description": self.description, "engine": self.engine,
-                "seeds": self.seeds, "methods": self.methods, "swept": self.swept,
-                "method_options": self.method_options, "base": self.base,
-                "settings": [{"id": s.id, "values": s.values} for s in self.settings]}
+        out = {"name": self.name, "description": self.description, "engine": self.engine,
+               "seeds": self.seeds, "methods": self.methods, "swept": self.swept,
+               "method_options": self.method_options, "base": self.base,
+               "settings": [{"id": s.id, "values": s.values} for s in self.settings]}
+        if self.test_missing:  # older study folders have no such key and resume unchanged
+            out[TEST_MISSING] = self.test_missing
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def scored_id(setting_id: str, rate: float) -> str:
+    """The id of a setting scored at a test missing rate (``c03@0.3``)."""
+    return f"{setting_id}@{rate:g}"
+
+
+def _test_missing(raw: dict[str, Any]) -> list[float] | None:
+    """The study's ``test_missing`` rates, checked: distinct numbers in [0, 1)."""
+    for section in ("grid", "paired", "random"):
+        node = raw.get(section) or {}
+        keys = node.get("keys") or {} if section == "random" and isinstance(node, dict) else node
+        if isinstance(keys, dict) and TEST_MISSING in keys:
+            raise ConfigError(f"{section}.{TEST_MISSING}: test missing rates are a study key, "
+                              f"not a {section} axis (every run is scored at each rate without "
+                              f"training again); write `{TEST_MISSING}: [0, 0.1, ...]` at the "
+                              "top level of the study file")
+    rates = raw.get(TEST_MISSING)
+    if rates is None:
+        return None
+    rates = _list_of(TEST_MISSING, rates)
+    ok = all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1
+             for p in rates)
+    _require(ok and len(set(rates)) == len(rates),
+             f"{TEST_MISSING}: got {rates!r}; expected distinct missing rates in [0, 1)")
+    return [float(p) for p in rates]
 
 
 def merge_key(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -372,11 +446,21 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
 
     MethodOptions.from_dict(options)  # the error names method_options.<key>
 
+    test_missing = _test_missing(raw)
     values = _expand(raw)
     swept = list(dict.fromkeys(k for v in values for k in v))
-    settings = [Setting(f"c{i:02d}", v) for i, v in enumerate(values)]
+    if test_missing:
+        swept.append(TEST_MISSING)
+    show = raw.get("show")
+    if show is not None:
+        show = _list_of("show", show)
+        bad = [k for k in show if k not in swept]
+        _require(not bad, f'show: "{bad[0] if bad else ""}" is not a key the settings vary '
+                          f"(they vary: {', '.join(swept)})")
+        show = tuple(show)
+    settings = [Setting(f"c{i:02d}", v, show) for i, v in enumerate(values)]
     study = Study(name, path, base, settings, seeds, [], engine, options, swept,
-                  str(raw.get("description", "")))
+                  str(raw.get("description", "")), test_missing=test_missing)
     clash = [k for k in study.swept if k == "ensemble.mix"]
     _require(not (mixes and clash), "mixes: given, but the settings also vary ensemble.mix "
                                     "(keep one of the two)")
@@ -514,18 +598,39 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
                 torch.manual_seed(lcfg.seed)
                 run_federated(lcfg, LocalTransport(lcfg.n_clients), run_dir)
             run = RunDir(run_dir)
+            extra = ({TEST_MISSING: _liquid_missing(run, study.test_missing)}
+                     if study.test_missing else {})
             run.update_summary(method=method, study_engine=study.engine,
-                               train_seconds=time.perf_counter() - t0)
+                               train_seconds=time.perf_counter() - t0, **extra)
         else:
             if data is None:
                 data = central_data(cfg, server)
-                context = MethodContext(cfg, data, MethodOptions.from_dict(study.method_options))
+                context = MethodContext(cfg, data, MethodOptions.from_dict(study.method_options),
+                                        study.test_missing or ())
             torch.manual_seed(mcfg.seed)
             # a pooling variant (uniform/logits) shares the experts trained alone of the cell
             result = run_method(name, mcfg, data, context=context.for_config(mcfg))
             _write_method(run_dir, mcfg, result, data, method)
         if on_method is not None:
             on_method(method, time.perf_counter() - t0)
+
+
+def _liquid_missing(run: RunDir, rates: Sequence[float]) -> dict[str, dict[str, float]]:
+    """The Liquid Ensemble's test metrics per missing rate above 0: from its summary's
+    ``robustness`` (the powers re-solved over the present experts, on the masks every method
+    of the seed is scored on), else scored again from its folder
+    (:func:`liquid_fed.robustness.evaluate_run`, the same masks)."""
+    from liquid_fed.robustness import absent_key, evaluate_run, rate_key
+
+    robust = run.read_summary().get("robustness") or {}
+    have = robust.get("missing_rate") or {}
+    out = {rate_key(p): have[rate_key(p)] for p in rates if p > 0 and rate_key(p) in have}
+    out.update({absent_key(int(j)): m for j, m in (robust.get("absent") or {}).items()})
+    rest = [p for p in rates if p > 0 and rate_key(p) not in have]
+    if rest:
+        cases = evaluate_run(run.path, missing_rates=rest)[1:]
+        out.update({rate_key(p): c.metrics for p, c in zip(rest, cases, strict=True)})
+    return out
 
 
 def _plain(cfg: RunConfig) -> dict[str, Any]:
@@ -587,11 +692,26 @@ def routing(run_dir: Path) -> tuple[float, float]:
 
 def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
                ) -> dict[str, Any]:
-    """One row of ``results.csv``, from the cell's run folder and views."""
-    folder = cell_dir(out, setting.id, seed)
+    """One row of ``results.csv``, from the cell's run folder and views.
+
+    ``setting`` is one of :meth:`Study.scored_settings`: at a test missing rate above 0 the
+    test metrics are those of the run's ``test_missing`` at that rate (the per-sample columns
+    of the figures, power entropy, delegation accuracy, stay those of the complete test)."""
+    rate = setting.values.get(TEST_MISSING) if study.test_missing else None
+    trained = study.training_setting(setting) if rate is not None else setting
+    folder = cell_dir(out, trained.id, seed)
     run_dir = folder / method_slug(method)
     summary = RunDir(run_dir).read_summary()
     test = summary.get("test") or {}
+    if rate:
+        from liquid_fed.robustness import rate_key
+
+        missing = (summary.get(TEST_MISSING) or {}).get(rate_key(rate))
+        if missing is None:
+            raise RunFolderError(f"{run_dir}: its summary has no test metrics at missing rate "
+                                 f"{rate} (a run of another study?); run the study again with "
+                                 "--force")
+        test = dict(missing)
     metric = TASK_METRICS["classification" if "accuracy" in test else "regression"]
     row: dict[str, Any] = {"cell": setting.id, **{k: _short(v) for k, v in
                                                  setting.values.items()},
@@ -606,12 +726,23 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
     row["smoothing"] = test.get("smoothing", math.nan)  # the λ used (auto: picked on val)
     row["speaker_entropy"] = test.get("speaker_entropy", math.nan)
     weights = summary.get("party_weight")
-    k = study.config(setting, seed).n_clients
+    k = study.config(trained, seed).n_clients
     for j in range(k):
         power = test.get(f"mean_power_{j}")
         row[f"power_{j}"] = (power / k if power is not None
                              else (weights[j] if weights else math.nan))
-    row["delegation_accuracy"], row["region_nmi"] = routing(run_dir)
+    row["delegation_accuracy"], row["region_nmi"] = (
+        routing(run_dir) if not rate else (math.nan, math.nan))
+    if study.test_missing and not rate:
+        # the primary metric with one party absent at test, averaged over the parties
+        from liquid_fed.robustness import absent_key
+
+        missing = summary.get(TEST_MISSING) or {}
+        alone = [missing.get(absent_key(j), {}).get(metric) for j in range(k)]
+        row[ABSENT_ONE] = (float(np.mean(alone)) if alone and None not in alone
+                           else math.nan)
+        row[ABSENT_ONE + "_drop"] = row["score"] - row[ABSENT_ONE] if row["score"] is not None \
+            else math.nan
     views = read_json(folder / VIEWS_FILE) if (folder / VIEWS_FILE).is_file() else {}
     probes = [v for v in views.get("summary", []) if v.get("view") != "all"]
     obs = views.get("observability", {})
@@ -636,10 +767,12 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
 def collect(study: Study, out: Path) -> list[dict[str, Any]]:
     """Every finished row of the study (in cell, seed, method order)."""
     rows = []
+    scored = study.scored_settings()
     for setting, seed in study.cells():
         for method in study.methods:
             if finished(out, setting.id, seed, method):
-                rows.append(result_row(study, setting, seed, method, out))
+                rows += [result_row(study, s, seed, method, out) for s in scored
+                         if s.id == setting.id or s.id.partition("@")[0] == setting.id]
     return rows
 
 

@@ -46,7 +46,9 @@ from liquid_fed.plots import ANNOTATE_MAX_K, new_figure, save_figure
 from liquid_fed.report import display_name, interval, paired_difference
 from liquid_fed.rundir import OUTPUTS_FILE, RunDir
 from liquid_fed.study import (
+    ALIASES,
     LIQUID,
+    TEST_MISSING,
     Setting,
     Study,
     _short,
@@ -97,7 +99,7 @@ def knob_data(study: Study, rows: Sequence[dict[str, Any]], knob: str
     others = [k for k in study.swept if k != knob]
     panels: dict[tuple[tuple[str, Any], ...], dict[str, list[tuple[Any, Any]]]] = {}
     by_panel: dict[tuple[tuple[str, Any], ...], list[Setting]] = {}
-    for s in study.settings:
+    for s in study.scored_settings():
         key = tuple((k, _as_key(s.values.get(k))) for k in others)
         by_panel.setdefault(key, []).append(s)
     for key, settings in by_panel.items():
@@ -292,7 +294,7 @@ def forest_data(study: Study, rows: Sequence[dict[str, Any]]
     liquids = [m for m in study.methods if parse_method(m).name == LIQUID]
     others = [m for m in study.methods if parse_method(m).name != LIQUID]
     data: dict[str, dict[tuple[str, str], Any]] = {}
-    for setting in study.settings:
+    for setting in study.scored_settings():
         if not any(r["cell"] == setting.id for r in rows):
             continue
         data[setting.id] = {(le, b): paired_difference(rows, setting.id, le, b)
@@ -397,7 +399,7 @@ def tau_data(study: Study, rows: Sequence[dict[str, Any]], method: str
     return {s.id: {c: interval([r.get(f"tau_{c}") for r in rows
                                 if r["cell"] == s.id and r["method"] == method])
                    for c in CONFIDENCES}
-            for s in study.settings}
+            for s in study.scored_settings()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +435,9 @@ def knob_figure(study: Study, rows: Sequence[dict[str, Any]], knob: str) -> Any 
             ax.set_xticks(xs, [str(p[0]) for p in points])
         ax.set_xlabel(knob)
         ax.set_ylabel(_metric_name(rows))
-        ax.set_title(", ".join(f"{k}={v}" for k, v in key) or "all settings", fontsize="small")
+        shown = study.scored_settings()[0].show  # the study's `show` (and test_missing)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in key if shown is None or k in shown)
+                     or "all settings", fontsize="small")
         ax.grid(alpha=0.3)
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -443,10 +447,68 @@ def knob_figure(study: Study, rows: Sequence[dict[str, Any]], knob: str) -> Any 
     return fig
 
 
+def missing_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any | None:
+    """The metric against the test missing rate per method (mean, 95 % band over seeds): one
+    panel per training setting, laid out as a grid of the training missing rate (columns,
+    where the study varies ``train_missing``) by the other settings (rows); None without
+    ``test_missing``."""
+    if not study.test_missing:
+        return None
+    panels = knob_data(study, rows, TEST_MISSING)
+    if not panels:
+        return None
+    train_key = next((k for k in study.swept if k in ("train_missing",
+                                                      ALIASES["train_missing"])), None)
+
+    def split(key: tuple[tuple[str, Any], ...]) -> tuple[tuple[tuple[str, Any], ...], Any]:
+        rest = tuple((k, v) for k, v in key if k != train_key)
+        return rest, dict(key).get(train_key)
+
+    row_keys = list(dict.fromkeys(split(k)[0] for k in panels))
+    col_keys = _ordered([split(k)[1] for k in panels])
+    n_rows, n_cols = len(row_keys), len(col_keys)
+    fig = new_figure(3.4 * n_cols + 2.2, 2.9 * n_rows + 0.8)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True)
+    colors = _colors(study.methods)
+    metric = _metric_name(rows)
+    for key, lines in panels.items():
+        rest, col = split(key)
+        ax = axes[row_keys.index(rest), col_keys.index(col)]
+        for method, points in lines.items():
+            xs = np.array([float(p[0]) for p in points])
+            mean = np.array([p[1].mean for p in points])
+            half = np.array([p[1].half for p in points])
+            if not np.isfinite(mean).any():
+                continue
+            le = parse_method(method).name == LIQUID  # drawn thick, on top, with its band
+            ax.plot(xs, mean, marker="o", markersize=3, label=display_name(method),
+                    color=colors[method], linewidth=2.4 if le else 1.2, zorder=3 if le else 2)
+            band = np.isfinite(half)
+            if band.any():
+                ax.fill_between(xs[band], (mean - half)[band], (mean + half)[band],
+                                color=colors[method], alpha=0.15 if le else 0.05, linewidth=0)
+        # the first other setting names the row (the data set of a paired axis)
+        title = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest[:1])
+        if train_key is not None:
+            title += ("; " if title else "") + f"train missing {col}"
+        ax.set_title(title, fontsize="small")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("test missing rate", fontsize="small")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(metric, fontsize="small")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+    fig.suptitle(f"{study.name}: test {metric} against the test missing rate (mean, 95 % "
+                 "band over seeds)", fontsize="medium")
+    return fig
+
+
 def settings_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any:
     """The metric per setting (x) and method (offset points with 95 % intervals; the axis
     spans the data, not zero, so small differences stay visible)."""
-    n_set, methods = len(study.settings), study.methods
+    n_set, methods = len(study.scored_settings()), study.methods
     fig = new_figure(max(6.0, 1.6 * n_set + 3.5), 4.4)
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
@@ -454,7 +516,7 @@ def settings_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any:
     for m, method in enumerate(methods):
         stats = [interval([r.get("score") for r in rows
                            if r["cell"] == s.id and r["method"] == method])
-                 for s in study.settings]
+                 for s in study.scored_settings()]
         xs = np.arange(n_set) + (m - (len(methods) - 1) / 2) * width
         mean = np.array([s.mean for s in stats])
         half = np.nan_to_num(np.array([s.half for s in stats]))
@@ -462,7 +524,7 @@ def settings_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any:
                     label=display_name(method), color=colors[method])
     for x in np.arange(n_set - 1) + 0.5:
         ax.axvline(x, color="grey", linewidth=0.5, alpha=0.5)
-    ax.set_xticks(np.arange(n_set), [_tick(s) for s in study.settings],
+    ax.set_xticks(np.arange(n_set), [_tick(s) for s in study.scored_settings()],
                   fontsize="x-small")
     ax.set_ylabel(_metric_name(rows))
     ax.grid(axis="y", alpha=0.3)
@@ -720,7 +782,7 @@ def forest_figure(study: Study, rows: Sequence[dict[str, Any]]) -> Any | None:
     if not data or not liquids or not others:
         return None
     metric = _metric_name(rows)
-    settings = [s for s in study.settings if s.id in data]
+    settings = [s for s in study.scored_settings() if s.id in data]
     cols = min(len(settings), 3)
     rows_n = math.ceil(len(settings) / cols)
     fig = new_figure(4.2 * cols + 3.0, (0.32 * len(others) * max(1, len(liquids)) ** 0.5 + 1.3)
@@ -757,17 +819,17 @@ def tau_figure(study: Study, rows: Sequence[dict[str, Any]], method: str) -> Any
     data = tau_data(study, rows, method)
     if not any(math.isfinite(v.mean) for per in data.values() for v in per.values()):
         return None
-    n_set = len(study.settings)
+    n_set = len(study.scored_settings())
     fig = new_figure(max(6.0, 1.1 * n_set + 3.0), 4.2)
     ax = fig.add_subplot()
     width = 0.8 / len(CONFIDENCES)
     for c, name in enumerate(CONFIDENCES):
-        mean = np.array([data[s.id][name].mean for s in study.settings])
-        half = np.nan_to_num(np.array([data[s.id][name].half for s in study.settings]))
+        mean = np.array([data[s.id][name].mean for s in study.scored_settings()])
+        half = np.nan_to_num(np.array([data[s.id][name].half for s in study.scored_settings()]))
         xs = np.arange(n_set) + (c - (len(CONFIDENCES) - 1) / 2) * width
         ax.bar(xs, mean, width=width, yerr=half, capsize=2, label=name)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xticks(np.arange(n_set), [_tick(s) for s in study.settings],
+    ax.set_xticks(np.arange(n_set), [_tick(s) for s in study.scored_settings()],
                   fontsize="x-small")
     ax.set_ylabel("Kendall τ (positive: confident and correct)")
     ax.legend(fontsize="x-small", title="confidence", title_fontsize="x-small")
@@ -795,7 +857,9 @@ def plot_study(study: Study, out: Path, rows: Sequence[dict[str, Any]] | None = 
         if fig is not None:
             written.append(save_figure(fig, folder / name))
 
-    knob_figures = [(knob, knob_figure(study, rows, knob)) for knob in study.swept]
+    save(missing_figure(study, rows), f"metric_vs_{TEST_MISSING}.png")
+    knob_figures = [(knob, knob_figure(study, rows, knob)) for knob in study.swept
+                    if knob != TEST_MISSING]
     for knob, fig in knob_figures:
         save(fig, f"metric_vs_{_safe(knob)}.png")
     if len(study.settings) > 1 and not any(fig is not None for _, fig in knob_figures):
@@ -818,6 +882,7 @@ def plot_study(study: Study, out: Path, rows: Sequence[dict[str, Any]] | None = 
 
 __all__ = ["FIGURES_DIR", "correlation", "delegation_figure", "forest_data", "forest_figure",
            "graph_figure", "ground_truth_split", "group_means", "knob_data", "knob_figure",
+           "missing_figure",
            "mean_delegation", "mean_power", "observability_figure", "observability_points",
            "observability_varies", "plot_study", "region_observability_points",
            "view_effect", "view_spread",
