@@ -266,8 +266,7 @@ class Federation:
         for k, (cause, reason) in missing.items():
             self.absences[k][cause] = self.absences[k].get(cause, 0) + 1
             self.last_reason[k] = reason
-            log.warning('"%s": %s is absent (%s): %s', kind, describe_client(self.transport, k),
-                        cause, reason)
+            log.warning('"%s": absent (%s): %s', kind, cause, reason)  # the reason names it
         return got, missing
 
     def _enough(self, got: dict[int, Reply], missing: dict[int, tuple[str, str]],
