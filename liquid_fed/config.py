@@ -229,6 +229,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "optim.lr": (0, None, False, True),
     "optim.weight_decay": (0, None, True, True),
     "optim.momentum": (0, 1, True, False),
+    "seed": (0, 2**32 - 1, True, True),  # what numpy and torch seed from, for every draw
     "train.epochs": (0, None, True, True),
     "train.chunk_size": (1, None, True, True),
     "train.batch_size": (1, None, True, True),

@@ -110,6 +110,11 @@ TEST_MISSING = "test_missing"
 #: absent at test for every sample, averaged over the parties.
 ABSENT_ONE = "absent_one"
 DRAWS = ("choice", "uniform", "loguniform", "int")
+#: What one study may hold, checked before anything is built (a typo like ``seeds: 1e9`` must
+#: fail at once): settings (grid x paired + random draws), seeds, and runs in all.
+MAX_SETTINGS = 10_000
+MAX_SEEDS = 1_000
+MAX_RUNS = 100_000
 LIQUID = "liquid"
 #: Methods that pool their experts' outputs through ``ensemble.mix``; ``mixes`` runs each of
 #: them once per pooling. ``oracle`` is not one: it hands every sample to one expert, so the
@@ -329,6 +334,10 @@ def _draw(key: str, spec: Any, rng: np.random.Generator) -> Any:
     _require(ok, f"random.keys.{key}.{kind}: got {arg!r}; expected [low, high] with low <= "
                  f"high{' and low > 0' if kind == 'loguniform' else ''}")
     low, high = arg
+    if kind == "int":
+        _require(all(float(a).is_integer() for a in arg),
+                 f"random.keys.{key}.int: got {arg!r}; the bounds of an integer draw must be "
+                 "integers")
     if kind == "uniform":
         return round(float(rng.uniform(low, high)), 6)
     if kind == "loguniform":
@@ -354,13 +363,19 @@ def _expand(raw: dict[str, Any]) -> list[dict[str, Any]]:
         clash = sorted(set(grid) & set(paired))
         if clash:
             raise ConfigError(f"paired.{clash[0]}: the key is also in grid")
+    rand = raw.get("random")
+    n = rand.get("n") if isinstance(rand, dict) else 0
+    # Counted before anything is built: a grid of 10^12 cells must fail at once, not fill memory.
+    cells = math.prod(len(axis) for axis in axes) if axes else 0
+    if isinstance(n, int) and not isinstance(n, bool):
+        cells += max(n, 0)
+    _require(cells <= MAX_SETTINGS, f"the study has {cells:,} settings (grid x paired, plus "
+                                    f"random.n); at most {MAX_SETTINGS:,} are accepted")
     settings = [dict(itertools.chain.from_iterable(d.items() for d in combo))
                 for combo in itertools.product(*axes)] if axes else []
-    rand = raw.get("random")
     if rand is not None:
         _require(isinstance(rand, dict) and set(rand) <= {"n", "seed", "keys"},
                  f"random: got {rand!r}; expected a mapping with n, seed and keys")
-        n = rand.get("n")
         _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
                  f"random.n: got {n!r}; expected an integer >= 1")
         keys = rand.get("keys")
@@ -418,8 +433,12 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
 
     seeds = raw.get("seeds", 3)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        _require(seeds >= 1, f"seeds: got {seeds}; expected >= 1 (or a list of seeds)")
+        _require(1 <= seeds <= MAX_SEEDS, f"seeds: got {seeds}; expected 1..{MAX_SEEDS} (or a "
+                                          "list of seeds)")
         seeds = list(range(seeds))
+    _require(not isinstance(seeds, list) or len(seeds) <= MAX_SEEDS,
+             f"seeds: got a list of {len(seeds) if isinstance(seeds, list) else 0} seeds; at "
+             f"most {MAX_SEEDS}")
     _require(isinstance(seeds, list) and seeds and all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
         and len(set(seeds)) == len(seeds),
@@ -465,6 +484,10 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     _require(not (mixes and clash), "mixes: given, but the settings also vary ensemble.mix "
                                     "(keep one of the two)")
     study.methods = _expand_methods(methods, solvers, study, mixes)
+    runs = len(settings) * len(seeds) * len(study.methods)
+    _require(runs <= MAX_RUNS, f"the study has {runs:,} runs ({len(settings)} settings x "
+                               f"{len(seeds)} seeds x {len(study.methods)} methods); at most "
+                               f"{MAX_RUNS:,} are accepted")
     _check_cells(study)
     return study
 

@@ -287,3 +287,10 @@ def test_federation_keys_are_checked_and_the_old_timeout_is_read() -> None:
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):
             build_config({}, [override])
+
+
+def test_the_seed_is_checked_at_the_door() -> None:
+    for seed in (2**63, -1, 2**32):
+        with pytest.raises(ConfigError, match=rf"seed: got {seed}; must lie in \[0, 4294967295\]"):
+            build_config({"seed": seed})
+    assert build_config({"seed": 2**32 - 1}).seed == 2**32 - 1

@@ -269,3 +269,30 @@ def test_a_stopped_compare_leaves_no_worker_behind(tmp_path: Path, how: str) -> 
     while procs.tagged("LF_STUDY_TEST_TAG", tag) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert procs.tagged("LF_STUDY_TEST_TAG", tag) == set()
+
+
+def test_a_study_too_large_fails_at_once_naming_its_size(tmp_path: Path) -> None:
+    import resource
+    import time
+
+    huge_grid = "\n".join(f"  views.noise{i}: [{', '.join(str(j) for j in range(100))}]"
+                          for i in range(6))  # 10^12 cells (the keys need not exist yet)
+    cases = {
+        "seeds: 1000000000": r"seeds: got 1000000000; expected 1..1000",
+        "random: {n: 1000000000, keys: {views.noise: {uniform: [0, 1]}}}":
+            r"the study has 1,000,000,000 settings .*at most 10,000",
+        f"grid:\n{huge_grid}": r"the study has 1,000,000,000,000 settings",
+        "random: {n: 3, keys: {train.epochs: {int: [1.5, 4]}}}":
+            r"random.keys.train.epochs.int: got \[1.5, 4\]; the bounds of an integer draw must "
+            r"be integers",
+        "seeds: 1000\nmethods: [liquid, uniform, averaged, local, splitnn, aggvfl, moe, central]"
+        "\nrandom: {n: 20, keys: {views.noise: {uniform: [0, 1]}}}":
+            r"the study has 160,000 runs \(20 settings x 1000 seeds x 8 methods\)",
+    }
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for body, message in cases.items():
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=message):
+            load_study(write_study(tmp_path, f"base: {REGIONS}\n{body}\n"))
+        assert time.perf_counter() - t0 < 5, body
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 100 << 10  # KiB
