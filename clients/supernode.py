@@ -247,11 +247,17 @@ class NodeIdentity:
                         stale = None
                         continue
                     if time.monotonic() > deadline:
+                        log.error("the SuperLink refused to activate this key's node for "
+                                  "%.0f s (HTTP 412): either %s is not registered there, or "
+                                  "a node of this key is still online from an earlier start",
+                                  wait, self.key_file)
                         return None
                     if not told:
-                        log.warning("the SuperLink does not activate this key's node yet "
-                                    "(still online from before, and %s holds no node id); "
-                                    "retrying for up to %.0f s", self.id_file, wait)
+                        log.warning("the SuperLink does not activate this key's node (HTTP "
+                                    "412): either the key is not registered there, or its "
+                                    "node is still online from before (%s holds no node id "
+                                    "to sign it off); retrying for up to %.0f s",
+                                    self.id_file, wait)
                         told = True
                     time.sleep(1.0)
                     continue

@@ -191,7 +191,10 @@ class Worker:
             if isinstance(ex, LoadClientAppError):
                 reason = "An exception was raised when attempting to load `ClientApp`"
                 code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
-            log.error("worker %s: the ClientApp raised an exception", self.name, exc_info=ex)
+            # The reason on one line first; a party's operator reads that, not the traceback.
+            log.error("worker %s: the ClientApp failed: %s", self.name, one_line(ex))
+            log.error("worker %s: the traceback of that failure follows", self.name,
+                      exc_info=ex)
             sub_status, details = SubStatus.FAILED, reason
             if message:
                 reply = Message(Error(code=code, reason=reason), reply_to=message)
@@ -243,6 +246,18 @@ class Worker:
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "clients.worker", *self.argv,
                                   "--token", reload.token])
+
+
+def one_line(ex: BaseException) -> str:
+    """``Type: message`` of an exception on one line (its first line when longer), with the
+    innermost cause's when Flower wrapped the app's own error (``LoadClientAppError``)."""
+    while ex.__cause__ is not None and not str(ex).strip():
+        ex = ex.__cause__
+    text = str(ex).strip().splitlines()
+    reason = f"{type(ex).__name__}: {text[0]}" if text else type(ex).__name__
+    if ex.__cause__ is not None:
+        reason += f" (caused by {one_line(ex.__cause__)})"
+    return reason
 
 
 def _forget_app_modules(app_dir: Path) -> None:

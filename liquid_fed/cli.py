@@ -174,7 +174,7 @@ def cmd_party_host(args: argparse.Namespace) -> int:
 
     return party_host(args.superlink, args.keys, args.data_dir, args.partition_id,
                       args.num_partitions, args.port, args.mode, args.work_dir, args.insecure,
-                      args.quiet)
+                      args.quiet, args.connect_timeout)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -445,6 +445,9 @@ def add_party_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no authentication (only with a 127.0.0.1 SuperLink)")
     p.add_argument("--quiet", action="store_true", help="don't echo the SuperNode's log")
+    p.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up, saying why, when the SuperLink has not answered, been "
+                   "verified and let this party in within SECONDS (default 60)")
 
 
 

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -287,23 +288,65 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter: created 0700 (parents too, when this
+    makes them); an existing folder is left as it is (it may be the user's own)."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+    return path
+
+
+def private_file(path: Path) -> IO[str]:
+    """``path`` opened for writing (truncated) as a 0600 file, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    return os.fdopen(fd, "w")
+
+
+def _child_setup(parent: int, parent_death_signal: int | None, umask: int | None
+                 ) -> Callable[[], None]:
+    """``preexec_fn`` of a supervised child: its umask, and ``parent_death_signal`` when the
+    thread that started it dies (the launcher killed with SIGKILL included)."""
+
+    def prepare() -> None:
+        if umask is not None:
+            os.umask(umask)
+        if parent_death_signal is not None:
+            die_with_parent(parent_death_signal)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os.kill(os.getpid(), parent_death_signal)
+
+    return prepare
+
+
 class Child:
-    """A child process in its own session whose output goes, time-stamped, to a log file."""
+    """A child process in its own session whose output goes, time-stamped, to a log file
+    (mode 0600); it receives ``parent_death_signal`` (default SIGTERM) when its launcher dies,
+    however it dies. Start children from a thread that lives as long as they should: the kernel
+    sends that signal when the *thread* that started the child ends."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path,
-                 log_path: Path, echo: IO[str] | None = None) -> None:
+                 log_path: Path, echo: IO[str] | None = None,
+                 parent_death_signal: int | None = signal.SIGTERM,
+                 umask: int | None = None) -> None:
         self.name, self.log_path, self.echo = name, log_path, echo
         self.started = time.time()
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        self._out = private_file(log_path)
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, text=True, errors="replace")
+                                     start_new_session=True, text=True, errors="replace",
+                                     preexec_fn=_child_setup(os.getpid(), parent_death_signal,
+                                                             umask))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        with self.log_path.open("w") as out:
+        with self._out as out:
             for line in self.proc.stdout:  # type: ignore[union-attr]
                 now = time.time()
                 with self._lock:
@@ -318,6 +361,11 @@ class Child:
         with self._lock:
             lines = list(self.lines)
         return [(t, m) for t, line in lines if (m := pattern.search(line))]
+
+    def text(self) -> list[str]:
+        """Every line it has written so far."""
+        with self._lock:
+            return [line for _, line in self.lines]
 
     def tail(self, n: int = 15) -> str:
         with self._lock:
@@ -334,20 +382,85 @@ class Child:
         self._reader.join(timeout)
 
 
+#: The guard of a :class:`ProcessGroup` (run as ``python -I -S -c GUARD_SOURCE NAME VALUE
+#: PID``; standard library only, so it starts in milliseconds): when process PID (the launcher)
+#: dies, however it dies, it stops every process whose environment holds ``NAME=VALUE`` —
+#: SIGTERM, then SIGKILL after 5 s — and exits. It learns of the death from
+#: ``PR_SET_PDEATHSIG`` (SIGTERM) and, as a fallback, by polling its parent's pid.
+GUARD_SOURCE = r"""
+import os, signal, sys, time
+name, value, parent = sys.argv[1], sys.argv[2], int(sys.argv[3])
+needle = f"{name}={value}".encode()
+
+def tagged():
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle not in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                continue
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2] != "Z" and int(pid) != os.getpid():
+            found.add(int(pid))
+    return found
+
+def sweep(*_):
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        pids = tagged()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = tagged()
+        if not pids:
+            break
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, sweep)
+signal.signal(signal.SIGHUP, sweep)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.getppid() == parent:
+    time.sleep(0.5)
+sweep()
+"""
+
+
 class ProcessGroup:
     """Children started in their own sessions, all tagged ``LIQUID_FED_DEPLOY_TAG=<tag>``.
 
     Use as a context manager: every process started through :meth:`spawn` (and every process
     those spawn, whatever session they end up in) is gone after ``__exit__``. Each child's output
-    goes, time-stamped, to ``<work_dir>/<name>.log``.
+    goes, time-stamped, to ``<work_dir>/<name>.log`` (0600; the work folder, when this creates
+    it, and each child's home are 0700).
+
+    Whatever kills the launcher (SIGKILL included), its children go too: each child gets
+    SIGTERM from the kernel when the launcher dies (``PR_SET_PDEATHSIG``), and a guard process
+    started with the first child (:data:`GUARD_SOURCE`) then stops everything carrying the
+    tag, grandchildren in other sessions included (SuperExec, ClientApp processes, workers).
+
+    Args:
+        work_dir: the logs' folder and the children's working directory.
+        echo: where children started with ``echo=True`` copy their output.
+        umask: the children's umask (e.g. 0o077: every file they write is 0600, every folder
+            0700); None keeps this process's.
+        guard: start the guard (False: only the kernel's parent-death signal).
     """
 
-    def __init__(self, work_dir: Path, echo: IO[str] | None = None) -> None:
-        self.work_dir = Path(work_dir)
+    def __init__(self, work_dir: Path, echo: IO[str] | None = None,
+                 umask: int | None = None, guard: bool = True) -> None:
+        self.work_dir = Path(work_dir).absolute()
         self.echo = echo
         self.tag = f"lf-deploy-{uuid.uuid4().hex}"
         self.children: list[Child] = []
         self.ports: list[int] = []
+        self.umask = umask
+        self.use_guard = guard
+        self.guard: subprocess.Popen | None = None
 
     def env(self, home: Path) -> dict[str, str]:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -357,11 +470,23 @@ class ProcessGroup:
         return {**os.environ, **CHILD_ENV, TAG_ENV: self.tag, "FLWR_HOME": str(home),
                 "PATH": path, "PYTHONPATH": pythonpath}
 
+    def start_guard(self) -> None:
+        """Start the guard that stops this group when the launcher dies (once)."""
+        if self.guard is not None or not self.use_guard:
+            return
+        env = {k: v for k, v in os.environ.items() if k != TAG_ENV}  # not one of its victims
+        self.guard = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", GUARD_SOURCE, TAG_ENV, self.tag,
+             str(os.getpid())], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_child_setup(os.getpid(), signal.SIGTERM, None))
+
     def spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> Child:
         """Start ``cmd`` with ``FLWR_HOME=home``; its log is ``<work_dir>/<name>.log``."""
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(self.work_dir)
+        home = private_dir(Path(home).absolute())  # children run in work_dir: no relative home
+        self.start_guard()
         child = Child(name, cmd, self.env(home), self.work_dir, self.work_dir / f"{name}.log",
-                      self.echo if echo else None)
+                      self.echo if echo else None, umask=self.umask)
         self.children.append(child)
         return child
 
@@ -388,6 +513,10 @@ class ProcessGroup:
                 child.proc.kill()
             child.proc.wait(timeout=5)
             child.wait_closed(2)
+        if self.guard is not None:  # its work is done; SIGKILL: no sweep of its own
+            self.guard.kill()
+            self.guard.wait(timeout=5)
+            self.guard = None
         return left
 
     def __enter__(self) -> ProcessGroup:
