@@ -206,7 +206,7 @@ def test_heartbeats_every_10_s_or_flowers_with_a_warning(monkeypatch, caplog) ->
 # A real deployment
 # --------------------------------------------------------------------------------------------
 
-ABSENT = re.compile(r'"(\w+)": client 1 \(node \d+\) is absent \((\w+)\)')
+ABSENT = re.compile(r'"(\w+)": absent \((\w+)\): client 1 \(node \d+\)')
 REJOINED = re.compile(r"client 1 \(node \d+\) rejoined the run \(from its last checkpoint")
 
 
