@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -289,4 +290,29 @@ def main(grid: Grid, context: Context) -> None:
     server_data = load_server_shard(data_dir, cfg) if data_dir else None
     with RunLock(run_dir).acquire("flwr run (ServerApp)"):
         rundir.prepare(cfg, run_dir, resume=resume)
-        serve(grid, cfg, run_dir, resume, server_data=server_data)
+        serve(grid, cfg, run_dir, resume, server_data=server_data,
+              on_round=progress_printer(cfg.name))
+
+
+def format_progress(name: str, info: RoundInfo) -> str:
+    """The one line per round that ``liquid-fed submit`` and ``server-host`` show (they find
+    it by its ``[liquid-fed]`` prefix in the run's log stream)."""
+    return (f"[liquid-fed] run {name} round {info.round}/{info.total_rounds} "
+            f"loss {info.loss:.4f} elapsed {info.elapsed:.1f} s")
+
+
+def progress_printer(name: str) -> Callable[[RoundInfo], None]:
+    """An ``on_round`` that writes :func:`format_progress` to the ServerApp's stdout, which
+    Flower streams to ``flwr run --stream`` and the SuperLink's log."""
+    out = logging.getLogger("liquid_fed.progress")
+    if not out.handlers:  # this process's entry point: the handler is ours to set
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        out.addHandler(handler)
+        out.setLevel(logging.INFO)
+        out.propagate = False
+
+    def on_round(info: RoundInfo) -> None:
+        out.info(format_progress(name, info))
+
+    return on_round
