@@ -30,6 +30,9 @@ from liquid_fed.errors import ConfigError, DeploymentError
 APP_DIR = Path(__file__).resolve().parent.parent
 #: The environment variable tagging every process of a :class:`ProcessGroup`.
 TAG_ENV = "LIQUID_FED_DEPLOY_TAG"
+#: Set by ``liquid-fed server-host`` for its SuperLink: the file every ServerApp it spawns
+#: appends its per-round progress lines to (Flower does not pass a ServerApp's output on).
+PROGRESS_ENV = "LIQUID_FED_PROGRESS_FILE"
 CHILD_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -10,7 +10,9 @@ path) plus optional dotted overrides in ``set``, e.g. ``--run-config
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shlex
 import sys
 import time
@@ -29,6 +31,7 @@ from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation import RoundInfo, ServerData
 from liquid_fed.federation.transport import NoReply, Reply
+from liquid_fed.procs import PROGRESS_ENV
 from liquid_fed.rundir import RunLock
 from liquid_fed.runs import run_federated
 from liquid_fed.shards import load_server_shard
@@ -312,7 +315,15 @@ def progress_printer(name: str) -> Callable[[RoundInfo], None]:
         out.setLevel(logging.INFO)
         out.propagate = False
 
+    # The long-lived server host names a file (in its work folder) it shows progress from:
+    # Flower's SuperExec does not pass a ServerApp's output on to the SuperLink.
+    progress_file = os.environ.get(PROGRESS_ENV)
+
     def on_round(info: RoundInfo) -> None:
-        out.info(format_progress(name, info))
+        line = format_progress(name, info)
+        out.info(line)
+        if progress_file:
+            with contextlib.suppress(OSError), open(progress_file, "a") as f:
+                f.write(line + "\n")
 
     return on_round

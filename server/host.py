@@ -36,7 +36,7 @@ from typing import Any
 
 from liquid_fed import procs
 from liquid_fed.errors import ConfigError, DeploymentError
-from liquid_fed.procs import check_insecure
+from liquid_fed.procs import PROGRESS_ENV, check_insecure
 from liquid_fed.rundir import atomic_write
 from server.deploy_local import CONNECTION, LocalDeployment
 from server.keys import ServerKeys, load_keys
@@ -193,6 +193,10 @@ def server_host(keys_dir: str | None, work_dir: str, host: str = "127.0.0.1",
     dep = LocalDeployment(0, work, None, host="127.0.0.1" if keys else host,
                           port=procs.free_port() if keys else port, server_keys=keys,
                           database=work / "superlink.db")
+    progress = work / "progress.log"
+    progress.touch()
+    # The SuperLink's ServerApps inherit this: they append their progress lines there.
+    os.environ[PROGRESS_ENV] = str(progress)
     procs.start_reaper(dep.tag)  # killed outright, this process still takes its tree along
     with dep:
         try:
@@ -212,17 +216,16 @@ def server_host(keys_dir: str | None, work_dir: str, host: str = "127.0.0.1",
             print(f"server-host: Fleet API on {host}:{port} ({security}); submit runs with "
                   f"`liquid-fed submit CONFIG --data-dir LABELS --work-dir {work_dir}`; "
                   f"Ctrl-C stops it (logs: {work})", file=sys.stderr, flush=True)
-            shown = 0
-            while True:
-                dep.check_alive(link, "serving")
-                if gate is not None:
-                    dep.check_alive(gate, "serving")
-                # The ServerApps' output reaches the SuperLink's log: show their progress.
-                lines = link.lines[shown:]
-                shown += len(lines)
-                for _, line in lines:
-                    if not quiet and (match := PROGRESS.search(line)):
-                        print(f"server-host: {match.group(1)}", file=sys.stderr, flush=True)
-                time.sleep(0.5)
+            with progress.open() as follow:
+                follow.seek(0, os.SEEK_END)
+                while True:
+                    dep.check_alive(link, "serving")
+                    if gate is not None:
+                        dep.check_alive(gate, "serving")
+                    for line in follow.readlines():
+                        if not quiet and (match := PROGRESS.search(line)):
+                            print(f"server-host: {match.group(1)}", file=sys.stderr,
+                                  flush=True)
+                    time.sleep(0.5)
         finally:
             state_file.unlink(missing_ok=True)

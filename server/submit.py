@@ -94,7 +94,7 @@ def list_runs(state: ServerState, client: _Client | None = None) -> list[dict[st
         record = state.work_dir / RUNS / f"{row.get('run-id')}.json"
         if record.is_file():
             row.update(json.loads(record.read_text()))
-    return sorted(rows, key=lambda r: str(r.get("created-at", "")))
+    return sorted(rows, key=lambda r: str(r.get("pending-at", "")))
 
 
 def stop_run(state: ServerState, run_id: str, client: _Client | None = None) -> None:
