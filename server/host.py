@@ -168,7 +168,9 @@ def server_host(keys_dir: str | None, work_dir: str, host: str = "127.0.0.1",
     check_insecure(insecure, [host], "--host")
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port: got {port}; accepted: 1..65535")
-    keys = load_keys(keys_dir, insecure, ServerKeys, "the server folder")
+    # Absolute: the SuperLink and the gate run in the work folder, not where this was typed.
+    keys = load_keys(Path(keys_dir).resolve() if keys_dir else None, insecure, ServerKeys,
+                     "the server folder")
     public_keys = keys.node_public_keys() if keys is not None else []
     if keys is not None and not public_keys:
         raise ConfigError(f"--keys {keys_dir}: no public keys in supernodes/ (written by "

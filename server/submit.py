@@ -212,6 +212,11 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
                         print(f"submit: {m.group(1)}", file=echo, flush=True)
                 if rc is not None:
                     break
+                if not state.alive():
+                    finished = True  # nothing left to stop: the server took its runs along
+                    raise DeploymentError(
+                        f"the server-host (pid {state.pid}) stopped during run {run_id}; "
+                        f"start it again and continue with --resume {run_dir}")
                 if time.time() > deadline:
                     raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f} s "
                                           "(--timeout); stopped it. Logs: "
