@@ -9,7 +9,10 @@
     liquid-fed split CONFIG.yaml --out DIR [--set key=value ...]
     liquid-fed keys DIR --nodes N [--host ADDRESS ...] [--days D]
     liquid-fed deploy-local [CONFIG.yaml] [--set key=value ...] [--keys DIR | --insecure] ...
-    liquid-fed server-host CONFIG.yaml --keys DIR --data-dir DIR [--host H] [--port P] ...
+    liquid-fed server-host --keys DIR --work-dir DIR [--host H] [--port P] [--nodes N]
+    liquid-fed submit CONFIG.yaml --data-dir DIR --work-dir DIR [--set ...] [--out DIR]
+        [--resume RUN_DIR]
+    liquid-fed status --work-dir DIR [--stop RUN_ID]
     liquid-fed party-host --superlink H:P --keys DIR --data-dir DIR --partition-id K ...
 
 ``run`` starts Flower's simulation engine on Ray in a child process that leads its own
@@ -164,9 +167,30 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 def cmd_server_host(args: argparse.Namespace) -> int:
     from server.host import server_host
 
-    return server_host(args.config, args.set or [], args.keys, args.data_dir, args.host,
-                       args.port, args.nodes, args.out, args.wait_nodes, args.timeout,
-                       args.work_dir, args.insecure, args.quiet)
+    return server_host(args.keys, args.work_dir, args.host, args.port, args.nodes,
+                       args.insecure, args.quiet)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from server.submit import submit
+
+    done = submit(args.config, args.set or [], args.data_dir, args.work_dir, args.out,
+                  args.resume, args.timeout, None if args.quiet else sys.stderr)
+    print(format_summary(done.summary, done.run_dir))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from server.host import find_server
+    from server.submit import list_runs, stop_run
+
+    state = find_server(args.work_dir)
+    if args.stop is not None:
+        stop_run(state, args.stop)
+        print(f"run {args.stop}: stop requested")
+        return 0
+    print(format_runs(list_runs(state)))
+    return 0
 
 
 def cmd_party_host(args: argparse.Namespace) -> int:
@@ -232,6 +256,17 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     lines.append(f"  outputs: {run_dir}")
     return "\n".join(lines)
 
+
+
+def format_runs(rows: list[dict[str, Any]]) -> str:
+    """The table of ``liquid-fed status``: one row per run on the server host."""
+    lines = [f"{'run id':<22} {'status':<20} {'name':<20} run folder"]
+    for row in rows:
+        lines.append(f"{row.get('run-id', '?')!s:<22} {row.get('status', '?')!s:<20} "
+                     f"{row.get('name', '-')!s:<20} {row.get('run_dir', '-')}")
+    if not rows:
+        lines.append("(no runs yet)")
+    return "\n".join(lines)
 
 
 def format_cases(cases: list[Any], run_dir: Path) -> str:
@@ -329,10 +364,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_arguments(p)
     p.set_defaults(func=cmd_deploy_local, supervises=True)
 
-    p = sub.add_parser("server-host", help="on the server's machine: SuperLink (TLS + auth), "
-                       "then the run")
+    p = sub.add_parser("server-host", help="on the server's machine: the long-lived server "
+                       "(SuperLink + TLS gate + party keys) that runs are submitted to")
     add_server_arguments(p)
     p.set_defaults(func=cmd_server_host, supervises=True)
+
+    p = sub.add_parser("submit", help="on the server's machine: one run on the running "
+                       "server-host, with progress and the summary table")
+    p.add_argument("config", help="YAML config (the same file the shards were split from)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one key (repeatable; the same as for `liquid-fed split`)")
+    p.add_argument("--data-dir", required=True, metavar="DIR",
+                   help="the server's label folder of `liquid-fed split`")
+    p.add_argument("--work-dir", required=True, metavar="DIR",
+                   help="the server-host's --work-dir (how the running server is found)")
+    p.add_argument("--out", help="parent of the run folder (default: the config's out)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue this run folder from its last complete checkpoint (same "
+                        "CONFIG and --set as its first submit)")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds the run may take; then it is stopped (default 3600)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_submit, supervises=True)
+
+    p = sub.add_parser("status", help="on the server's machine: the runs of the running "
+                       "server-host; --stop RUN_ID stops one")
+    p.add_argument("--work-dir", required=True, metavar="DIR",
+                   help="the server-host's --work-dir")
+    p.add_argument("--stop", metavar="RUN_ID", help="stop this run (flwr stop)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("party-host", help="on party K's machine: its SuperNode with its shard")
     add_party_arguments(p)
@@ -405,25 +465,21 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config (the same file the shards were split from)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override one key (repeatable; the same as for `liquid-fed split`)")
     p.add_argument("--keys", metavar="DIR", help="the server folder of `liquid-fed keys`")
-    p.add_argument("--data-dir", required=True, metavar="DIR",
-                   help="the server's label folder of `liquid-fed split`")
+    p.add_argument("--work-dir", required=True, metavar="DIR",
+                   help="the server's folder (state database, logs; `submit` and `status` "
+                        "find the server through it)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address the SuperLink binds to (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=9092, help="SuperLink port (default 9092)")
-    p.add_argument("--nodes", type=int, help="parties to wait for (default: views.n_views)")
-    p.add_argument("--out", help="parent of the run folder (default: the config's out)")
-    p.add_argument("--wait-nodes", type=float, default=600.0,
-                   help="seconds to wait for the parties to connect (default 600)")
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="seconds the run may take once submitted (default 3600)")
-    p.add_argument("--work-dir", help="logs and Flower homes (default: a new temporary folder)")
+                   help="address the parties' port binds to (default 127.0.0.1; 0.0.0.0 "
+                        "for all)")
+    p.add_argument("--port", type=int, default=9092,
+                   help="the parties' port: the public Fleet API (the TLS gate; the "
+                        "SuperLink itself listens on 127.0.0.1 only). Default 9092")
+    p.add_argument("--nodes", type=int, help="register only the first N party keys "
+                   "(default: every key in supernodes/)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no SuperNode authentication (only with --host 127.0.0.1)")
-    p.add_argument("--quiet", action="store_true", help="don't stream the run's logs")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def add_party_arguments(p: argparse.ArgumentParser) -> None:

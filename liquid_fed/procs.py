@@ -31,6 +31,9 @@ from liquid_fed.errors import ConfigError, DeploymentError
 APP_DIR = Path(__file__).resolve().parent.parent
 #: The environment variable tagging every process of a :class:`ProcessGroup`.
 TAG_ENV = "LIQUID_FED_DEPLOY_TAG"
+#: Set by ``liquid-fed server-host`` for its SuperLink: the file every ServerApp it spawns
+#: appends its per-round progress lines to (Flower does not pass a ServerApp's output on).
+PROGRESS_ENV = "LIQUID_FED_PROGRESS_FILE"
 CHILD_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -529,3 +532,101 @@ class ProcessGroup:
 
             logging.getLogger(__name__).warning("processes still alive after cleanup: %s",
                                                 sorted(left))
+
+
+
+# --------------------------------------------------------------------------------------------
+# A reaper: what a launcher killed with SIGKILL started still goes
+# --------------------------------------------------------------------------------------------
+
+#: Seconds the reaper gives its hook (e.g. ``flwr stop``) before it stops the tagged processes.
+REAPER_HOOK_TIMEOUT = 60.0
+
+# The reaper runs as ``python -c REAPER_SOURCE``: standard library only, so it starts in tens
+# of milliseconds and a few MB (importing this package would pull in torch).
+REAPER_SOURCE = r"""
+import json, os, signal, subprocess, sys, time
+pid, start, tag, hook, poll, hook_timeout = sys.argv[1:7]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def stat(p):
+    try:
+        text = open(f"/proc/{p}/stat").read()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+def alive(p, start=None):
+    f = stat(p)
+    return f is not None and f[0] != "Z" and (start is None or f[19] == start)
+while alive(int(pid), start):
+    time.sleep(float(poll))
+if hook and os.path.isfile(hook):
+    try:
+        spec = json.load(open(hook))
+        subprocess.run(spec["argv"], env={**os.environ, **spec.get("env", {})},
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=float(hook_timeout))
+    except Exception:
+        pass  # nobody is left to tell; the tagged processes are stopped all the same
+needle = f"LIQUID_FED_DEPLOY_TAG={tag}".encode()
+def tagged():
+    found = []
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) != os.getpid():
+            try:
+                env = open(f"/proc/{p}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if needle in env and alive(int(p)):
+                found.append(int(p))
+    return found
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+    for p in tagged():
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and tagged():
+        time.sleep(0.1)
+"""
+
+
+def start_reaper(tag: str, hook: Path | None = None, poll: float = 0.5) -> subprocess.Popen:
+    """Start a small process that outlives this one and, once this one is gone however it
+    went (SIGKILL included), stops every process tagged ``TAG_ENV=tag``.
+
+    A SuperLink's grandchildren (SuperExec, ServerApp) are not this process's children and
+    do not see it die: ``PR_SET_PDEATHSIG`` cannot reach them, the tag can. The reaper leads
+    its own session (Ctrl-C on the terminal does not reach it), carries no tag itself, and
+    exits once its work is done: after a clean stop it finds nothing tagged.
+
+    Args:
+        tag: the :class:`ProcessGroup` tag to stop.
+        hook: a JSON file ``{"argv": [...], "env": {...}}``; when it exists at the launcher's
+            death the reaper runs that command first (at most :data:`REAPER_HOOK_TIMEOUT`
+            seconds), e.g. ``flwr stop RUN`` for a run whose submitter died.
+        poll: seconds between checks of the launcher.
+
+    Returns:
+        The reaper's process (it ends by itself).
+    """
+    assert TAG_ENV == "LIQUID_FED_DEPLOY_TAG"  # REAPER_SOURCE spells it out
+    env = {k: v for k, v in os.environ.items() if k != TAG_ENV}
+    cmd = [sys.executable, "-S", "-c", REAPER_SOURCE, str(os.getpid()),
+           start_time(os.getpid()), tag, str(hook or ""), str(poll), str(REAPER_HOOK_TIMEOUT)]
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+
+
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" when it is gone): tells a
+    process apart from a later one that got the same pid."""
+    text = _read(f"/proc/{pid}/stat")
+    return text[text.rfind(")") + 2:].split()[19] if text else ""
+
+
+def pid_alive(pid: int, started: str | None = None) -> bool:
+    """True while ``pid`` runs (not a zombie) and, if given, is still the process that
+    started at ``started`` (see :func:`start_time`)."""
+    return _alive(pid) and (started is None or start_time(pid) == started)

@@ -10,8 +10,11 @@ path) plus optional dotted overrides in ``set``, e.g. ``--run-config
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +31,7 @@ from liquid_fed.config import RunConfig, load_config
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation import RoundInfo, ServerData
 from liquid_fed.federation.transport import NoReply, Reply
+from liquid_fed.procs import PROGRESS_ENV
 from liquid_fed.rundir import RunLock
 from liquid_fed.runs import run_federated
 from liquid_fed.shards import load_server_shard
@@ -289,4 +293,37 @@ def main(grid: Grid, context: Context) -> None:
     server_data = load_server_shard(data_dir, cfg) if data_dir else None
     with RunLock(run_dir).acquire("flwr run (ServerApp)"):
         rundir.prepare(cfg, run_dir, resume=resume)
-        serve(grid, cfg, run_dir, resume, server_data=server_data)
+        serve(grid, cfg, run_dir, resume, server_data=server_data,
+              on_round=progress_printer(cfg.name))
+
+
+def format_progress(name: str, info: RoundInfo) -> str:
+    """The one line per round that ``liquid-fed submit`` and ``server-host`` show (they find
+    it by its ``[liquid-fed]`` prefix in the run's log stream)."""
+    return (f"[liquid-fed] run {name} round {info.round}/{info.total_rounds} "
+            f"loss {info.loss:.4f} elapsed {info.elapsed:.1f} s")
+
+
+def progress_printer(name: str) -> Callable[[RoundInfo], None]:
+    """An ``on_round`` that writes :func:`format_progress` to the ServerApp's stdout, which
+    Flower streams to ``flwr run --stream`` and the SuperLink's log."""
+    out = logging.getLogger("liquid_fed.progress")
+    if not out.handlers:  # this process's entry point: the handler is ours to set
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        out.addHandler(handler)
+        out.setLevel(logging.INFO)
+        out.propagate = False
+
+    # The long-lived server host names a file (in its work folder) it shows progress from:
+    # Flower's SuperExec does not pass a ServerApp's output on to the SuperLink.
+    progress_file = os.environ.get(PROGRESS_ENV)
+
+    def on_round(info: RoundInfo) -> None:
+        line = format_progress(name, info)
+        out.info(line)
+        if progress_file:
+            with contextlib.suppress(OSError), open(progress_file, "a") as f:
+                f.write(line + "\n")
+
+    return on_round

@@ -147,7 +147,7 @@ class LocalDeployment(ProcessGroup):
                  keys: KeySet | None = None, shards: Path | None = None,
                  rogue: int = 0, host: str = "127.0.0.1", port: int | None = None,
                  server_keys: ServerKeys | None = None, mode: str = DEFAULT_MODE,
-                 tolerate_exits: bool = False) -> None:
+                 tolerate_exits: bool = False, database: Path | None = None) -> None:
         if mode not in MODES:
             raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
         super().__init__(work_dir, echo)
@@ -167,6 +167,9 @@ class LocalDeployment(ProcessGroup):
         self.tolerate_exits = tolerate_exits
         self.exits_seen: list[Child] = []
         self.restarts: dict[int, int] = {}
+        # The SuperLink's state (runs, registered keys, nodes) in a SQLite file that outlives
+        # it (the long-lived server host); None: in memory, gone with the SuperLink.
+        self.database = database
 
     def check_nodes(self) -> None:
         """Raise :class:`DeploymentError` naming the first SuperNode that has exited (in warm
@@ -219,6 +222,7 @@ class LocalDeployment(ProcessGroup):
             procs.executable("flower-superlink"), *superlink_security_args(self.server_keys),
             "--host", self.host,
             "--port", str(self.superlink_port), "--disable-runtime-dependency-installation",
+            *(["--database", str(self.database)] if self.database is not None else []),
         ], self.work_dir / "superlink-home")
         deadline = time.time() + wait
         while not procs.accepts(self.superlink_port, self.local_host):
@@ -260,13 +264,16 @@ class LocalDeployment(ProcessGroup):
 
     def register(self, public_keys: list[Path]) -> None:
         """Let the SuperNodes holding these keys' private halves in (Control API; one ``flwr``
-        CLI process per key, all at once: each spends seconds importing Flower)."""
+        CLI process per key, all at once: each spends seconds importing Flower). A key the
+        SuperLink's database already holds (a restarted long-lived server) stays registered."""
         regs = [(pub, self.flwr("supernode", "register", str(pub), CONNECTION,
                                 name=f"flwr-register-{pub.stem}")) for pub in public_keys]
         for pub, reg in regs:
             rc = reg.proc.wait(timeout=120)
             reg.wait_closed(5)
-            if rc != 0:
+            if rc != 0 and "already in use" in reg.tail(40):
+                log.info("%s: already registered (the SuperLink's database kept it)", pub)
+            elif rc != 0:
                 raise DeploymentError(f"`flwr supernode register {pub}` failed (exit "
                                       f"{rc}):\n{reg.tail()}")
 

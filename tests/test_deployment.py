@@ -12,21 +12,17 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
-import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from liquid_fed import procs, rundir
 from liquid_fed.errors import DeploymentError
 from liquid_fed.federation import LocalTransport
-from liquid_fed.procs import TAG_ENV, free_port, port_is_free
+from liquid_fed.procs import TAG_ENV, port_is_free
 from liquid_fed.rundir import load_checkpoint
 from liquid_fed.runs import run_federated
 from liquid_fed.shards import load_server_shard, write_shards
@@ -231,15 +227,15 @@ def test_hosts_refuse_to_go_off_loopback_without_tls_and_auth(tmp_path: Path,
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5")
     work = tmp_path / "work"
     shards = tmp_path / "shards"
-    assert main(["server-host", str(QUICKSTART), "--data-dir", str(shards / "server"),
-                 "--host", "0.0.0.0", "--insecure", "--work-dir", str(work)]) == 2
+    assert main(["server-host", "--host", "0.0.0.0", "--insecure",
+                 "--work-dir", str(work)]) == 2
     assert "--insecure with --host 0.0.0.0: refused" in capsys.readouterr().err
     assert main(["party-host", "--superlink", "10.0.0.5:9092", "--insecure",
                  "--data-dir", str(shards / "party-0"), "--partition-id", "0",
                  "--num-partitions", "2", "--work-dir", str(work)]) == 2
     assert "--insecure with --superlink 10.0.0.5: refused" in capsys.readouterr().err
-    assert main(["server-host", str(QUICKSTART), "--data-dir", str(shards / "server"),
-                 "--work-dir", str(work)]) == 2  # no keys: refused, not silently insecure
+    assert main(["server-host", "--work-dir", str(work)]) == 2  # no keys: refused, not
+    # silently insecure
     assert "--keys: missing" in capsys.readouterr().err
     assert main(["deploy-local", str(QUICKSTART), "--insecure", "--keys", str(tmp_path),
                  "--out", str(tmp_path / "runs"), "--keep-logs", str(work), "--quiet"]) == 2
@@ -263,67 +259,5 @@ def test_party_host_refuses_another_partys_shard(tmp_path: Path, capsys) -> None
     assert not (tmp_path / "work").exists()
 
 
-@slow
-@deployment
-def test_three_machine_recipe_on_loopback(tmp_path: Path) -> None:
-    # The README's recipe, each machine's command a separate process: keys, split, two party
-    # hosts (started first, as people would), then the server host, which waits for them,
-    # runs once and stops; the parties are then stopped with SIGTERM.
-    cli = [sys.executable, "-m", "liquid_fed.cli"]
-    sets = [a for s in TINY for a in ("--set", s)]
-    keys, shards = tmp_path / "keys", tmp_path / "shards"
-    subprocess.run([*cli, "keys", str(keys), "--nodes", "2"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
-    subprocess.run([*cli, "split", str(QUICKSTART), *sets, "--out", str(shards)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300)
-    link_port, node_ports = free_port(), [free_port(), free_port()]
-    parties = [subprocess.Popen(
-        [*cli, "party-host", "--superlink", f"127.0.0.1:{link_port}",
-         "--keys", str(keys / f"party-{k}"), "--data-dir", str(shards / f"party-{k}"),
-         "--partition-id", str(k), "--num-partitions", "2", "--port", str(node_ports[k]),
-         "--work-dir", str(tmp_path / f"party-{k}-work"), "--quiet"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for k in range(2)]
-    server = None
-    try:
-        server = subprocess.Popen(
-            [*cli, "server-host", str(QUICKSTART), *sets, "--keys", str(keys / "server"),
-             "--data-dir", str(shards / "server"), "--port", str(link_port),
-             "--out", str(tmp_path / "runs"), "--work-dir", str(tmp_path / "server-work"),
-             "--timeout", "300", "--quiet"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # The public port serves the Fleet API only: the Control API (flwr run, supernode
-        # register) is not reachable through it, even over TLS with the right CA.
-        deadline = time.monotonic() + 300
-        while port_is_free(link_port) and server.poll() is None:
-            assert time.monotonic() < deadline, "the server host never opened its port"
-            time.sleep(0.2)
-        trust = ssl.create_default_context(cafile=str(keys / "party-0" / "ca.crt"))
-        for path in ("/v1/control/list-runs", "/v1/control/register-node"):
-            probe = httpx.post(f"https://127.0.0.1:{link_port}{path}", content=b"",
-                               verify=trust, timeout=30)
-            assert probe.status_code == 404, (path, probe.status_code)
-        out, err = server.communicate(timeout=600)
-        assert server.returncode == 0, err[-3000:]
-        assert "finished:completed: 1 rounds" in out
-        assert "TLS + SuperNode authentication, Fleet API only" in err
-        for party in parties:
-            assert party.poll() is None, "a party host stopped before it was told to"
-    finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.communicate(timeout=60)
-        for party in parties:
-            party.send_signal(signal.SIGTERM)
-        outs = [party.communicate(timeout=60) for party in parties]
-    for k, (party, (_, err)) in enumerate(zip(parties, outs, strict=True)):
-        assert party.returncode == 130, err[-2000:]
-        assert f"party {k} connected to 127.0.0.1:{link_port} as SuperNode" in err
-    busy = [p for p in (link_port, *node_ports) if not port_is_free(p)]
-    assert busy == [], f"ports still in use: {busy}"
-    summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
-    assert summary["rounds"] == 1
-    ckpt = load_checkpoint(tmp_path / "runs" / "quickstart", 2)
-    assert ckpt.clients == []  # each party kept its own expert
-    for k in range(2):
-        assert (shards / f"party-{k}" / "checkpoints" / ckpt.server["run_id"]).is_dir()
+# The three-machine recipe (server-host, party-hosts, runs submitted to them) lives in
+# tests/test_server_host.py.
