@@ -385,54 +385,6 @@ class Child:
         self._reader.join(timeout)
 
 
-#: The guard of a :class:`ProcessGroup` (run as ``python -I -S -c GUARD_SOURCE NAME VALUE
-#: PID``; standard library only, so it starts in milliseconds): when process PID (the launcher)
-#: dies, however it dies, it stops every process whose environment holds ``NAME=VALUE`` —
-#: SIGTERM, then SIGKILL after 5 s — and exits. It learns of the death from
-#: ``PR_SET_PDEATHSIG`` (SIGTERM) and, as a fallback, by polling its parent's pid.
-GUARD_SOURCE = r"""
-import os, signal, sys, time
-name, value, parent = sys.argv[1], sys.argv[2], int(sys.argv[3])
-needle = f"{name}={value}".encode()
-
-def tagged():
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if needle not in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
-                continue
-            stat = open(f"/proc/{pid}/stat").read()
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2] != "Z" and int(pid) != os.getpid():
-            found.add(int(pid))
-    return found
-
-def sweep(*_):
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        pids = tagged()
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = tagged()
-        if not pids:
-            break
-    os._exit(0)
-
-signal.signal(signal.SIGTERM, sweep)
-signal.signal(signal.SIGHUP, sweep)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-while os.getppid() == parent:
-    time.sleep(0.5)
-sweep()
-"""
-
-
 class ProcessGroup:
     """Children started in their own sessions, all tagged ``LIQUID_FED_DEPLOY_TAG=<tag>``.
 
@@ -443,7 +395,7 @@ class ProcessGroup:
 
     Whatever kills the launcher (SIGKILL included), its children go too: each child gets
     SIGTERM from the kernel when the launcher dies (``PR_SET_PDEATHSIG``), and a guard process
-    started with the first child (:data:`GUARD_SOURCE`) then stops everything carrying the
+    started with the first child (a reaper, :func:`start_reaper`) then stops everything carrying the
     tag, grandchildren in other sessions included (SuperExec, ClientApp processes, workers).
 
     Args:
@@ -451,11 +403,15 @@ class ProcessGroup:
         echo: where children started with ``echo=True`` copy their output.
         umask: the children's umask (e.g. 0o077: every file they write is 0600, every folder
             0700); None keeps this process's.
-        guard: start the guard (False: only the kernel's parent-death signal).
+        guard: start the guard, a reaper (:func:`start_reaper`) that stops the group once this
+            process is gone (False: only the kernel's parent-death signal).
+        reaper_hook: what the guard runs first when this process dies (see
+            :func:`start_reaper`; e.g. ``flwr stop`` of a run this process submitted).
     """
 
     def __init__(self, work_dir: Path, echo: IO[str] | None = None,
-                 umask: int | None = None, guard: bool = True) -> None:
+                 umask: int | None = None, guard: bool = True,
+                 reaper_hook: Path | None = None) -> None:
         self.work_dir = Path(work_dir).absolute()
         self.echo = echo
         self.tag = f"lf-deploy-{uuid.uuid4().hex}"
@@ -463,6 +419,7 @@ class ProcessGroup:
         self.ports: list[int] = []
         self.umask = umask
         self.use_guard = guard
+        self.reaper_hook = reaper_hook
         self.guard: subprocess.Popen | None = None
 
     def env(self, home: Path) -> dict[str, str]:
@@ -477,11 +434,7 @@ class ProcessGroup:
         """Start the guard that stops this group when the launcher dies (once)."""
         if self.guard is not None or not self.use_guard:
             return
-        env = {k: v for k, v in os.environ.items() if k != TAG_ENV}  # not one of its victims
-        self.guard = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", GUARD_SOURCE, TAG_ENV, self.tag,
-             str(os.getpid())], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_child_setup(os.getpid(), signal.SIGTERM, None))
+        self.guard = start_reaper(self.tag, self.reaper_hook)
 
     def spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> Child:
         """Start ``cmd`` with ``FLWR_HOME=home``; its log is ``<work_dir>/<name>.log``."""

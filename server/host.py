@@ -199,7 +199,6 @@ def server_host(keys_dir: str | None, work_dir: str, host: str = "127.0.0.1",
     progress.touch()
     # The SuperLink's ServerApps inherit this: they append their progress lines there.
     os.environ[PROGRESS_ENV] = str(progress)
-    procs.start_reaper(dep.tag)  # killed outright, this process still takes its tree along
     with dep:
         try:
             dep.start()

@@ -170,8 +170,9 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
     _probe_lock(run_dir)
     session = _session_dir(state, "submit")
     client = _Client(state, session)
-    hook = session / "stop-on-death.json"
-    procs.start_reaper(client.tag, hook)  # SIGKILL of submit stops its run (see hook)
+    # Its guard (a reaper) runs the hook first if submit dies: SIGKILL of submit stops its run.
+    hook = client.reaper_hook = session / "stop-on-death.json"
+    client.start_guard()
     t0 = time.time()
     run_id: str | None = None
     finished = False
