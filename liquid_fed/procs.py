@@ -10,6 +10,7 @@ Linux ``/proc`` only; no third-party dependency.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import re
@@ -34,6 +35,8 @@ TAG_ENV = "LIQUID_FED_DEPLOY_TAG"
 #: Set by ``liquid-fed server-host`` for its SuperLink: the file every ServerApp it spawns
 #: appends its per-round progress lines to (Flower does not pass a ServerApp's output on).
 PROGRESS_ENV = "LIQUID_FED_PROGRESS_FILE"
+#: Lines of a child's output kept in memory (its whole log is on disk).
+MAX_LINES = 20_000
 CHILD_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -337,7 +340,10 @@ class Child:
                  umask: int | None = None) -> None:
         self.name, self.log_path, self.echo = name, log_path, echo
         self.started = time.time()
-        self.lines: list[tuple[float, str]] = []
+        # The latest lines only: a long-lived child (server-host's SuperLink) logs for days;
+        # its whole log is in log_path.
+        self.lines: collections.deque[tuple[float, str]] = collections.deque(maxlen=MAX_LINES)
+        self.written = 0  # lines written in all (the deque keeps the latest)
         self._lock = threading.Lock()
         self._out = private_file(log_path)
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
@@ -354,6 +360,7 @@ class Child:
                 now = time.time()
                 with self._lock:
                     self.lines.append((now, line.rstrip("\n")))
+                    self.written += 1
                 out.write(f"{now:.3f} {line}")
                 out.flush()
                 if self.echo is not None:
@@ -365,14 +372,21 @@ class Child:
             lines = list(self.lines)
         return [(t, m) for t, line in lines if (m := pattern.search(line))]
 
+    def since(self, seen: int) -> tuple[int, list[tuple[float, str]]]:
+        """The lines written after the first ``seen`` (those still kept), and how many have
+        been written in all: ``seen, new = child.since(seen)`` follows the output."""
+        with self._lock:
+            new = min(self.written - seen, len(self.lines))
+            return self.written, list(self.lines)[len(self.lines) - new:] if new > 0 else []
+
     def text(self) -> list[str]:
-        """Every line it has written so far."""
+        """The lines it has written so far (the latest :data:`MAX_LINES`)."""
         with self._lock:
             return [line for _, line in self.lines]
 
     def tail(self, n: int = 15) -> str:
         with self._lock:
-            return "\n".join(line for _, line in self.lines[-n:])
+            return "\n".join(line for _, line in list(self.lines)[-n:])
 
     def terminate(self) -> None:
         if self.proc.poll() is None:

@@ -197,8 +197,7 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
             shown = 0
             while True:
                 rc = runner.proc.poll()
-                lines = runner.lines[shown:]
-                shown += len(lines)
+                shown, lines = runner.since(shown)
                 for _, line in lines:
                     if run_id is None and (m := STARTED.search(line)):
                         run_id = m.group(1)

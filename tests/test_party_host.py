@@ -371,3 +371,17 @@ time.sleep(300)
     while tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert tagged(tag) == []
+
+
+def test_a_childs_output_is_followed_with_bounded_memory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(procs, "MAX_LINES", 5)
+    child = procs.Child("count", [sys.executable, "-c", "print(*range(12), sep='\\n')"], {},
+                        tmp_path, tmp_path / "count.log")
+    child.proc.wait(timeout=30)
+    child.wait_closed(10)
+    assert len(child.lines) == 5 and child.written == 12
+    seen, new = child.since(0)  # the first seven are gone from memory (kept on disk)
+    assert seen == 12 and [line for _, line in new] == ["7", "8", "9", "10", "11"]
+    assert [line for _, line in child.since(10)[1]] == ["10", "11"]
+    assert child.since(12) == (12, [])
+    assert len((tmp_path / "count.log").read_text().splitlines()) == 12
