@@ -229,8 +229,9 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     """A short table of the run's test score beside its references."""
     metric = summary["metric"]
     lines = [f"run {summary['name']}: {summary['rounds']} rounds in "
-             f"{summary['wall_seconds']:.1f} s, {summary['bytes_per_round'] / 1e3:.1f} kB/round,"
-             f" peak memory {summary.get('peak_memory_bytes', 0) / 2**30:.2f} GiB",
+             f"{summary['wall_seconds']:.1f} s, {summary['bytes_per_round'] / 1e3:.1f} kB/round"
+             + (f", peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"
+                if summary.get("peak_memory_bytes") else ""),
              f"  {'model':<34} test {metric}",
              f"  {'liquid ensemble (federated)':<34} {summary['test'][metric]:.4f}"]
     refs = summary.get("references", {})
