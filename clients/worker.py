@@ -79,14 +79,15 @@ def task_retry_invoker(max_time: float = REQUEST_RETRY_TIME) -> Any:
     Returns:
         A ``flwr.supercore.retry.RetryInvoker``.
     """
-    import httpx
     from flwr.common.constant import MAX_RETRY_DELAY
-    from flwr.supercore.retry.http_retry import _RETRYABLE_TRANSPORT_ERRORS
+    from flwr.supercore.retry import http_retry
     from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 
+    # Flower's own list (private); any transport error if a later Flower renames it.
+    transport = getattr(http_retry, "_RETRYABLE_TRANSPORT_ERRORS", (httpx.TransportError,))
     return RetryInvoker(
         wait_gen_factory=lambda: exponential(max_delay=min(MAX_RETRY_DELAY, 2.0)),
-        recoverable_exceptions=_RETRYABLE_TRANSPORT_ERRORS,
+        recoverable_exceptions=transport,
         max_tries=None, max_time=max_time,
         should_giveup=lambda exc: isinstance(exc, httpx.HTTPStatusError))
 

@@ -115,21 +115,25 @@ class Node:
 
     def wait_reply(self, timeout: float) -> tuple[int, int] | None:
         """(run id, value) of the first reply the worker stored, or None after ``timeout``
-        s. The state holds the reply's metadata; its content is in the object store."""
+        s. The state holds the reply's metadata (handed out once, as to Flower's loop); its
+        content is in the object store once the worker has pushed it."""
         from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
         from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
         deadline = time.monotonic() + timeout
+        reply = None
         while time.monotonic() < deadline:
-            replies = self.state.get_messages_legacy(is_reply=True)
-            if replies:
+            if reply is None:
+                replies = self.state.get_messages_legacy(is_reply=True)
+                reply = replies[0] if replies else None
+            if reply is not None:
                 store = self.state.object_store
-                reply_id = replies[0].metadata.message_id
+                reply_id = reply.metadata.message_id
                 contents = {t.object_id: store.get(t.object_id)
                             for t in iterate_object_tree(store.get_object_tree(reply_id))}
                 if all(contents.values()):  # b"" until the worker has pushed the object
-                    reply = inflate_object_from_contents(reply_id, contents)
-                    return replies[0].metadata.run_id, reply.content["c"]["v"]
+                    content = inflate_object_from_contents(reply_id, contents).content
+                    return reply.metadata.run_id, content["c"]["v"]
             time.sleep(0.05)
         return None
 
@@ -158,10 +162,8 @@ def no_sigint() -> Iterator[list[int]]:
     signal.signal(signal.SIGINT, previous)
 
 
-def _start_worker(node: Node, pull_timeout: float = worker.PULL_TIMEOUT
-                  ) -> tuple[worker.Worker, threading.Thread]:
-    w = worker.Worker(f"127.0.0.1:{node.port}", "party-1", 0.05, 0.05, 10.0, [],
-                      pull_timeout=pull_timeout)
+def _start_worker(node: Node, **options: float) -> tuple[worker.Worker, threading.Thread]:
+    w = worker.Worker(f"127.0.0.1:{node.port}", "party-1", 0.05, 0.05, 10.0, [], **options)
     w.load = lambda run, fab: _app  # type: ignore[method-assign]
     thread = threading.Thread(target=w.serve, daemon=True)
     thread.start()
@@ -200,8 +202,8 @@ def test_worker_gives_up_a_stopped_runs_task_when_the_next_run_arrives(node: Nod
         t0 = time.monotonic()
         reply = node.wait_reply(15)
         took = time.monotonic() - t0
+        assert reply is not None, "the worker never answered the next run's message"
         _stop(w, thread)
-    assert reply is not None, "the worker never answered the next run's message"
     assert reply == (2, 42)
     assert took < 10, took
     tasks = node.tasks()
@@ -289,8 +291,8 @@ def test_worker_survives_the_supernode_revoking_a_task_it_has_claimed(node: Node
         assert node.deliver(2, 10) == 2
         reply = node.wait_reply(15)
         alive = thread.is_alive()
+        assert no_sigint == [], "Flower's retry invoker sent SIGINT to the worker's process"
         _stop(w, thread)
-    assert no_sigint == []
     assert alive, "the worker ended when its task's token was revoked"
     assert reply == (2, 20)
     assert node.tasks()[1].sub_status == SubStatus.FAILED
