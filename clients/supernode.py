@@ -128,6 +128,77 @@ def install_waits(hot_poll: float = 0.1, idle_poll: float = 1.0, hot_window: flo
 
 
 # --------------------------------------------------------------------------------------------
+# A run stopped while its message is received: drop the message's task (guarded)
+# --------------------------------------------------------------------------------------------
+
+PULL_AND_STORE_REF = "flwr.supernode.start_client_internal:_pull_and_store_message"
+
+
+class RunStopped(Exception):
+    """The run of a message being received is no longer running at the SuperLink."""
+
+
+def install_stopped_run_cleanup() -> bool:
+    """Make this process's SuperNode finish the task of a message whose run stops while the
+    message is being received; False (Flower's kept, with a warning) when the installed
+    Flower is not the one this was written for.
+
+    Flower 1.41's ``_pull_and_store_message`` creates the task before it pulls the message's
+    objects; when the SuperLink answers that the run is not running, the
+    ``RunNotRunningException`` (a ``BaseException``) passes its ``except Exception`` that would
+    delete the message and finish the task, so the task stays pending with a message that
+    will never be complete, and a single warm worker that claims it waits for that message.
+    Raised as :class:`RunStopped` instead, it takes Flower's own clean-up path ("Failed to
+    receive message ...": message deleted, task finished as failed).
+
+    Returns:
+        True when installed.
+    """
+    import flwr
+
+    found = None
+    if flwr.__version__ != fastpath.FLOWER_VERSION:
+        found = f"Flower {flwr.__version__} is installed; written for {fastpath.FLOWER_VERSION}"
+    elif fastpath.source_sha256(fastpath.resolve(PULL_AND_STORE_REF)) != \
+            fastpath.SOURCE_SHA256[PULL_AND_STORE_REF]:
+        found = f"{PULL_AND_STORE_REF} changed"
+    if found:
+        log.warning("stopped-run clean-up not installed (%s): a run stopped while its message "
+                    "is received leaves a pending task that the worker gives up only later",
+                    found)
+        return False
+    from flwr.supercore.run import RunNotRunningException
+    from flwr.supernode import start_client_internal as sci
+
+    original: Callable[..., int | None] = sci._pull_and_store_message
+    if getattr(original, "_liquid_fed_cleanup", False):
+        return True
+
+    def converting(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(run_id: int, *args: Any) -> Any:
+            try:
+                return fn(run_id, *args)
+            except RunNotRunningException:
+                log.warning("SuperNode: run %s stopped while its message was being "
+                            "received; dropping the message and its task", run_id)
+                raise RunStopped(f"run {run_id} is no longer running at the SuperLink"
+                                 ) from None
+        return call
+
+    @functools.wraps(original)
+    def pull_and_store_message(*args: Any, **kwargs: Any) -> int | None:
+        for name in ("pull_object", "confirm_message_received"):
+            if name in kwargs:  # Flower 1.41 passes them by keyword
+                kwargs[name] = converting(kwargs[name])
+        return original(*args, **kwargs)
+
+    pull_and_store_message._liquid_fed_cleanup = True  # type: ignore[attr-defined]
+    sci._pull_and_store_message = pull_and_store_message
+    return True
+
+
+# --------------------------------------------------------------------------------------------
 # The node's identity at the SuperLink: reclaimed at start, signed off when the worker dies
 # --------------------------------------------------------------------------------------------
 
@@ -453,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ["--poll", str(args.worker_poll),
                                  "--idle-poll", str(args.worker_idle_poll),
                                  "--hot-window", str(args.hot_window)])
+        install_stopped_run_cleanup()  # before install_waits, which wraps it again
         if mode == "fast":
             install_waits(args.hot_poll, args.idle_poll, args.hot_window, args.reply_poll)
         beat = HEARTBEAT_INTERVAL if install_heartbeat() else HEARTBEAT_STOCK
