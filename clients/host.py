@@ -102,10 +102,18 @@ def _check_shard(folder: Path, k: int) -> None:
     if not manifest.is_file():
         raise ConfigError(f"--data-dir {folder}: no manifest.json (expected party-{k} written "
                           "by `liquid-fed split`)")
-    party = json.loads(manifest.read_text()).get("party")
-    if party != k:
-        raise ConfigError(f"--data-dir {folder} holds party {party}'s shard, not party {k}'s "
-                          "(--partition-id)")
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--data-dir {folder}: its manifest.json cannot be read ({exc})") from exc
+    if not isinstance(data, dict) or data.get("role") != "party":
+        what = ("the server's label folder" if isinstance(data, dict)
+                and data.get("role") == "server" else "no party's shard")
+        raise ConfigError(f"--data-dir {folder} holds {what}, not party {k}'s shard (give it "
+                          f"the party-{k} folder of `liquid-fed split`)")
+    if data.get("party") != k:
+        raise ConfigError(f"--data-dir {folder} holds party {data.get('party')}'s shard, not "
+                          f"party {k}'s (--partition-id)")
 
 
 #: How long a party waits by default for the SuperLink to answer and let it in (seconds).

@@ -385,3 +385,24 @@ def test_a_childs_output_is_followed_with_bounded_memory(tmp_path: Path, monkeyp
     assert [line for _, line in child.since(10)[1]] == ["10", "11"]
     assert child.since(12) == (12, [])
     assert len((tmp_path / "count.log").read_text().splitlines()) == 12
+
+
+def test_a_party_given_the_wrong_folder_is_told_what_it_holds(tmp_path: Path) -> None:
+    from clients.host import _check_shard
+    from liquid_fed.config import build_config
+    from liquid_fed.errors import ConfigError
+    from liquid_fed.shards import write_shards
+
+    cfg = build_config({"data": {"name": "iris"}, "views": {"kind": "random", "n_views": 2,
+                                                            "options": {}}})
+    write_shards(cfg, tmp_path / "shards")
+    _check_shard(tmp_path / "shards" / "party-1", 1)  # its own: accepted
+    with pytest.raises(ConfigError, match=r"holds the server's label folder, not party 0's "
+                                          r"shard \(give it the party-0 folder"):
+        _check_shard(tmp_path / "shards" / "server", 0)
+    with pytest.raises(ConfigError, match=r"holds party 1's shard, not party 0's"):
+        _check_shard(tmp_path / "shards" / "party-1", 0)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="its manifest.json cannot be read"):
+        _check_shard(tmp_path / "bad", 0)
