@@ -106,7 +106,7 @@ def _check_shard(folder: Path, k: int) -> None:
         data = json.loads(manifest.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--data-dir {folder}: its manifest.json cannot be read ({exc})") from exc
-    if not isinstance(data, dict) or data.get("role") != "party":
+    if not isinstance(data, dict) or data.get("role") == "server" or "party" not in data:
         what = ("the server's label folder" if isinstance(data, dict)
                 and data.get("role") == "server" else "no party's shard")
         raise ConfigError(f"--data-dir {folder} holds {what}, not party {k}'s shard (give it "

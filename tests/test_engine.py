@@ -112,16 +112,19 @@ class _SilentGrid:
 
 
 def test_a_dead_runtime_ends_the_wait_at_once_with_its_reason() -> None:
+    from types import SimpleNamespace
+
     import pytest
 
     from liquid_fed.errors import ClientFailure
     from server.app import exchange_messages
 
+    message = SimpleNamespace(metadata=SimpleNamespace(dst_node_id=7))  # to node 7
     t0 = time.monotonic()
     with pytest.raises(ClientFailure, match=r'runtime stopped while the server waited .* s for '
                                             r'replies to "train": OSError: boom'):
-        exchange_messages(_SilentGrid(), [object()], timeout=600, poll=0.01,
+        exchange_messages(_SilentGrid(), [message], timeout=600, poll=0.01,
                           health=lambda: "OSError: boom", kind="train")
     assert time.monotonic() - t0 < 60  # not the 600 s timeout
-    replies, waited = exchange_messages(_SilentGrid(), [object()], timeout=0.2, poll=0.01)
+    replies, waited = exchange_messages(_SilentGrid(), [message], timeout=0.2, poll=0.01)
     assert replies == {} and 0.2 <= waited < 60  # the caller reports how long it really waited
