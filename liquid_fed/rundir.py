@@ -145,9 +145,14 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
+            if len(set(z.files)) != len(z.files):  # a later member would silently win
+                twice = sorted({k for k in z.files if z.files.count(k) > 1})
+                raise RunFileError(f"{path} holds two members named {twice[0]!r}")
             return {k: z[k] for k in z.files}
     except FileNotFoundError as exc:
         raise RunFolderError(f"{path} does not exist") from exc
+    except RunFileError:
+        raise
     except Exception as exc:  # zipfile, zlib, numpy format and pickle refusals alike
         raise RunFileError(f"{path} is not a readable .npz of plain arrays: {exc}") from exc
 
@@ -163,7 +168,8 @@ def read_json(path: str | Path) -> Any:
         raise RunFileError(f"{path} is not readable JSON: {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (a shard of gigabytes never sits in memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -401,7 +407,7 @@ def _check_generation(gen: Path, n_clients: int | None) -> dict[str, Any]:
         path = gen / str(fname)
         if "/" in str(fname) or not path.is_file():
             raise RunFolderError(f"{fname} is missing")
-        if not isinstance(meta, dict) or _sha256(path) != meta.get("sha256"):
+        if not isinstance(meta, dict) or file_sha256(path) != meta.get("sha256"):
             raise RunFolderError(f"{fname} does not match the manifest's checksum (a file of "
                                  "another generation or a damaged one)")
     return manifest

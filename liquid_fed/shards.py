@@ -32,6 +32,7 @@ from liquid_fed.errors import DataError, RunFileError
 from liquid_fed.federation.setup import ClientView, ServerData, client_view, load_server_data
 from liquid_fed.rundir import (
     atomic_write,
+    file_sha256,
     json_text,
     npz_bytes,
     private_folder,
@@ -132,7 +133,7 @@ def _read(folder: Path, role: str, who: str) -> tuple[dict[str, Any], dict[str, 
         path = folder / data_file
         if not path.is_file():
             raise DataError(f"{who}: {path} is missing")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
         if digest != (manifest.get("files") or {}).get(data_file):
             raise DataError(f"{who}: {path} does not match its manifest's checksum (damaged, "
                             "or taken from another shard)")

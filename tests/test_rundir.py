@@ -227,3 +227,33 @@ def test_a_manifest_cannot_name_client_files_outside_its_generation(tmp_path: Pa
     del manifest["client_files"]
     (gen / "manifest.json").write_text(json.dumps(manifest))
     assert load_checkpoint(tmp_path).client_files == ["client_0.npz"]
+
+
+def test_an_npz_with_two_members_of_one_name_is_refused(tmp_path: Path) -> None:
+    import io
+    import warnings
+    import zipfile
+
+    from liquid_fed.data.files import load_npz
+    from liquid_fed.errors import DataError, RunFileError
+    from liquid_fed.rundir import file_sha256, read_npz
+
+    def npy(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    path = tmp_path / "twice.npz"
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name: the point here
+        zf.writestr("features.npy", npy(np.zeros((4, 2))))
+        zf.writestr("labels.npy", npy(np.array([0, 1, 0, 1])))
+        zf.writestr("labels.npy", npy(np.array([1, 1, 1, 1])))
+    with pytest.raises(RunFileError, match="holds two members named 'labels'"):
+        read_npz(path)
+    with pytest.raises(DataError, match="holds two arrays named 'labels'"):
+        load_npz(path)
+    # The checksum of a file is read in blocks and equals the whole file's.
+    import hashlib
+
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()

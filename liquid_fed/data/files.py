@@ -601,6 +601,11 @@ def _npz_arrays(path: Path, required: Sequence[str], optional: Sequence[str]
         with zf:
             _check_directory(zf, fh, path)
             # numpy.savez stores array "x" as member "x.npy"; np.load lists it as "x"
+            names = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:  # which copy a reader takes is up to the reader: refuse the file
+                raise DataError(f"{path}: holds two arrays named {twice[0]!r}; an .npz "
+                                "archive names each array once (write it with numpy.savez)")
             members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
             for key in required:
                 if key not in members:
