@@ -47,6 +47,7 @@ from clients.supernode import EXIT_WORKER_DIED, MODES
 from liquid_fed import procs
 from liquid_fed.errors import ConfigError, DeploymentError
 from liquid_fed.procs import ProcessGroup, check_insecure
+from liquid_fed.rundir import private_folder
 from server.keys import PartyKeys, load_keys
 
 log = logging.getLogger("liquid_fed.hosts")
@@ -337,7 +338,7 @@ def party_host(superlink: str, keys: str | None, data_dir: str, partition_id: in
 
     probe_superlink(host, superlink_port, party_keys.ca if party_keys else None,
                     connect_timeout, waiting)
-    work = (procs.private_dir(_resolve(work_dir)) if work_dir  # type: ignore[arg-type]
+    work = (private_folder(_resolve(work_dir), claim=False) if work_dir  # type: ignore[arg-type]
             else Path(tempfile.mkdtemp(prefix="lf-party-")))
     # The log is echoed only once the party is in: a failure is told in one line first.
     group = ProcessGroup(work, None if quiet else sys.stderr, umask=0o077)

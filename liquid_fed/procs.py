@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from liquid_fed.errors import ConfigError, DeploymentError
+from liquid_fed.rundir import private_folder
 
 #: The repository root: the Flower App (pyproject.toml) whose packages children import.
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -294,17 +295,6 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def private_dir(path: Path) -> Path:
-    """``path`` as a folder only its owner can enter: created 0700 (parents too, when this
-    makes them); an existing folder is left as it is (it may be the user's own)."""
-    path = Path(path)
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
-        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
-    return path
-
-
 def private_file(path: Path) -> IO[str]:
     """``path`` opened for writing (truncated) as a 0600 file, whatever the umask."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -452,8 +442,9 @@ class ProcessGroup:
 
     def spawn(self, name: str, cmd: list[str], home: Path, echo: bool = False) -> Child:
         """Start ``cmd`` with ``FLWR_HOME=home``; its log is ``<work_dir>/<name>.log``."""
-        private_dir(self.work_dir)
-        home = private_dir(Path(home).absolute())  # children run in work_dir: no relative home
+        private_folder(self.work_dir, claim=False)
+        # Children run in work_dir: no relative home.
+        home = private_folder(Path(home).absolute(), claim=False)
         self.start_guard()
         child = Child(name, cmd, self.env(home), self.work_dir, self.work_dir / f"{name}.log",
                       self.echo if echo else None, umask=self.umask)

@@ -365,12 +365,18 @@ def _fsync_dir(path: Path) -> None:
 _CLIENT_FILE = re.compile(r"[a-z]+_\d{1,6}\.npz")
 
 
-def private_folder(path: str | Path) -> Path:
-    """Create ``path`` (and its parents) if needed and make it 0700: only its owner may list
-    or enter it (shards, a party's checkpoints)."""
+def private_folder(path: str | Path, claim: bool = True) -> Path:
+    """``path`` as a folder only its owner may list or enter (shards, a party's checkpoints,
+    work folders and logs): every folder it creates (parents included) is 0700, whatever the
+    umask; an existing ``path`` is made 0700 too when ``claim``, else left as it is (it may be
+    the user's own folder)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+    if claim:
+        path.chmod(0o700)
     return path
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from liquid_fed import procs
 from liquid_fed.errors import ConfigError, DeploymentError
 from liquid_fed.procs import PROGRESS_ENV, check_insecure
-from liquid_fed.rundir import atomic_write
+from liquid_fed.rundir import atomic_write, private_folder
 from server.deploy_local import CONNECTION, LocalDeployment
 from server.keys import ServerKeys, load_keys
 
@@ -66,12 +66,6 @@ class ServerState:
     def alive(self) -> bool:
         """True while the server host that wrote the file still runs."""
         return procs.pid_alive(self.pid, self.started)
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
-    return path
 
 
 def find_server(work_dir: str | Path) -> ServerState:
@@ -189,7 +183,7 @@ def server_host(keys_dir: str | None, work_dir: str, host: str = "127.0.0.1",
         raise DeploymentError(f"a server-host already runs on --work-dir {work_dir} (pid "
                               f"{running.pid}); stop it first or choose another --work-dir")
     os.umask(0o077)  # logs, state database, Flower homes: this user's only
-    _private_dir(work)
+    private_folder(work)
     state_file = work / STATE_FILE
     state_file.unlink(missing_ok=True)
     dep = LocalDeployment(0, work, None, host="127.0.0.1" if keys else host,
