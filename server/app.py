@@ -101,7 +101,7 @@ class GridTransport:
             return nodes
         by_partition: dict[int, int] = {}
         for node, part in parts.items():
-            if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < n_clients:
+            if not _is_partition(part, n_clients):
                 raise ClientFailure(f"node {node} has partition-id {part!r}; accepted: integers "
                                     f"0..{n_clients - 1} (one per client, views.n_views)")
             if part in by_partition:
@@ -177,7 +177,7 @@ class GridTransport:
                                          else reply[1].get("partition_id"))
         for node in sorted(n for n in online if n not in self.nodes and n in self.partitions):
             k = self.partitions[node]
-            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.n_clients:
+            if not _is_partition(k, self.n_clients):
                 continue  # refused for good: no such client index
             if k in self.missed and self.nodes[k] not in online:
                 log.warning("client %d: node %d takes the place of node %d (offline), naming "
@@ -187,6 +187,11 @@ class GridTransport:
                 self.refused.add(node)
                 log.warning("node %d names partition-id %d, which node %d holds and is "
                             "online: refused", node, k, self.nodes[k])
+
+
+def _is_partition(part: Any, n_clients: int) -> bool:
+    """A node's ``partition-id`` names a client index: an integer in ``0..n_clients - 1``."""
+    return isinstance(part, int) and not isinstance(part, bool) and 0 <= part < n_clients
 
 
 def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll: float,

@@ -167,12 +167,10 @@ class Federation:
         return replies
 
     def _exchange_all(self, kind: str, arrays: Sequence[Arrays],
-                      settings: Sequence[dict[str, Any]],
-                      clients: Sequence[int] | None = None) -> list[Reply]:
-        """:meth:`_exchange` where every client must answer (setup)."""
-        replies = self._exchange(kind, arrays, settings, clients)
-        clients = list(range(self.k)) if clients is None else list(clients)
-        for k, reply in zip(clients, replies, strict=True):
+                      settings: Sequence[dict[str, Any]]) -> list[Reply]:
+        """:meth:`_exchange` with every client, where every client must answer (setup)."""
+        replies = self._exchange(kind, arrays, settings)
+        for k, reply in enumerate(replies):
             if isinstance(reply, NoReply):
                 raise ClientFailure(f'{describe_client(self.transport, k)} did not answer '
                                     f'"{kind}" ({reply.cause}): {reply.reason}')
@@ -264,10 +262,22 @@ class Federation:
                     continue
             got[k] = result
         for k, (cause, reason) in missing.items():
-            self.absences[k][cause] = self.absences[k].get(cause, 0) + 1
-            self.last_reason[k] = reason
+            self._absent(k, cause, reason)
             log.warning('"%s": absent (%s): %s', kind, cause, reason)  # the reason names it
         return got, missing
+
+    def _absent(self, k: int, cause: str, reason: str | None = None) -> None:
+        """Count a round client ``k`` missed under ``cause`` (and why, when it was asked)."""
+        self.absences[k][cause] = self.absences[k].get(cause, 0) + 1
+        if reason is not None:
+            self.last_reason[k] = reason
+
+    def _with_stand_ins(self, got: dict[int, Reply], n: int) -> list[Arrays]:
+        """The replies of every client, in order: a missing one's is a stand-in present
+        nowhere on the ``n`` samples (it passes its vote on)."""
+        return [got[k][0] if k in got else absent_reply(n, self.data.n_outputs, self.k,
+                                                        self.step.dtype)
+                for k in range(self.k)]
 
     def _enough(self, got: dict[int, Reply], missing: dict[int, tuple[str, str]],
                 where: str) -> None:
@@ -382,10 +392,7 @@ class Federation:
         ids_all = np.concatenate(parts)
         got, missing = self._send("evaluate", ids_all)
         self._enough(got, missing, f"evaluation after round {round_index}")
-        # A party missing at evaluation passes its vote on (present nowhere).
-        replies = [got[k][0] if k in got else absent_reply(ids_all.size, self.data.n_outputs,
-                                                         self.k, self.step.dtype)
-                   for k in range(self.k)]
+        replies = self._with_stand_ins(got, ids_all.size)  # the missing pass their votes on
         subs, start = [], 0
         for ids in parts:
             subs.append([{k: v[start:start + ids.size] for k, v in r.items()
@@ -522,18 +529,13 @@ class Federation:
             ids = train_ids[chunks[epoch][j]]
             asked = round_presence(avail.dropout, avail.absent, self.k, r, self.cfg.seed)
             clients = [k for k in range(self.k) if asked[k]]
-            for k in range(self.k):
-                if not asked[k]:
-                    self.absences[k]["availability"] = self.absences[k].get("availability",
-                                                                            0) + 1
+            for k in np.flatnonzero(~asked):
+                self._absent(int(k), "availability")
             got, missing = self._send("train", ids, clients,
                                       [self._fault(k, r + 1) for k in clients])
             self._enough(got, missing, f"training round {r + 1}")
             answered = [k for k in clients if k in got]
-            replies = [got[k][0] if k in got else
-                       absent_reply(ids.size, self.data.n_outputs, self.k, self.step.dtype)
-                       for k in range(self.k)]
-            loss, signals = self.step.train_step(ids, replies, r)
+            loss, signals = self.step.train_step(ids, self._with_stand_ins(got, ids.size), r)
             self.leakage.observe(ids, [signals[k] for k in answered],
                                  [got[k][0]["pred"] for k in answered], parties=answered)
             for k in answered:  # an absent party is sent nothing: its expert stays as it was
