@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from liquid_fed.procs import free_port
+from liquid_fed.procs import free_port, tagged
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "deployment.md"
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]
+TEST_TAG = "LIQUID_FED_TEST_TAG"  # every process the guide's commands start inherits it
 HOSTS = {"server.example.org": "server", "party0.example.org": "party0",
          "party1.example.org": "party1"}
 
@@ -62,7 +63,7 @@ def test_the_deployment_guide_works_as_written(tmp_path: Path) -> None:
         (folder / "configs").symlink_to(ROOT / "configs")
     port = free_port()
     tag = f"lf-docs-{uuid.uuid4().hex}"
-    env = {**os.environ, "LIQUID_FED_TEST_TAG": tag, "PATH": f"{ROOT / '.venv' / 'bin'}:"
+    env = {**os.environ, TEST_TAG: tag, "PATH": f"{ROOT / '.venv' / 'bin'}:"
            f"{os.environ['PATH']}"}
     env.pop("VIRTUAL_ENV", None)
     long_lived: list[subprocess.Popen] = []
@@ -126,21 +127,7 @@ def test_the_deployment_guide_works_as_written(tmp_path: Path) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
     deadline = time.monotonic() + 30
-    while _tagged(tag) and time.monotonic() < deadline:
+    while tagged(TEST_TAG, tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _tagged(tag) == [], "processes outlived the guide's commands"
+    assert tagged(TEST_TAG, tag) == set(), "processes outlived the guide's commands"
 
-
-def _tagged(tag: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if tag.encode() not in Path(f"/proc/{pid}/environ").read_bytes():
-                continue
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if state != "Z":
-            found.append(f"{pid}: {cmd[:120]}")
-    return found
