@@ -5,6 +5,7 @@
     liquid-fed validate CONFIG.yaml [--set key=value ...]
     liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
     liquid-fed evaluate RUN_DIR [--absent K [K ...]] ... [--missing-rate P [P ...]]
+                        [--smoothing L [L ...]]
     liquid-fed compare STUDY.yaml [--out DIR] [--workers N] [--resume] [--set key=value ...]
     liquid-fed split CONFIG.yaml --out DIR [--set key=value ...]
     liquid-fed keys DIR --nodes N [--host ADDRESS ...] [--days D]
@@ -215,7 +216,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from liquid_fed.robustness import evaluate_run
 
     cases = evaluate_run(args.run_dir, args.absent or [],
-                         [p for group in args.missing_rate or [] for p in group])
+                         [p for group in args.missing_rate or [] for p in group],
+                         [v for group in args.smoothing or [] for v in group])
     print(format_cases(cases, Path(args.run_dir)))
     return 0
 
@@ -419,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-rate", action="append", nargs="+", type=float, metavar="P",
                    help="each sample loses each party with probability P in [0, 1), one kept "
                         "(one case per P; seeded by the run's seed)")
+    p.add_argument("--smoothing", action="append", nargs="+", type=float, metavar="L",
+                   help="every party present, pooled with power smoothing L in [0, 1] (0: the "
+                        "learned powers, 1: the uniform vote) instead of the run's own")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", help="figures of delegation patterns from finished run folders")

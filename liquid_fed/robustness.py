@@ -101,6 +101,15 @@ def check_missing_rate(rate: float) -> float:
     return float(rate)
 
 
+def check_smoothing(value: float) -> float:
+    """A power smoothing ``λ`` to score with: a number in [0, 1]."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0.0 <= value <= 1.0):
+        raise ParameterError(f"smoothing must lie in [0, 1], got {value!r}", "smoothing",
+                             value, interval="[0, 1]")
+    return float(value)
+
+
 def absent_mask(n: int, k: int, absent: Sequence[int], base: Tensor | None = None) -> Tensor:
     """Presence (B, K) with the parties ``absent`` missing from every sample.
 
@@ -243,7 +252,8 @@ class Case:
 
 
 def evaluate_run(run_dir: str | Path, absent: Sequence[Sequence[int]] = (),
-                 missing_rates: Sequence[float] = ()) -> list[Case]:
+                 missing_rates: Sequence[float] = (),
+                 smoothings: Sequence[float] = ()) -> list[Case]:
     """Score a finished run folder with parties absent.
 
     Rebuilds the run's data and experts from its ``config.yaml``, loads every expert's state
@@ -255,13 +265,18 @@ def evaluate_run(run_dir: str | Path, absent: Sequence[Sequence[int]] = (),
         run_dir: a folder written by ``liquid-fed run`` or ``liquid-fed centralized``.
         absent: cases of parties absent together for every sample, e.g. ``[[0], [1, 2]]``.
         missing_rates: cases of each sample losing each party with that probability.
+        smoothings: cases of every party present, pooled with that power smoothing ``λ``
+            instead of the run's own (0 = the learned powers, 1 = the uniform vote): how much
+            the delegation adds over a plain vote of the same experts.
 
     Returns:
-        The cases in order: all present first, then ``absent``, then ``missing_rates``.
+        The cases in order: all present first, then ``absent``, then ``missing_rates``, then
+        ``smoothings``.
 
     Raises:
         RunFolderError: the folder is not a finished run, or holds no experts' states.
-        ParameterError: a party out of range, all parties absent, or a rate outside [0, 1).
+        ParameterError: a party out of range, all parties absent, a rate outside [0, 1), or a
+            smoothing outside [0, 1].
     """
     from liquid_fed.centralized import build_ensemble, central_data
     from liquid_fed.config import ConfigError, config_from_yaml_text
@@ -282,6 +297,7 @@ def evaluate_run(run_dir: str | Path, absent: Sequence[Sequence[int]] = (),
     k = cfg.n_clients
     cases = [check_absent(a, k) for a in absent]  # refuse bad input before any work
     rates = [check_missing_rate(p) for p in missing_rates]
+    lambdas = [check_smoothing(v) for v in smoothings]
     ckpt = load_checkpoint(run.path, k)
     if len(ckpt.clients) != k:
         raise RunFolderError(f"{run.path}: its checkpoint holds no experts' states (the parties "
@@ -305,8 +321,8 @@ def evaluate_run(run_dir: str | Path, absent: Sequence[Sequence[int]] = (),
     n = target.shape[0]
     n_params = [sum(p.numel() for p in e.parameters()) for e in ensemble.experts]
 
-    def scored(mask: Tensor | None) -> dict[str, float]:
-        return score(out.predictions, out.delegation, target, ensemble.config, smoothing, mask,
+    def scored(mask: Tensor | None, lam: float = smoothing) -> dict[str, float]:
+        return score(out.predictions, out.delegation, target, ensemble.config, lam, mask,
                      n_params)
 
     rows = [Case("all present", scored(base))]
@@ -314,4 +330,5 @@ def evaluate_run(run_dir: str | Path, absent: Sequence[Sequence[int]] = (),
              for a in cases]
     rows += [Case(f"missing {p:g}", scored(missing_mask(n, k, p, cfg.seed, base)))
              for p in rates]
+    rows += [Case(f"smoothing {lam:g}", scored(base, lam)) for lam in lambdas]
     return rows

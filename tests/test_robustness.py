@@ -28,6 +28,7 @@ from liquid_fed.robustness import (
 )
 from liquid_fed.rundir import Checkpoint, prepare, save_checkpoint
 from liquid_fed.runs import run_federated
+from liquid_fed.train import predict
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -270,6 +271,40 @@ def test_federated_summary_matches_centralized_and_evaluate(tmp_path: Path) -> N
     k = cfg.n_clients
     cases = evaluate_run(run, [[j] for j in range(k)], list(MISSING_RATES))
     _assert_cases_match_summary(cases, json.loads((run / "summary.json").read_text()), k, 1e-9)
+
+
+def test_evaluate_smoothing_cases_pool_by_hand(tmp_path: Path) -> None:
+    """``evaluate --smoothing``: every party present, powers p' = (1 - λ) p + λ, pooled as
+    ``mix: logits`` by hand (numpy) from the same experts trained in process."""
+    cfg = build_config(EXACT, ["ensemble.mix=logits", "ensemble.smoothing=auto"])
+    run = tmp_path / "fed"
+    prepare(cfg, run)
+    summary = run_federated(cfg, LocalTransport(cfg.n_clients), run)
+    data = central_data(cfg)
+    ensemble = build_ensemble(cfg, data)
+    train_ensemble(cfg, data, ensemble)  # the same experts (federated == centralized)
+    out = predict(ensemble, data.inputs["test"])
+    logits = out.predictions.numpy()  # (B, K, C)
+    power = out.power.numpy()  # (B, K), Σ = K
+    labels = data.targets["test"].numpy()
+    lambdas = [0.0, 0.25, 1.0]
+    cases = evaluate_run(run, smoothings=lambdas)
+    assert [c.label for c in cases] == ["all present", "smoothing 0", "smoothing 0.25",
+                                        "smoothing 1"]
+    assert cases[0].metrics["smoothing"] == summary["test"]["smoothing"]
+    k = cfg.n_clients
+    for lam, case in zip(lambdas, cases[1:], strict=True):
+        votes = (1 - lam) * power + lam  # the uniform vote over K present experts is 1 each
+        pooled = (votes[:, :, None] * logits).sum(1) / k
+        shifted = pooled - pooled.max(1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+        assert case.metrics["smoothing"] == lam
+        assert case.metrics["accuracy"] == pytest.approx(
+            float((pooled.argmax(1) == labels).mean()), abs=1e-12)
+        assert case.metrics["nll"] == pytest.approx(
+            float(-log_probs[np.arange(len(labels)), labels].mean()), abs=1e-7)
+    with pytest.raises(ParameterError, match=r"smoothing must lie in \[0, 1\], got 1.5"):
+        evaluate_run(run, smoothings=[1.5])
 
 
 def test_evaluate_centralized_quickstart_run(tmp_path: Path,
