@@ -3,8 +3,12 @@
 1. A faster dispatch loop. Flower moves the server's messages to the Ray actors in
    ``vce_api.add_messages_to_queue``, which checks for new messages every 0.1 s: on average
    50 ms of dead time per round, most of a round's cost for small experts
-   (``benchmarks/bench_federation.py`` measures it). :func:`install_dispatch_loop` swaps in the
-   same loop with a short poll that backs off while idle.
+   (``benchmarks/bench_federation.py`` measures it). It also asks the LinkState once per node,
+   and each ask walks (and re-validates) every stored message: K² checks per poll, which at
+   64 clients kept the server's process busy for most of a round and at 256 for seconds.
+   :func:`install_dispatch_loop` swaps in a loop with a short poll that backs off while idle
+   and that takes every undelivered message in one pass over the store (what Flower's
+   ``InMemoryLinkState.get_message_ins`` does for one node, done for all of them at once).
 2. A watch on the simulation runtime. When ``vce_api.run_api`` fails (the Ray backend cannot be
    built, a thread of the runtime dies), Flower sets its stop event but the ServerApp thread
    keeps waiting for replies until its own timeout. :func:`install_runtime_watch` wraps
@@ -34,6 +38,8 @@ FLOWER_VERSION = "1.41.0"
 SOURCE_SHA256 = {
     "add_messages_to_queue": "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a",
     "run_api": "f85c0cd6e902752f455c00ab9c7212c1cd94a8c681fa9bf294ba967463390898",
+    # Not replaced but imitated for all nodes at once by the dispatch loop's one-pass take.
+    "get_message_ins": "6547c8dcbc62e12f5b2aa5c69f4de8c7c7072c10d6c0876512cf37197d941056",
 }
 
 
@@ -72,19 +78,70 @@ def guarded_original(module: Any, name: str) -> Callable[..., Any] | None:
     return original
 
 
+def take_all_undelivered(state: Any, nodes: Any) -> list[Any] | None:
+    """Every message of ``state`` not yet delivered and addressed to one of ``nodes``, marked
+    delivered, in one pass over the store; None when ``state`` is not the LinkState this was
+    written for (then the caller asks node by node, as Flower does).
+
+    What ``InMemoryLinkState.get_message_ins(node_id, limit=None)`` does for one node — drop
+    expired or orphaned messages (``_check_stored_messages``), take the undelivered ones in
+    the order they were stored, stamp ``delivered_at`` — for all nodes under one lock.
+    """
+    store = getattr(state, "message_ins_store", None)
+    lock = getattr(state, "lock", None)
+    check = getattr(state, "_check_stored_messages", None)
+    if not (isinstance(store, dict) and lock is not None and callable(check)
+            and _same_source(type(state), "get_message_ins")):
+        return None
+    from flwr.supercore.date import now
+
+    with lock:
+        ids = {mid for mid, msg in store.items()
+               if msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes}
+        if not ids:
+            return []
+        check(ids)
+        taken = [msg for mid, msg in store.items()
+                 if mid in ids and msg.metadata.delivered_at == ""]
+        stamp = now().isoformat()
+        for msg in taken:
+            msg.metadata.delivered_at = stamp
+    return taken
+
+
+def _same_source(cls: type, name: str) -> bool:
+    """Whether ``cls.name`` is the Flower function :data:`SOURCE_SHA256` knows (cached)."""
+    key = (cls, name)
+    if key not in _SOURCE_OK:
+        try:
+            _SOURCE_OK[key] = source_sha256(getattr(cls, name)) == SOURCE_SHA256[name]
+        except (AttributeError, OSError, TypeError):
+            _SOURCE_OK[key] = False
+        if not _SOURCE_OK[key]:
+            log.warning("Flower's %s.%s changed; the dispatch loop asks node by node",
+                        cls.__name__, name)
+    return _SOURCE_OK[key]
+
+
+_SOURCE_OK: dict[tuple[type, str], bool] = {}
+
+
 def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
-    """Flower's dispatch loop, polling after ``min_wait`` and doubling to ``max_wait`` idle."""
+    """Flower's dispatch loop, polling after ``min_wait`` and doubling to ``max_wait`` idle,
+    taking every undelivered message in one pass (:func:`take_all_undelivered`) where the
+    LinkState allows it, else one message per node per poll as Flower does."""
 
     def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any,
                               f_stop: threading.Event) -> None:
         wait = min_wait
         while not f_stop.is_set():
-            found = False
-            for node_id in nodes_mapping.keys():
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
-                    found = True
-            wait = min_wait if found else min(wait * 2, max_wait)
+            taken = take_all_undelivered(state, nodes_mapping)
+            if taken is None:
+                taken = [msg for node_id in nodes_mapping.keys()
+                         for msg in state.get_message_ins(node_id=node_id, limit=1)]
+            for msg in taken:
+                queue.put(msg)
+            wait = min_wait if taken else min(wait * 2, max_wait)
             f_stop.wait(wait)
 
     add_messages_to_queue._liquid_fed_patch = True  # type: ignore[attr-defined]

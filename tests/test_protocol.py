@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,45 @@ def test_clients_restore_from_persisted_state_alone() -> None:
     fresh = Federation(cfg, _FreshProcessTransport(cfg.n_clients)).run()
     np.testing.assert_array_equal(cached.train_losses, fresh.train_losses)
     assert cached.test == fresh.test
+
+
+class _TwoActorTransport(LocalTransport):
+    """Each message goes to one of two "actors" (two live caches) at random, as Flower's
+    simulation hands a node's messages to whichever Ray actor is free: a client's live
+    runtime is often one its other actor stepped before."""
+
+    def __init__(self, n_clients: int) -> None:
+        super().__init__(n_clients)
+        self.caches = [OrderedDict(), OrderedDict()]
+        self.rng = np.random.default_rng(5)
+        self.reloads = 0
+
+    def exchange(self, kind, arrays, settings, clients=None):
+        replies = []
+        for k, a, s in zip(range(len(self.states)) if clients is None else clients, arrays,
+                           settings, strict=True):
+            cache = self.caches[int(self.rng.integers(2))]
+            stale = [key for key, (version, _) in cache.items() if key[1] == k
+                     and "version" in self.states[k]
+                     and version != int(self.states[k]["version"][0])]
+            self.reloads += len(stale)
+            client._LIVE = cache
+            replies += super().exchange(kind, [a], [s], [k])
+        return replies
+
+
+def test_clients_stepped_by_two_processes_match_one(monkeypatch) -> None:
+    """A live runtime another process stepped since is reloaded from the persisted state (not
+    rebuilt): the run equals one where every client lives in one process, exactly."""
+    monkeypatch.setattr(client, "_LIVE", client._LIVE)  # restored after the test
+    cfg = build_config(EXACT, ["optim.name=adamw", "optim.lr=0.01", "train.chunk_size=96",
+                               "train.batch_size=32", "train.local_steps=2"])
+    cached = Federation(cfg, LocalTransport(cfg.n_clients)).run()
+    transport = _TwoActorTransport(cfg.n_clients)
+    two = Federation(cfg, transport).run()
+    assert transport.reloads > 20  # the stale-runtime path ran, often
+    np.testing.assert_array_equal(cached.train_losses, two.train_losses)
+    assert cached.test == two.test
 
 
 def test_chunks_with_local_steps_learn() -> None:

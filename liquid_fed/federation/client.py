@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,8 @@ class ClientRuntime:
     expert: Expert
     optimizer: torch.optim.Optimizer
     out_dim: int
+    key: tuple[str, int, str, str] = ("", 0, "", "")  # its place in the live cache
+
 
 
 @lru_cache(maxsize=16)
@@ -57,7 +60,7 @@ def _parse_config(text: str) -> RunConfig:
     return config_from_yaml_text(text)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=1024)  # one per client a simulation actor serves (256 clients and more)
 def _raw_view(cfg_yaml: str, index: int, data_dir: str) -> ClientView:
     """The party's own data: its shard (deployment) or its cut of the config's data set."""
     cfg = _parse_config(cfg_yaml)
@@ -68,7 +71,7 @@ def _raw_view(cfg_yaml: str, index: int, data_dir: str) -> ClientView:
     return client_view(cfg, index)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)
 def _cached_view(cfg_yaml: str, index: int, data_dir: str, salt: str,
                  train_key: bytes) -> ClientView:
     """The view as the run uses it: tokenized with the run's salt, standardised on the
@@ -81,9 +84,11 @@ def _cached_view(cfg_yaml: str, index: int, data_dir: str, salt: str,
     return view
 
 
-# Live runtimes of this process, reused only while their version matches the persisted
-# state's (see the module's docstring).
-_LIVE: dict[tuple[str, int], tuple[int, ClientRuntime]] = {}
+# Live runtimes of this process, least recently used first; reused only while their version
+# matches the persisted state's (see the module's docstring).
+_LIVE: OrderedDict[tuple[str, int, str, str], tuple[int, ClientRuntime]] = OrderedDict()
+#: Live runtimes kept at most: every client of a large simulation on one actor.
+LIVE_RUNTIMES = 4096
 
 
 def _version(state: Arrays) -> int:
@@ -92,20 +97,30 @@ def _version(state: Arrays) -> int:
 
 def _runtime(settings: dict[str, Any], state: Arrays) -> ClientRuntime:
     index = int(settings["index"])
-    key = (settings["config"], index)
+    # A run is its config, salt and data folder: a second run of one config in this process
+    # (a warm deployment worker) never shares a runtime with the first.
+    key = (settings["config"], index, str(settings["salt"]), str(settings.get("data_dir", "")))
     live = _LIVE.get(key)
-    if live is not None and live[0] == _version(state) and "version" in state:
-        return live[1]
+    if live is not None and "version" in state:
+        _LIVE.move_to_end(key)
+        rt = live[1]
+        if live[0] != _version(state) and OPT_GROUPS in state:
+            # Another process (a second simulation actor) stepped this client since: load the
+            # persisted state into the live expert and optimizer, as a rebuild would.
+            arrays_to_state(state, rt.expert, rt.optimizer)
+            _LIVE[key] = (_version(state), rt)
+        if live[0] == _version(state) or OPT_GROUPS in state:
+            return rt
     cfg = _parse_config(settings["config"])
     out_dim = int(settings["out_dim"])
-    view = _cached_view(settings["config"], index, str(settings.get("data_dir", "")),
-                        str(settings["salt"]), state["train_ids"].tobytes())
+    view = _cached_view(settings["config"], index, key[3], key[2],
+                        state["train_ids"].tobytes())
     expert = build_client_expert(cfg, index, view.in_shape, out_dim)
     opt = make_optimizer(cfg.optim.name, expert.parameters(), cfg.optim.lr,
                          cfg.optim.weight_decay, cfg.optim.momentum)
     if OPT_GROUPS in state:
         arrays_to_state(state, expert, opt)
-    return ClientRuntime(cfg, settings["config"], index, view, expert, opt, out_dim)
+    return ClientRuntime(cfg, settings["config"], index, view, expert, opt, out_dim, key)
 
 
 def _persist(rt: ClientRuntime, state: Arrays) -> Arrays:
@@ -113,9 +128,10 @@ def _persist(rt: ClientRuntime, state: Arrays) -> Arrays:
     version = secrets.randbits(62)
     new = {**state, **state_to_arrays(rt.expert, rt.optimizer),
            "version": np.array([version], dtype=np.int64)}
-    if len(_LIVE) > 256:  # runs of the past in a long-lived process
-        _LIVE.clear()
-    _LIVE[(rt.cfg_text, rt.index)] = (version, rt)
+    _LIVE[rt.key] = (version, rt)
+    _LIVE.move_to_end(rt.key)
+    while len(_LIVE) > LIVE_RUNTIMES:  # runs of the past in a long-lived process
+        _LIVE.popitem(last=False)
     return new
 
 
