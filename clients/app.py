@@ -7,16 +7,20 @@ A thin adapter: every message is decoded and handed to
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.codec import decode, encode
+from clients.codec import INDEX, PACKED, decode, encode, pack, unpack
 from liquid_fed.federation import handle_client_message
 from liquid_fed.federation.client import obey_fault
 
 STATE_ARRAYS = "liquid-fed.state"
 STATE_SETTINGS = "liquid-fed.settings"
+#: Where each of the state's arrays lies in its packed buffer (clients.codec.pack: one Array,
+#: one header to write and parse per message instead of one per parameter and moment).
+STATE_INDEX = "liquid-fed.state-index"
 SETTING_KEYS = ("config", "index", "out_dim", "salt", "run_id", "threads")
 
 app = ClientApp()
@@ -31,15 +35,31 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
     # and keeps its own checkpoints there; the server cannot set this.
     settings["data_dir"] = str(context.node_config.get("data-dir", ""))
     torch.set_num_threads(int(settings.get("threads", 1)))
-    record = context.state.array_records.get(STATE_ARRAYS)
-    state = {k: v.numpy() for k, v in record.items()} if record is not None else {}
+    state = unpack_state(context)
     reply, info, state = handle_client_message(kind, arrays, settings, state)
-    context.state[STATE_ARRAYS] = ArrayRecord(
-        {k: a for k, a in encode(state, {}).array_records["arrays"].items()})
+    pack_state(context, state)
     if kind == "setup":
         context.state[STATE_SETTINGS] = ConfigRecord(
             {k: settings[k] for k in SETTING_KEYS if k in settings})
     return Message(encode(reply, info), reply_to=msg)
+
+
+def pack_state(context: Context, state: dict[str, np.ndarray]) -> None:
+    """Keep ``state`` in ``context.state`` as one packed buffer and its index."""
+    buffer, index = pack(state)
+    context.state[STATE_ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
+    context.state[STATE_INDEX] = ConfigRecord({INDEX: index})
+
+
+def unpack_state(context: Context) -> dict[str, np.ndarray]:
+    """What :func:`pack_state` kept: arrays that are views into one buffer (empty when the
+    node holds no state yet)."""
+    record = context.state.array_records.get(STATE_ARRAYS)
+    if record is None:
+        return {}
+    if PACKED not in record:  # a state written before the packing: one Array per entry
+        return {k: v.numpy() for k, v in record.items()}
+    return unpack(record[PACKED].numpy(), context.state.config_records[STATE_INDEX][INDEX])
 
 
 @app.query("hello")

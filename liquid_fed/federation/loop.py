@@ -241,6 +241,8 @@ class Federation:
         for k, result, was in zip(clients, results, sent, strict=True):
             who = describe_client(self.transport, k)
             if isinstance(result, NoReply):
+                if result.cause == "bad_reply" and self.cfg.federation.on_bad_reply == "fail":
+                    raise ClientFailure(f"{result.reason} (federation.on_bad_reply = fail)")
                 missing[k] = (result.cause, result.reason)
                 self.pending[k] = was
                 continue

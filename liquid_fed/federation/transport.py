@@ -32,7 +32,9 @@ class NoReply:
 
     Attributes:
         cause: ``timeout`` (no reply within ``federation.reply_timeout``: crashed, hung or
-            unreachable) or ``error`` (the client's process raised or died on the message).
+            unreachable), ``error`` (the client's process raised or died on the message) or
+            ``bad_reply`` (a reply the transport could not read; ``federation.on_bad_reply``
+            decides, as for a reply that fails the server's checks).
         reason: the transport's own words, naming the client.
     """
 
