@@ -135,6 +135,13 @@ def npz_bytes(arrays: dict[str, np.ndarray], compress: bool = False) -> bytes:
     return buf.getvalue()
 
 
+def read_failed(path: Path, exc: OSError) -> RunFileError:
+    """A read the operating system failed (EIO, a vanished mount ...): one line naming the file,
+    not mistaken for a damaged file."""
+    return RunFileError(f"{path} cannot be read: {exc.strerror or exc}"
+                        + (f" [errno {exc.errno}]" if exc.errno else ""))
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file, never unpickling anything.
 
@@ -153,6 +160,10 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise RunFolderError(f"{path} does not exist") from exc
     except RunFileError:
         raise
+    except OSError as exc:
+        if exc.errno is None:  # zipfile's own complaints (bad CRC ...): a damaged file
+            raise RunFileError(f"{path} is not a readable .npz of plain arrays: {exc}") from exc
+        raise read_failed(path, exc) from exc
     except Exception as exc:  # zipfile, zlib, numpy format and pickle refusals alike
         raise RunFileError(f"{path} is not a readable .npz of plain arrays: {exc}") from exc
 
@@ -164,7 +175,9 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise RunFolderError(f"{path} does not exist") from exc
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise read_failed(path, exc) from exc
+    except ValueError as exc:
         raise RunFileError(f"{path} is not readable JSON: {exc}") from exc
 
 
@@ -536,7 +549,9 @@ class RunDir:
             return []
         try:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise read_failed(path, exc) from exc
+        except ValueError as exc:
             raise RunFileError(f"{path} is not readable JSON lines: {exc}") from exc
 
     def read_outputs(self) -> dict[str, np.ndarray]:
@@ -550,7 +565,11 @@ class RunDir:
         path = self.path / CONFIG_FILE
         if not path.is_file():
             return {}
-        data = safe_yaml(path.read_text(), str(path)) or {}
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise read_failed(path, exc) from exc
+        data = safe_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise RunFileError(f"{path} does not hold a mapping")
         return data

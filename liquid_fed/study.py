@@ -586,6 +586,7 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
     from liquid_fed.methods import MethodContext, MethodOptions, run_method
     from liquid_fed.runs import run_federated
 
+    check_study_folder(out)
     torch.set_num_threads(1)  # tiny models: threads only add overhead, and cells run in parallel
     cfg = study.config(setting, seed)
     folder = cell_dir(out, setting.id, seed)
@@ -787,8 +788,28 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
             for k, v in row.items()}
 
 
+def check_study_folder(out: Path) -> None:
+    """The study folder still holds its ``study.yaml`` (written by :func:`prepare_study`).
+
+    A folder deleted or moved while the study runs would otherwise be recreated piecemeal by
+    the next run, and the study would end claiming success over the runs that are gone.
+
+    Raises:
+        RunFolderError: naming the folder.
+    """
+    if not (Path(out) / STUDY_FILE).is_file():
+        raise RunFolderError(f"study folder {out} lost its {STUDY_FILE} while the study ran "
+                             "(deleted or moved?); the runs it held are gone: start the study "
+                             "again")
+
+
 def collect(study: Study, out: Path) -> list[dict[str, Any]]:
-    """Every finished row of the study (in cell, seed, method order)."""
+    """Every finished row of the study (in cell, seed, method order).
+
+    Raises:
+        RunFolderError: the study folder lost its ``study.yaml`` (deleted while running).
+    """
+    check_study_folder(out)
     rows = []
     scored = study.scored_settings()
     for setting, seed in study.cells():
