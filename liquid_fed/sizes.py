@@ -107,11 +107,11 @@ def memory_limit(override: str | int | None = None) -> tuple[int, str]:
     Raises:
         ConfigError: the override (or the environment variable) is not a size.
     """
+    key = "--max-memory"
     if override is None and os.environ.get(ENV_MAX_MEMORY):
+        # what --max-memory sets for this process and its children, or the user's own
         override = os.environ[ENV_MAX_MEMORY]
-        key = ENV_MAX_MEMORY
-    else:
-        key = "--max-memory"
+        key = f"--max-memory or {ENV_MAX_MEMORY}"
     if override is not None:
         limit = parse_size(override, key)
         return limit, f"the limit is {format_bytes(limit)} ({key})"
