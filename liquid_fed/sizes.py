@@ -290,9 +290,9 @@ def run_estimate(cfg: RunConfig, view_shapes: Sequence[Sequence[int]], out_dim: 
     ``train.dtype``; plus the activations of one ``max(chunk_size, batch_size)`` batch through
     every expert (forward and backward), plus the largest expert's build-time scratch.
 
-    Raises:
-        ConfigError: naming ``experts`` (or ``experts.per_client[k]``) when an option cannot
-            be counted (the build would refuse it too, with the same key).
+    An expert whose options or view the formula cannot count (an unknown kind, a CNN on a
+    tabular view, ``hidden: "x"``) is left out: building it is the next check, and refuses it
+    naming the key and the reason.
     """
     item = DTYPE_BYTES.get(cfg.train.dtype, 8)
     states = OPTIMIZER_STATES.get(cfg.optim.name, 2)
@@ -304,10 +304,10 @@ def run_estimate(cfg: RunConfig, view_shapes: Sequence[Sequence[int]], out_dim: 
         kind, options, key = _options(cfg, k)
         try:
             size = expert_size(kind, shape, out_dim, cfg.n_clients, **options)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"{key}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - options or a shape the build refuses
+            # not counted: building this expert comes next and refuses it naming the key
+            log.debug("%s: not counted (%s: %s)", key, type(exc).__name__, exc)
+            continue
         params += size.parameters
         model += (size.parameters * (2 + states) + size.buffers) * item
         acts += 2 * batch * size.activations * item
