@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from liquid_fed.errors import RunFileError, RunFolderError
+from liquid_fed.sizes import SizeError, check_fits, format_bytes
 
 if TYPE_CHECKING:
     from liquid_fed.config import RunConfig
@@ -142,15 +143,35 @@ def read_failed(path: Path, exc: OSError) -> RunFileError:
                         + (f" [errno {exc.errno}]" if exc.errno else ""))
 
 
+def _check_npz_size(path: Path) -> None:
+    """Refuse an archive whose arrays, by their .npy headers, would not fit in memory: a
+    shard or checkpoint of a few megabytes never inflates into gigabytes unasked."""
+    import zipfile
+
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    continue  # np.load judges other versions itself
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+            total += math.prod(shape) * dtype.itemsize
+    check_fits(total, f"{path}: arrays of {format_bytes(total)} (by their headers)")
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file, never unpickling anything.
 
     Raises:
         RunFolderError: the file is missing, not an ``.npz`` archive, damaged, or holds object
             arrays; the message names the file.
+        SizeError: its arrays, by their headers, would not fit in memory (names the file).
     """
     path = Path(path)
     try:
+        _check_npz_size(path)
         with np.load(path, allow_pickle=False) as z:
             if len(set(z.files)) != len(z.files):  # a later member would silently win
                 twice = sorted({k for k in z.files if z.files.count(k) > 1})
@@ -158,7 +179,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except FileNotFoundError as exc:
         raise RunFolderError(f"{path} does not exist") from exc
-    except RunFileError:
+    except (RunFileError, SizeError):
         raise
     except OSError as exc:
         if exc.errno is None:  # zipfile's own complaints (bad CRC ...): a damaged file

@@ -429,3 +429,18 @@ def test_a_study_whose_folder_is_deleted_midway_fails_naming_it(tmp_path: Path) 
     assert keep.read_text() == "untouched"
     assert sorted(p.name for p in tmp_path.iterdir() if p != out) == [
         "neighbour.txt", "study.yaml"]
+
+
+def test_a_run_folder_archive_is_sized_by_its_headers_before_inflating(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    from liquid_fed import rundir
+
+    path = tmp_path / "party_0.npz"
+    np.savez_compressed(path, x=np.zeros((1000, 1000)), ids=np.arange(1000))
+    assert path.stat().st_size < 100_000  # 8 MB of zeros, compressed
+    monkeypatch.setenv(sizes.ENV_MAX_MEMORY, "5M")
+    with pytest.raises(sizes.SizeError, match=rf"^{path}: arrays of 8.0 MB \(by their headers\): "
+                                              r"needs about 8.0 MB of memory; the limit is 5.0 MB"):
+        rundir.read_npz(path)
+    monkeypatch.setenv(sizes.ENV_MAX_MEMORY, "9M")
+    assert rundir.read_npz(path)["x"].shape == (1000, 1000)
