@@ -30,7 +30,9 @@ from __future__ import annotations
 # the parties' side (clients/). Those rooms are imported inside the commands: `--help` and
 # `validate` never pay for Ray, Flower or the TLS stack.
 import argparse
+import errno
 import logging
+import os
 import signal
 import sys
 import time
@@ -50,7 +52,16 @@ log = logging.getLogger("liquid_fed.cli")
 # --------------------------------------------------------------------------------------------
 
 
+def _max_memory(args: argparse.Namespace) -> None:
+    """``--max-memory``: the limit every size check holds to, here and in child processes."""
+    if getattr(args, "max_memory", None) is not None:
+        from liquid_fed.sizes import ENV_MAX_MEMORY, parse_size
+
+        os.environ[ENV_MAX_MEMORY] = str(parse_size(args.max_memory))
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
+    _max_memory(args)
     cfg = load_config(args.config, args.set or [])
     from liquid_fed.runs import check_run
 
@@ -63,8 +74,11 @@ def _run_dir(cfg: RunConfig, out: str | None) -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from liquid_fed.sizes import check_run_size
+
     cfg = _config(args)
     sys.stdout.write(cfg.to_yaml())
+    print(check_run_size(cfg).line(cfg.n_clients), file=sys.stderr)
     return 0
 
 
@@ -115,6 +129,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from liquid_fed import study as studies
     from simulations.studies import compare
 
+    _max_memory(args)
     outcome = compare(args.study, args.set or [], args.out, args.workers, args.resume,
                       args.force, args.quiet, f"liquid-fed compare {args.study}")
     if outcome.interrupted:
@@ -326,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config (keys override the defaults)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one key, e.g. --set train.epochs=5 (repeatable)")
+        max_memory(p)
+
+    def max_memory(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-memory", metavar="SIZE",
+                       help="refuse data and experts estimated (from file headers and "
+                            "shapes, before loading) to need more memory than SIZE, e.g. 8G "
+                            "or 500M (default: what this machine has available; also "
+                            "$LIQUID_FED_MAX_MEMORY)")
 
     p = sub.add_parser("run", help="federated run on Flower's simulation engine (Ray)")
     common(p)
@@ -411,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override the study file, e.g. --set seeds=2 --set set.train.epochs=5")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    max_memory(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="a finished run's test score with parties absent")
@@ -513,6 +537,15 @@ def add_party_arguments(p: argparse.ArgumentParser) -> None:
 
 
 
+def format_os_error(exc: OSError) -> str:
+    """An OSError as one line naming the file(s) and the system's words, e.g.
+    ``data.csv: Input/output error [errno 5]``."""
+    files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    code = f" [errno {exc.errno}]" if exc.errno else ""
+    return f"{files}: {what}{code}" if files else f"{what}{code}"
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -520,8 +553,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; its errors as one line and an exit status, never a traceback.
 
-    Exit status: 2 for input refused (a :class:`LiquidFedError`, a bad value, a missing file),
-    1 for a deployment that failed at run time, 130 when interrupted. Commands that supervise
+    Exit status: 2 for input refused (a :class:`LiquidFedError`, a bad value, a missing file,
+    a file it may not read), 1 for a deployment that failed at run time or a read or write the
+    operating system failed (EIO, a full disk: one line naming the file), 130 when
+    interrupted. Commands that supervise
     processes (deploy-local and the hosts) treat SIGTERM like Ctrl-C: the processes they
     started are stopped (:class:`liquid_fed.procs.ProcessGroup`) before they return.
     """
@@ -537,6 +572,9 @@ def _dispatch(func: Callable[[argparse.Namespace], int], args: argparse.Namespac
     except DeploymentError as exc:
         print(f"{name}: failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a read or write the operating system failed (EIO, ENOSPC, ...)
+        print(f"{name}: error: {format_os_error(exc)}", file=sys.stderr)
+        return 2 if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOENT) else 1
     except KeyboardInterrupt:
         if not supervises:
             raise

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from liquid_fed.errors import RunFileError, RunFolderError
+from liquid_fed.sizes import SizeError, check_fits, format_bytes
 
 if TYPE_CHECKING:
     from liquid_fed.config import RunConfig
@@ -135,15 +136,42 @@ def npz_bytes(arrays: dict[str, np.ndarray], compress: bool = False) -> bytes:
     return buf.getvalue()
 
 
+def read_failed(path: Path, exc: OSError) -> RunFileError:
+    """A read the operating system failed (EIO, a vanished mount ...): one line naming the file,
+    not mistaken for a damaged file."""
+    return RunFileError(f"{path} cannot be read: {exc.strerror or exc}"
+                        + (f" [errno {exc.errno}]" if exc.errno else ""))
+
+
+def _check_npz_size(path: Path) -> None:
+    """Refuse an archive whose arrays, by their .npy headers, would not fit in memory: a
+    shard or checkpoint of a few megabytes never inflates into gigabytes unasked."""
+    import zipfile
+
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    continue  # np.load judges other versions itself
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+            total += math.prod(shape) * dtype.itemsize
+    check_fits(total, f"{path}: arrays of {format_bytes(total)} (by their headers)")
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file, never unpickling anything.
 
     Raises:
         RunFolderError: the file is missing, not an ``.npz`` archive, damaged, or holds object
             arrays; the message names the file.
+        SizeError: its arrays, by their headers, would not fit in memory (names the file).
     """
     path = Path(path)
     try:
+        _check_npz_size(path)
         with np.load(path, allow_pickle=False) as z:
             if len(set(z.files)) != len(z.files):  # a later member would silently win
                 twice = sorted({k for k in z.files if z.files.count(k) > 1})
@@ -151,8 +179,12 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except FileNotFoundError as exc:
         raise RunFolderError(f"{path} does not exist") from exc
-    except RunFileError:
+    except (RunFileError, SizeError):
         raise
+    except OSError as exc:
+        if exc.errno is None:  # zipfile's own complaints (bad CRC ...): a damaged file
+            raise RunFileError(f"{path} is not a readable .npz of plain arrays: {exc}") from exc
+        raise read_failed(path, exc) from exc
     except Exception as exc:  # zipfile, zlib, numpy format and pickle refusals alike
         raise RunFileError(f"{path} is not a readable .npz of plain arrays: {exc}") from exc
 
@@ -164,7 +196,9 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise RunFolderError(f"{path} does not exist") from exc
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise read_failed(path, exc) from exc
+    except ValueError as exc:
         raise RunFileError(f"{path} is not readable JSON: {exc}") from exc
 
 
@@ -536,7 +570,9 @@ class RunDir:
             return []
         try:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise read_failed(path, exc) from exc
+        except ValueError as exc:
             raise RunFileError(f"{path} is not readable JSON lines: {exc}") from exc
 
     def read_outputs(self) -> dict[str, np.ndarray]:
@@ -550,7 +586,11 @@ class RunDir:
         path = self.path / CONFIG_FILE
         if not path.is_file():
             return {}
-        data = safe_yaml(path.read_text(), str(path)) or {}
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise read_failed(path, exc) from exc
+        data = safe_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise RunFileError(f"{path} does not hold a mapping")
         return data

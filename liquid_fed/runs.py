@@ -34,6 +34,7 @@ from liquid_fed.federation import (
 )
 from liquid_fed.metrics import primary_metric
 from liquid_fed.rundir import VIEWS_FILE, RunDir
+from liquid_fed.sizes import check_run_size
 from liquid_fed.train import DTYPES
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def check_run(cfg: RunConfig) -> None:
             ``simulation.*``), the value and what is accepted.
     """
     _check_resources(cfg)
+    check_run_size(cfg)  # the data's and experts' memory, from headers and shapes, first
     ds = load_data(cfg)
     plan = make_plan(cfg, ds)
     splits = load_server_data(cfg).splits

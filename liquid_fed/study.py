@@ -115,6 +115,8 @@ DRAWS = ("choice", "uniform", "loguniform", "int")
 MAX_SETTINGS = 10_000
 MAX_SEEDS = 1_000
 MAX_RUNS = 100_000
+#: The largest seed: what numpy and torch seed from (the run config's ``seed`` range).
+MAX_SEED = 2**32 - 1
 LIQUID = "liquid"
 #: Methods that pool their experts' outputs through ``ensemble.mix``; ``mixes`` runs each of
 #: them once per pooling. ``oracle`` is not one: it hands every sample to one expert, so the
@@ -309,6 +311,12 @@ def _override_study(raw: dict[str, Any], text: str) -> None:
         raw[key] = value
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as repr() for a message, cut short (a list of 1,000 seeds stays one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -440,9 +448,10 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
              f"seeds: got a list of {len(seeds) if isinstance(seeds, list) else 0} seeds; at "
              f"most {MAX_SEEDS}")
     _require(isinstance(seeds, list) and seeds and all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in seeds)
         and len(set(seeds)) == len(seeds),
-        f"seeds: got {raw.get('seeds')!r}; expected a count or a list of distinct seeds >= 0")
+        f"seeds: got {_shown(raw.get('seeds'))}; expected a count or a list of distinct seeds "
+        f"in [0, {MAX_SEED}]")
 
     methods = raw.get("methods", [LIQUID, "uniform", "averaged"])
     _require(isinstance(methods, list) and methods and len(set(methods)) == len(methods),
@@ -586,6 +595,7 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
     from liquid_fed.methods import MethodContext, MethodOptions, run_method
     from liquid_fed.runs import run_federated
 
+    check_study_folder(out)
     torch.set_num_threads(1)  # tiny models: threads only add overhead, and cells run in parallel
     cfg = study.config(setting, seed)
     folder = cell_dir(out, setting.id, seed)
@@ -787,8 +797,28 @@ def result_row(study: Study, setting: Setting, seed: int, method: str, out: Path
             for k, v in row.items()}
 
 
+def check_study_folder(out: Path) -> None:
+    """The study folder still holds its ``study.yaml`` (written by :func:`prepare_study`).
+
+    A folder deleted or moved while the study runs would otherwise be recreated piecemeal by
+    the next run, and the study would end claiming success over the runs that are gone.
+
+    Raises:
+        RunFolderError: naming the folder.
+    """
+    if not (Path(out) / STUDY_FILE).is_file():
+        raise RunFolderError(f"study folder {out} lost its {STUDY_FILE} while the study ran "
+                             "(deleted or moved?); the runs it held are gone: start the study "
+                             "again")
+
+
 def collect(study: Study, out: Path) -> list[dict[str, Any]]:
-    """Every finished row of the study (in cell, seed, method order)."""
+    """Every finished row of the study (in cell, seed, method order).
+
+    Raises:
+        RunFolderError: the study folder lost its ``study.yaml`` (deleted while running).
+    """
+    check_study_folder(out)
     rows = []
     scored = study.scored_settings()
     for setting, seed in study.cells():

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from liquid_fed import sizes
 from liquid_fed.data.dataset import LAYOUTS, TASKS, Dataset, check_choice, pixel_names
 from liquid_fed.errors import DataError
 
@@ -41,12 +42,21 @@ _CHUNK = 1 << 24  # bytes read from an NPZ member at a time
 # member's data; other compressions grow the room as their data actually arrives.
 _MAX_EXPANSION = 1032
 # What the zip and zlib layers raise on a damaged archive (bad CRC, truncated stream, ...).
+# The largest magnitude float32 holds: experts train in float32 (train.dtype), where a feature
+# of 1e39 becomes inf and the first failure would show up far away, in the delegation.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
                struct.error, NotImplementedError, RuntimeError, ValueError, OverflowError)
 
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A data file that does not exist (still a `FileNotFoundError` for callers that catch it)."""
+
+
+def read_failed(path: Path, exc: OSError) -> DataError:
+    """A read that failed in the operating system (EIO, a vanished mount ...), as one line."""
+    return DataError(f"{path}: cannot be read ({exc.strerror or exc}"
+                     f"{f' [errno {exc.errno}]' if exc.errno else ''})")
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -285,7 +295,20 @@ def _numeric(values: Sequence[str], where: str, row_name: Callable[[int], str],
         what = "a missing value (NaN)" if np.isnan(out[bad[0]]) else "an infinite value"
         raise DataError(f"{where} has {what} at {row_name(int(bad[0]))}"
                         + ("" if label else "; fill or drop it before loading"))
+    _check_float32(out, where, row_name)
     return out
+
+
+def _check_float32(values: np.ndarray, where: str, row_name: Callable[[int], str]) -> None:
+    """Refuse finite values beyond float32's range: training would turn them into inf."""
+    table = values.reshape(len(values), -1)  # (N, features of one row)
+    big = np.flatnonzero(np.abs(table) > _FLOAT32_MAX)
+    if big.size:
+        i, j = divmod(int(big[0]), table.shape[1])
+        column = f", column {j}" if table.shape[1] > 1 else ""
+        raise DataError(f"{where} has {table[i, j].item():.6g} at {row_name(i)}{column}, "
+                        f"beyond float32's range (largest magnitude {_FLOAT32_MAX:.6g}) that "
+                        "the experts train in; rescale it")
 
 
 # ---- CSV --------------------------------------------------------------------------------------
@@ -354,6 +377,44 @@ def _csv_records(fh: BinaryIO, path: Path, delimiter: str) -> tuple[list[list[st
     return records, starts
 
 
+def csv_shape(fh: BinaryIO, delimiter: str) -> tuple[int, int, int]:
+    """(data rows, columns, bytes) of a CSV, streamed in 1 MiB blocks and never held.
+
+    Rows are counted as line ends after the header ("\n", or "\r" in a file of old Mac line
+    ends; a quoted field holding newlines makes it an upper bound); the columns are the
+    header's fields. Only the size is judged here: the parse that follows names any fault.
+    The file is left at its start.
+    """
+    fh.seek(0)
+    head = b""
+    while not (b"\n" in head or b"\r" in head) and len(head) < (64 << 20):  # header line
+        block = fh.read(1 << 20)
+        if not block:
+            break
+        head += block
+    first = head.replace(b"\r", b"\n").split(b"\n", 1)[0].decode("utf-8-sig", "replace")
+    try:
+        columns = len(next(csv.reader([first], delimiter=delimiter), []))
+    except csv.Error:
+        columns = first.count(delimiter) + 1
+    newlines, returns, size, last = head.count(b"\n"), head.count(b"\r"), len(head), head[-1:]
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        newlines += block.count(b"\n")
+        returns += block.count(b"\r")
+        size += len(block)
+        last = block[-1:]
+    lines = max(newlines, returns) + (bool(last) and last not in b"\r\n")  # unended last line
+    fh.seek(0)
+    return max(lines - 1, 0), max(columns, 1), size
+
+
+def _check_csv_size(fh: BinaryIO, path: Path, delimiter: str) -> None:
+    """Refuse a CSV whose loading would not fit in memory, before parsing a field of it."""
+    rows, columns, size = csv_shape(fh, delimiter)
+    sizes.check_fits(sizes.csv_load_bytes(rows, columns, size),
+                     f"{path}: {rows:,} rows x {columns} columns ({sizes.format_bytes(size)})")
+
+
 def load_csv(
     path: str | Path,
     label: str | list[str],
@@ -393,7 +454,11 @@ def load_csv(
         raise DataError(f"data.delimiter must be one character other than a quote or a "
                         f"newline, got {delimiter!r}")
     with _open_regular(path, "a CSV") as fh:
-        rows, starts = _csv_records(fh, path, delimiter)
+        try:
+            _check_csv_size(fh, path, delimiter)
+            rows, starts = _csv_records(fh, path, delimiter)
+        except OSError as exc:
+            raise read_failed(path, exc) from None
     if not rows:
         raise DataError(f"{path}: the file is empty (expected a header row)")
     header = [h.strip() for h in rows[0]]
@@ -477,6 +542,65 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _member_header(f: BinaryIO, where: str, file_size: int
+                   ) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """A .npy member's (shape, fortran order, dtype), read from its header alone; the header
+    must account for exactly the member's ``file_size`` bytes (uncompressed)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise DataError(f"{where} is a .npy array of format version {version}; "
+                            "only versions 1.0 and 2.0 (numeric and string arrays) are read")
+    except (ValueError, struct.error, UnicodeDecodeError, SyntaxError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{where} is not a .npy array ({_why(exc)})") from None
+    if dtype.hasobject:
+        raise DataError(f"{where} holds Python objects (dtype {dtype}), which only pickle could "
+                        "load and pickles are never loaded; store numbers or fixed-width "
+                        "strings")
+    if dtype.itemsize == 0 or any(d < 0 for d in shape):
+        raise DataError(f"{where} declares shape {shape} of dtype {dtype}, which holds no "
+                        "valid array")
+    nbytes = math.prod(shape) * dtype.itemsize
+    stored = file_size - f.tell()
+    if stored != nbytes:
+        raise DataError(f"{where} declares shape {shape} of dtype {dtype} ({nbytes} bytes), but "
+                        f"the archive holds {stored} bytes for it; the file is damaged or was "
+                        "not written by numpy")
+    return shape, fortran, dtype
+
+
+def _check_npz_size(zf: zipfile.ZipFile, members: dict[str, str], keys: Sequence[str],
+                    path: Path) -> None:
+    """Refuse an archive whose arrays expand beyond the memory limit, from their headers
+    alone: a 1.2 MB archive of zeros that declares 1.2 GB is refused before it inflates."""
+    headers: dict[str, tuple[tuple[int, ...], int]] = {}
+    for key in keys:
+        where = f"{path}: array {key!r}"
+        info = zf.getinfo(members[key])
+        try:
+            with zf.open(info) as f:
+                shape, _, dtype = _member_header(f, where, info.file_size)
+        except DataError:
+            raise
+        except OSError as exc:
+            if exc.errno is not None:
+                raise read_failed(path, exc) from None
+            raise DataError(f"{where}: the archive is damaged ({_why(exc)})") from None
+        except _ZIP_ERRORS as exc:
+            raise DataError(f"{where}: the archive is damaged ({_why(exc)})") from None
+        headers[key] = (tuple(shape), dtype.itemsize)
+    declared = ", ".join(f"{k} {headers[k][0]}" for k in headers)
+    archive = sizes.format_bytes(sum(zf.getinfo(members[k]).compress_size for k in headers))
+    sizes.check_fits(sizes.npz_load_bytes(headers, keys[0], keys[1]),
+                     f"{path}: arrays {declared} ({archive} compressed)")
+
+
 def _read_member(zf: zipfile.ZipFile, member: str, path: Path, key: str, archive_size: int
                  ) -> np.ndarray:
     """One .npy member of an archive, checked against its header before any data is kept.
@@ -489,33 +613,8 @@ def _read_member(zf: zipfile.ZipFile, member: str, path: Path, key: str, archive
     info = zf.getinfo(member)
     try:
         with zf.open(info) as f:
-            try:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise DataError(f"{where} is a .npy array of format version {version}; "
-                                    "only versions 1.0 and 2.0 (numeric and string arrays) "
-                                    "are read")
-            except (ValueError, struct.error, UnicodeDecodeError, SyntaxError) as exc:
-                if isinstance(exc, DataError):
-                    raise
-                raise DataError(f"{where} is not a .npy array ({_why(exc)})") from None
-            if dtype.hasobject:
-                raise DataError(f"{where} holds Python objects (dtype {dtype}), which only "
-                                "pickle could load and pickles are never loaded; store numbers "
-                                "or fixed-width strings")
-            if dtype.itemsize == 0 or any(d < 0 for d in shape):
-                raise DataError(f"{where} declares shape {shape} of dtype {dtype}, which holds "
-                                "no valid array")
+            shape, fortran, dtype = _member_header(f, where, info.file_size)
             nbytes = math.prod(shape) * dtype.itemsize
-            stored = info.file_size - f.tell()
-            if stored != nbytes:
-                raise DataError(f"{where} declares shape {shape} of dtype {dtype} "
-                                f"({nbytes} bytes), but the archive holds {stored} bytes for "
-                                "it; the file is damaged or was not written by numpy")
             # room for what the archive's own bytes could hold, grown only as data arrives
             room = min(nbytes, min(info.compress_size, archive_size) * _MAX_EXPANSION)
             buf = np.empty(room, dtype=np.uint8)
@@ -535,6 +634,10 @@ def _read_member(zf: zipfile.ZipFile, member: str, path: Path, key: str, archive
                                 f"its header declares {nbytes}; the file is damaged")
     except DataError:
         raise
+    except OSError as exc:
+        if exc.errno is None:  # zipfile's own complaints, e.g. a bad CRC
+            raise DataError(f"{where}: the archive is damaged ({_why(exc)})") from None
+        raise read_failed(path, exc) from None
     except _ZIP_ERRORS as exc:
         raise DataError(f"{where}: the archive is damaged ({_why(exc)})") from None
     flat = buf.view(dtype)
@@ -595,6 +698,11 @@ def _npz_arrays(path: Path, required: Sequence[str], optional: Sequence[str]
         fh.seek(0)
         try:
             zf = zipfile.ZipFile(fh)
+        except OSError as exc:
+            if exc.errno is not None:
+                raise read_failed(path, exc) from None
+            raise DataError(f"{path}: not a readable .npz archive ({_why(exc)}); is it "
+                            "truncated or damaged? write it with numpy.savez") from None
         except _ZIP_ERRORS as exc:
             raise DataError(f"{path}: not a readable .npz archive ({_why(exc)}); is it "
                             "truncated or damaged? write it with numpy.savez") from None
@@ -611,9 +719,10 @@ def _npz_arrays(path: Path, required: Sequence[str], optional: Sequence[str]
                 if key not in members:
                     raise DataError(f"{path}: no array {key!r} in the file (arrays: "
                                     f"{', '.join(sorted(members)) or 'none'})")
+            wanted = [k for k in [*required, *optional] if k in members]
+            _check_npz_size(zf, members, wanted, path)
             size = os.fstat(fh.fileno()).st_size
-            return {k: _read_member(zf, members[k], path, k, size)
-                    for k in [*required, *optional] if k in members}
+            return {k: _read_member(zf, members[k], path, k, size) for k in wanted}
 
 
 def load_npz(
@@ -659,7 +768,12 @@ def load_npz(
     """
     path = Path(path)
     task = check_choice("data.task", task, TASKS)
-    arrays = _npz_arrays(path, [features_key, labels_key], [ids_key, feature_names_key])
+    try:
+        arrays = _npz_arrays(path, [features_key, labels_key], [ids_key, feature_names_key])
+    except DataError:
+        raise
+    except OSError as exc:  # a read the operating system failed (EIO ...), outside the archive
+        raise read_failed(path, exc) from None
     x = arrays[features_key]
     if x.dtype.kind not in "iufb":
         raise DataError(f"{path}: array {features_key!r} must be numeric, got dtype {x.dtype}")
@@ -682,6 +796,7 @@ def load_npz(
     if bad.size:
         raise DataError(f"{path}: array {features_key!r} has a NaN or infinite value at "
                         f"{_npz_row(int(bad[0]))}")
+    _check_float32(x, f"{path}: array {features_key!r}", _npz_row)
 
     y = arrays[labels_key]
     if y.shape[:1] != (n,):
@@ -712,6 +827,7 @@ def load_npz(
         if nan.size:
             raise DataError(f"{path}: array {labels_key!r} has a NaN or infinite label at "
                             f"{_npz_row(int(nan[0]))}")
+        _check_float32(y, f"{path}: array {labels_key!r}", _npz_row)
         labels, class_names, n_outputs = y, [], 1 if y.ndim == 1 else y.shape[1]
 
     if ids_key in arrays:
