@@ -440,6 +440,8 @@ def _check_tracking(tracking: TrackingConfig) -> None:
     uri = tracking.mlflow
     if uri is None:
         return
+    if not isinstance(uri, str):  # the annotation's None admits anything else through
+        raise ConfigError(f"tracking.mlflow: got {uri!r}; expected a URI string or null")
     accepted = ("sqlite:///PATH.db, http(s)://HOST[:PORT], file:///PATH or a local folder")
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", uri)
     if not uri.strip() or (scheme is not None and scheme[1].lower() not in MLFLOW_SCHEMES):

@@ -176,6 +176,17 @@ def write_context(run_dir: str | Path, experiment: str, run_name: str,
                                             "hparams": dict(hparams)})
 
 
+def party_config_yaml(cfg: RunConfig) -> str:
+    """The config as the server sends it to the parties: without the ``tracking`` section
+    (the parties build its defaults), so a tracker's URI never travels and tracking changes
+    no byte of a run."""
+    import yaml
+
+    data = cfg.to_dict()
+    data.pop("tracking", None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def config_params(cfg: RunConfig) -> dict[str, Any]:
     """The config's keys, flattened to dotted names (``train.epochs``), as parameters."""
     return _flatten(cfg.to_dict())

@@ -58,7 +58,7 @@ from liquid_fed.federation.transport import (
 )
 from liquid_fed.privacy import LabelLeakage, guarantee
 from liquid_fed.rundir import METRICS_FILE, OUTPUTS_FILE, Checkpoint, RunDir
-from liquid_fed.tracking import Tracker
+from liquid_fed.tracking import Tracker, party_config_yaml
 from liquid_fed.train import batch_order
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ class Federation:
         self.data = data if data is not None else load_server_data(cfg)
         self.step = ServerStep(cfg, self.data)
         self.k = cfg.n_clients
-        self.cfg_yaml = cfg.to_yaml()
+        # What the parties get: the config without `tracking` (where the server logs is none
+        # of theirs, and the bytes of a run must not depend on it).
+        self.cfg_yaml = party_config_yaml(cfg)
         self.bytes_up = 0
         self.bytes_down = 0
         self.history: list[dict[str, Any]] = []
