@@ -444,7 +444,7 @@ def test_an_unreachable_tracking_server_fails_before_training(tmp_path: Path) ->
 def test_a_real_liquid_fed_run_logs_from_the_server_side(tmp_path: Path) -> None:
     store = tmp_path / "mlflow.db"
     run_dir = tmp_path / "run"
-    args = [f"--set={o}" for o in SMALL[:5] + ["train.eval_every=3"] + both_on(store)]
+    args = [f"--set={o}" for o in SMALL[:5] + both_on(store)]
     proc = subprocess.run([sys.executable, "-m", "liquid_fed.cli", "run", str(REGIONS),
                            "--out", str(run_dir), "--quiet", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
