@@ -10,6 +10,7 @@ MlflowClient on a local SQLite store, so every check goes through the trackers' 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import shutil
@@ -170,7 +171,19 @@ def check_tensorboard_against_files(run_dir: Path) -> None:
     val_rounds = [r["round"] for r in metric_rows if r["split"] == "val"]
     assert [e.step for e in acc.Images("val/delegation")] == val_rounds
     [final] = acc.Images("test/delegation")
-    assert final.step == val_rounds[-1] and final.width > 100 and final.height > 100
+    assert final.step == val_rounds[-1]
+    # the final heat map shows the mean delegation of the test outputs the run wrote: each
+    # entry's square has the viridis colour of its value
+    from matplotlib import colormaps
+    from PIL import Image
+
+    mean = rundir.RunDir(run_dir).read_outputs()["delegation"].mean(0)  # (K, K)
+    image = np.asarray(Image.open(io.BytesIO(final.encoded_image_string)).convert("RGB"))
+    cell = image.shape[0] // K
+    assert image.shape == (K * cell, K * cell, 3) and cell >= 4
+    want = (colormaps["viridis"](np.clip(mean, 0, 1))[..., :3] * 255).round()
+    centres = image[cell // 2::cell, cell // 2::cell]  # (K, K, 3)
+    assert np.array_equal(centres, want.astype(np.uint8))
 
 
 def test_tensorboard_scalars_equal_the_metrics_file_for_every_round(
