@@ -64,6 +64,9 @@ PER_PARTY_MAX = 64
 HPARAM_METRICS = ("accuracy", "rmse", "nll", "loss", "power_entropy")
 _MLFLOW_PARAM_CHARS = 6000  # MLflow's longest parameter value
 _MLFLOW_BATCH = 100  # MLflow's most parameters per log_batch
+_MLFLOW_METRICS = 1000  # MLflow's most metrics per log_batch
+#: Seconds between two sends of the buffered MLflow metrics.
+FLUSH_SECONDS = 5.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +303,8 @@ class _MLflow:
             self.run_id = self.client.create_run(experiment_id, run_name=run_name,
                                                  tags=dict(tags)).info.run_id
         self.failed = False
+        self.buffer: list[Any] = []  # metrics not sent yet
+        self.flushed = time.monotonic()
         self.queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="mlflow-tracking", daemon=True)
         self.thread.start()
@@ -346,13 +351,21 @@ class _MLflow:
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        fresh = self._fresh(step, values)
-        if not fresh:
-            return
         stamp = int(1000 * time.time())
-        metrics = [Metric(k, v, stamp, step) for k, v in fresh.items()]
-        for start in range(0, len(metrics), 1000):
-            part = metrics[start:start + 1000]
+        self.buffer.extend(Metric(k, v, stamp, step)
+                           for k, v in self._fresh(step, values).items())
+        # One call per few seconds, not per round: each call is a transaction (or a request)
+        # whose cost would otherwise compete with the rounds for the interpreter.
+        if (len(self.buffer) >= _MLFLOW_METRICS
+                or time.monotonic() - self.flushed >= FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered metrics (in calls of at most MLflow's batch size)."""
+        self.flushed = time.monotonic()
+        metrics, self.buffer = self.buffer, []
+        for start in range(0, len(metrics), _MLFLOW_METRICS):
+            part = metrics[start:start + _MLFLOW_METRICS]
             self.queue.put(lambda part=part: self.client.log_batch(self.run_id, metrics=part))
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
@@ -376,6 +389,7 @@ class _MLflow:
         self.params(params)
 
     def close(self, status: str = "FINISHED") -> None:
+        self.flush()
         self.queue.put(lambda: self.client.set_terminated(self.run_id, status=status))
         self.queue.put(None)
         self.thread.join(DRAIN_TIMEOUT)
