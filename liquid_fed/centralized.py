@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from liquid_fed.federation.setup import (
 from liquid_fed.metrics import primary_score
 from liquid_fed.robustness import robustness
 from liquid_fed.train import DTYPES, evaluate, fit, output_metrics, predict_splits
+
+if TYPE_CHECKING:
+    from liquid_fed.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +184,7 @@ def steps_per_epoch(cfg: RunConfig, data: CentralData) -> int:
     return -(-int(data.targets["train"].shape[0]) // cfg.train.batch_size)
 
 
-def track_final(tracker: Any, result: dict[str, Any], step: int) -> None:
+def track_final(tracker: Tracker, result: dict[str, Any], step: int) -> None:
     """A centralized run's final validation and test metrics at ``step``, and its
     hyper-parameters against them (:class:`liquid_fed.tracking.Tracker`)."""
     tracker.evaluation([{"round": step, "split": split, **result[split]}

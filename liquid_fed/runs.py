@@ -53,7 +53,7 @@ def check_run(cfg: RunConfig) -> None:
             ``simulation.*``, ``tracking.*``), the value and what is accepted.
     """
     _check_resources(cfg)
-    check_tracking(cfg)
+    check_tracking(cfg, reach=True)  # before Ray starts: the extras, a server that answers
     ds = load_data(cfg)
     plan = make_plan(cfg, ds)
     splits = load_server_data(cfg).splits

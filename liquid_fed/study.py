@@ -535,10 +535,6 @@ def _check_cells(study: Study) -> None:
             cfg = study.config(setting, seed)
             if seed == study.seeds[0]:
                 check_run(cfg)
-                if setting is study.settings[0]:  # the tracking server answers (once)
-                    from liquid_fed.tracking import check_tracking
-
-                    check_tracking(cfg, reach=True)
                 if "oracle" in study.methods and load_server_data(cfg).informative is None:
                     raise ConfigError(
                         'method "oracle" needs the ground truth of which view is informative '
