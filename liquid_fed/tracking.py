@@ -177,8 +177,10 @@ def write_context(run_dir: str | Path, experiment: str, run_name: str,
     cell's, written before its run starts: the run may train in another process)."""
     from liquid_fed.rundir import RunDir
 
+    # the folder's earlier MLflow run stays named: a new start replaces it (Tracker.open)
+    earlier = {k: v for k, v in read_state(run_dir).items() if k == "mlflow_run_id"}
     RunDir(run_dir).write_json(STATE_FILE, {"experiment": experiment, "run_name": run_name,
-                                            "hparams": dict(hparams)})
+                                            "hparams": dict(hparams), **earlier})
 
 
 def party_config_yaml(cfg: RunConfig) -> str:
@@ -427,8 +429,8 @@ class Tracker:
             cfg: the resolved config.
             run_dir: the run folder.
             resume_round: the checkpoint's round when resuming (None: a new run; an earlier
-                run's TensorBoard events in the folder are removed and a new MLflow run
-                starts).
+                run's TensorBoard events in the folder are removed, a new MLflow run starts
+                and the folder's earlier MLflow run is deleted, as MLflow deletes: restorable).
             params: the parameters logged to MLflow (default: the config's dotted keys).
 
         Returns:
@@ -460,6 +462,11 @@ class Tracker:
                 raise ConfigError(f"tracking.mlflow: got {tracking.mlflow!r}; MLflow could not "
                                   f"start a run there: {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            replaced = state.get("mlflow_run_id") if previous is None else None
+            if replaced and replaced != mlflow.run_id:
+                # the folder's earlier run (started over: --force, or a study cell trained
+                # again after an interruption): one MLflow run per run folder
+                mlflow.queue.put(lambda: mlflow.client.delete_run(replaced))
             state["mlflow_run_id"] = mlflow.run_id
             from liquid_fed.rundir import RunDir
 

@@ -46,10 +46,10 @@ def both_on(store: Path) -> list[str]:
 
 
 def train(run_dir: Path, overrides: list[str], resume: bool = False,
-          stop_after: int | None = None) -> dict[str, Any] | None:
+          stop_after: int | None = None, force: bool = False) -> dict[str, Any] | None:
     """An in-process federated run (the exact twin of the Flower run's server loop)."""
     cfg = load_config(REGIONS, SMALL + overrides)
-    rundir.prepare(cfg, run_dir, resume=resume)
+    rundir.prepare(cfg, run_dir, resume=resume, force=force)
     return run_federated(cfg, LocalTransport(cfg.n_clients), run_dir, resume=resume,
                          stop_after=stop_after)
 
@@ -248,7 +248,16 @@ def test_a_resumed_run_appends_to_the_same_trackers_without_repeating_rounds(
     check_tensorboard_against_files(run_dir)
     check_mlflow_against_files(store, run_dir)
     client = mlflow_client(store)
-    assert len(client.search_runs([client.get_experiment_by_name("regions").experiment_id])) == 1
+    experiment = client.get_experiment_by_name("regions").experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [first_id]
+    # started over in the same folder (--force): the folder's trackers hold the new run only
+    train(run_dir, both_on(store) + ["train.epochs=1"], force=True)
+    second_id = json.loads((run_dir / STATE_FILE).read_text())["mlflow_run_id"]
+    assert second_id != first_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [second_id]
+    assert client.get_run(first_id).info.lifecycle_stage == "deleted"
+    check_tensorboard_against_files(run_dir)
+    check_mlflow_against_files(store, run_dir)
 
 
 def test_a_tracker_failing_mid_run_warns_once_and_the_run_goes_on(
