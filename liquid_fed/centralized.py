@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from liquid_fed.federation.setup import (
 from liquid_fed.metrics import primary_score
 from liquid_fed.robustness import robustness
 from liquid_fed.train import DTYPES, evaluate, fit, output_metrics, predict_splits
+
+if TYPE_CHECKING:
+    from liquid_fed.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +147,25 @@ def run_centralized(cfg: RunConfig, run_dir: Path, force: bool = False,
         RunFolderError: the folder is locked by another run, or holds results.
     """
     from liquid_fed import rundir
+    from liquid_fed.tracking import Tracker
 
     torch.set_num_threads(cfg.server.threads)
     with rundir.RunLock(run_dir).acquire(command):
         run = rundir.prepare(cfg, run_dir, resume=False, force=force)
         data = central_data(cfg)
         ensemble = build_ensemble(cfg, data)
-        result = train_ensemble(cfg, data, ensemble, on_epoch=on_epoch, robust=True)
+        tracker = Tracker.open(cfg, run_dir)  # before training: a bad tracker fails here
+        status = "FAILED"
+        try:
+            result = train_ensemble(cfg, data, ensemble, on_epoch=on_epoch, robust=True,
+                                    on_step=None if tracker is None else (
+                                        lambda step, loss: tracker.train_round(step + 1, loss)))
+            if tracker is not None:
+                track_final(tracker, result, steps_per_epoch(cfg, data) * cfg.train.epochs)
+            status = "FINISHED"
+        finally:
+            if tracker is not None:
+                tracker.close(status)
         # The experts' states, as a federated run's checkpoint keeps them: `liquid-fed
         # evaluate` scores either folder alike.
         clients = [{f"model/{name}": value.detach().cpu().numpy().copy()
@@ -161,6 +176,20 @@ def run_centralized(cfg: RunConfig, run_dir: Path, force: bool = False,
         summary = {"name": cfg.name, "mode": "centralized", **result}
         run.write_summary(summary)
     return summary
+
+
+def steps_per_epoch(cfg: RunConfig, data: CentralData) -> int:
+    """Optimiser steps (mini-batches) per epoch: the federation's rounds per epoch when
+    ``chunk_size == batch_size``."""
+    return -(-int(data.targets["train"].shape[0]) // cfg.train.batch_size)
+
+
+def track_final(tracker: Tracker, result: dict[str, Any], step: int) -> None:
+    """A centralized run's final validation and test metrics at ``step``, and its
+    hyper-parameters against them (:class:`liquid_fed.tracking.Tracker`)."""
+    tracker.evaluation([{"round": step, "split": split, **result[split]}
+                        for split in ("val", "test") if isinstance(result.get(split), dict)])
+    tracker.finish(result["test"])
 
 
 def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:

@@ -180,6 +180,22 @@ class BaselinesConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers the run's server logs to (see :mod:`liquid_fed.tracking`); logging
+    never changes a result.
+
+    ``tensorboard``: event files in the run folder's ``tensorboard/`` (the ``tensorboard``
+    extra). ``mlflow``: a tracking URI (the ``mlflow`` extra): ``sqlite:///PATH.db`` (a local
+    store), ``http(s)://HOST[:PORT]`` (a tracking server), or a local folder / ``file:`` URI
+    (MLflow's file store, which MLflow 3 accepts only under ``MLFLOW_ALLOW_FILE_STORE=true``).
+    The experiment is the run's name (a study's name for its cells).
+    """
+
+    tensorboard: bool = False
+    mlflow: str | None = None
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -198,6 +214,7 @@ class RunConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def n_clients(self) -> int:
@@ -406,9 +423,37 @@ def _check(cfg: RunConfig) -> None:
             f"name: got {cfg.name!r}; a run name is one folder name inside `out`: letters, "
             "digits, '.', '_' and '-', not starting with '.' (at most 128 characters)"
         )
+    _check_tracking(cfg.tracking)
     bad = _non_finite(cfg.to_dict())
     if bad:
         raise ConfigError(f"{bad[0][0]}: got {bad[0][1]!r}; numbers in a config must be finite")
+
+
+#: URI schemes ``tracking.mlflow`` accepts (no scheme: a local folder).
+MLFLOW_SCHEMES = ("sqlite", "http", "https", "file")
+
+
+def _check_tracking(tracking: TrackingConfig) -> None:
+    """``tracking.mlflow``: None or a URI of an accepted scheme. (Whether the extras are
+    installed is checked where the run starts, :func:`liquid_fed.tracking.check_tracking`:
+    the clients read this config too and need neither.)"""
+    uri = tracking.mlflow
+    if uri is None:
+        return
+    if not isinstance(uri, str):  # the annotation's None admits anything else through
+        raise ConfigError(f"tracking.mlflow: got {uri!r}; expected a URI string or null")
+    accepted = ("sqlite:///PATH.db, http(s)://HOST[:PORT], file:///PATH or a local folder")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+    if not uri.strip() or (scheme is not None and scheme[1].lower() not in MLFLOW_SCHEMES):
+        raise ConfigError(f"tracking.mlflow: got {uri!r}; accepted: {accepted}, or null")
+    if scheme is not None and scheme[1].lower() in ("http", "https") and not uri.split(
+            "://", 1)[1].strip("/"):
+        raise ConfigError(f"tracking.mlflow: got {uri!r}, which names no host; accepted: "
+                          f"{accepted}")
+    if scheme is not None and scheme[1].lower() == "sqlite" and not uri.startswith(
+            "sqlite:///"):
+        raise ConfigError(f"tracking.mlflow: got {uri!r}; a SQLite store is "
+                          "sqlite:///relative/path.db or sqlite:////absolute/path.db")
 
 
 _ABSENT_KEYS = ("client", "from_round", "to_round")

@@ -640,6 +640,7 @@ def comparable_config(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
     d.pop("out", None)
     d.pop("name", None)
+    d.pop("tracking", None)  # where the server logs changes no result
     d["train"].pop("checkpoint_every", None)
     d["train"].pop("eval_every", None)
     return d

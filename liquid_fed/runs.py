@@ -35,6 +35,7 @@ from liquid_fed.federation import (
 from liquid_fed.metrics import primary_metric
 from liquid_fed.rundir import VIEWS_FILE, RunDir
 from liquid_fed.sizes import check_run_size
+from liquid_fed.tracking import Tracker, check_tracking
 from liquid_fed.train import DTYPES
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,11 @@ def check_run(cfg: RunConfig) -> None:
 
     Raises:
         ConfigError: naming the key (``data``, ``views``, ``experts``, ``server.device``,
-            ``simulation.*``), the value and what is accepted.
+            ``simulation.*``, ``tracking.*``), the value and what is accepted.
     """
     _check_resources(cfg)
     check_run_size(cfg)  # the data's and experts' memory, from headers and shapes, first
+    check_tracking(cfg, reach=True)  # before Ray starts: the extras, a server that answers
     ds = load_data(cfg)
     plan = make_plan(cfg, ds)
     splits = load_server_data(cfg).splits
@@ -155,8 +157,18 @@ def run_federated(
     else:
         write_views(cfg, run, data.splits)
     references_data = dataclasses.replace(data)  # the federation may narrow its splits
-    fed = Federation(cfg, transport, run, on_round, data=data)
-    result = fed.run(checkpoint, stop_after)
+    # before any training: a missing extra or an unreachable tracking server fails here
+    tracker = Tracker.open(cfg, run.path, None if checkpoint is None else checkpoint.round)
+    status = "FAILED"
+    try:
+        fed = Federation(cfg, transport, run, on_round, data=data, tracker=tracker)
+        result = fed.run(checkpoint, stop_after)
+        if result is not None and tracker is not None:
+            tracker.finish(result.test)
+        status = "FINISHED" if result is not None else "KILLED"
+    finally:
+        if tracker is not None:
+            tracker.close(status)
     if result is None:
         return None
     t0 = time.perf_counter()

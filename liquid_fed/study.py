@@ -616,6 +616,12 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
         run_dir = folder / method_slug(method)
         mcfg = study.config(setting, seed, method)
         name = parse_method(method).name
+        if mcfg.tracking.tensorboard or mcfg.tracking.mlflow is not None:
+            from liquid_fed.tracking import write_context
+
+            # read by the run's tracker, here or in the process that trains it (federated)
+            write_context(run_dir, study.name, f"{setting.id}/seed-{seed}/{method_slug(method)}",
+                          cell_hparams(setting, seed, method, mcfg))
         if name == LIQUID:
             lcfg = build_config(_plain(mcfg), ["baselines.uniform=false",
                                                "baselines.independent=false"])
@@ -644,8 +650,41 @@ def run_cell(study: Study, setting: Setting, seed: int, methods: Sequence[str], 
             # a pooling variant (uniform/logits) shares the experts trained alone of the cell
             result = run_method(name, mcfg, data, context=context.for_config(mcfg))
             _write_method(run_dir, mcfg, result, data, method)
+            _track_method(run_dir, mcfg, result, data)
         if on_method is not None:
             on_method(method, time.perf_counter() - t0)
+
+
+def cell_hparams(setting: Setting, seed: int, method: str, cfg: RunConfig) -> dict[str, Any]:
+    """A study run's hyper-parameters for the trackers: the setting's values (its dotted
+    keys), the cell, seed, method, the Liquid Ensemble's solver and the pooling, so that
+    TensorBoard's HParams view and MLflow's compare view line the methods up."""
+    label = parse_method(method)
+    solver = label.solver or (cfg.ensemble.solver if label.name == LIQUID else "none")
+    return {**setting.values, "cell": setting.id, "seed": seed, "method": method,
+            "solver": solver, "mix": label.mix or cfg.ensemble.mix}
+
+
+def _track_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any) -> None:
+    """A study method trained outside the federation loop: its epoch losses and final metrics
+    to the trackers (steps: the rounds of as many epochs)."""
+    from liquid_fed.tracking import Tracker
+
+    tracker = Tracker.open(cfg, run_dir)
+    if tracker is None:
+        return
+    try:
+        per_epoch = -(-int(data.targets["train"].shape[0]) // cfg.train.chunk_size)
+        for epoch, loss in enumerate(result.epoch_losses or []):
+            if isinstance(loss, (int, float)):
+                tracker.scalars((epoch + 1) * per_epoch, {"train/epoch_loss": float(loss)})
+        step = per_epoch * cfg.train.epochs
+        tracker.evaluation([{"round": step, "split": split, **metrics}
+                            for split, metrics in (("val", result.val), ("test", result.test))
+                            if isinstance(metrics, dict)])
+        tracker.finish(result.test)
+    finally:
+        tracker.close()
 
 
 def _liquid_missing(run: RunDir, rates: Sequence[float]) -> dict[str, dict[str, float]]:

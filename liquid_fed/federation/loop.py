@@ -58,6 +58,7 @@ from liquid_fed.federation.transport import (
 )
 from liquid_fed.privacy import LabelLeakage, guarantee
 from liquid_fed.rundir import METRICS_FILE, OUTPUTS_FILE, Checkpoint, RunDir
+from liquid_fed.tracking import Tracker, party_config_yaml
 from liquid_fed.train import batch_order
 
 log = logging.getLogger(__name__)
@@ -107,19 +108,23 @@ class Federation:
         run: the run folder to write (metrics, test outputs, checkpoints); None writes nothing.
         on_round: progress callback.
         data: the server's labels and splits (loaded from ``cfg`` when not given).
+        tracker: logs every round and evaluation (``tracking``); None logs nothing.
     """
 
     def __init__(self, cfg: RunConfig, transport: Transport, run: RunDir | None = None,
                  on_round: Callable[[RoundInfo], None] | None = None,
-                 data: ServerData | None = None) -> None:
+                 data: ServerData | None = None, tracker: Tracker | None = None) -> None:
         self.cfg = cfg
+        self.tracker = tracker
         self.transport = transport
         self.run_dir = run
         self.on_round = on_round
         self.data = data if data is not None else load_server_data(cfg)
         self.step = ServerStep(cfg, self.data)
         self.k = cfg.n_clients
-        self.cfg_yaml = cfg.to_yaml()
+        # What the parties get: the config without `tracking` (where the server logs is none
+        # of theirs, and the bytes of a run must not depend on it).
+        self.cfg_yaml = party_config_yaml(cfg)
         self.bytes_up = 0
         self.bytes_down = 0
         self.history: list[dict[str, Any]] = []
@@ -406,8 +411,11 @@ class Federation:
             self.smoothing = self.step.pick_smoothing(parts[at], subs[at])
             smoothing = self.smoothing.value
         rows = []
+        delegations: dict[str, np.ndarray] = {}  # split -> mean delegation (K, K), tracked
         for split, ids, sub in zip(splits, parts, subs, strict=True):
             metrics, details = self.step.evaluate(ids, sub, self.n_params, smoothing)
+            if self.tracker is not None:
+                delegations[split] = details["delegation"].mean(0)
             row = {"round": round_index, "split": split, **metrics,
                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                    "present": self.answered.tolist(),
@@ -423,6 +431,8 @@ class Federation:
         self.answered = np.zeros(self.k, dtype=np.int64)
         if self.run_dir is not None:
             self.run_dir.write_jsonl(METRICS_FILE, self.history)
+        if self.tracker is not None:
+            self.tracker.evaluation(rows, delegations)
         return rows
 
     def _holder(self, k: int) -> str:
@@ -547,6 +557,10 @@ class Federation:
             self.train_losses.append(loss)
             metrics = None
             done = r + 1
+            if self.tracker is not None:
+                present = np.zeros(self.k, dtype=bool)
+                present[answered] = True
+                self.tracker.train_round(done, loss, present)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done < total:
                 metrics = self.evaluate(["val"], done)[0]
             if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < total:
