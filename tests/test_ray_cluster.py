@@ -37,9 +37,8 @@ SETS = ["train.epochs=2", "train.eval_every=0", "simulation.num_cpus_per_client=
 def cluster() -> RayCluster:
     with ray_cluster(num_cpus=1) as c:
         yield c
-        daemons = c.processes()
-    # The cluster outlived every run (its processes are ours to stop, not liquid-fed's).
-    assert daemons
+        # The cluster outlived every run (its processes are the test's to stop).
+        assert len(c.daemons()) == 3
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess:
@@ -86,7 +85,8 @@ def assert_job_gone(cluster: RayCluster, job: str, within: float = 30.0) -> list
 
 def test_a_run_on_the_cluster_equals_a_private_run_and_uses_both_nodes(
         cluster: RayCluster, tmp_path: Path) -> None:
-    before = cluster.processes()
+    before = cluster.daemons()
+    assert len(before) == 3  # one GCS, two raylets
     on_cluster, private = tmp_path / "cluster", tmp_path / "private"
     t0 = time.perf_counter()
     ok(cli("run", str(QUICKSTART), *sets(), "--out", str(on_cluster), "--quiet",
@@ -96,15 +96,16 @@ def test_a_run_on_the_cluster_equals_a_private_run_and_uses_both_nodes(
     ok(cli("run", str(QUICKSTART), *sets(), "--out", str(private), "--quiet",
            env=private_env()))
     private_wall = time.perf_counter() - t0
-    print(f"\nwall: cluster {cluster_wall:.1f} s, private {private_wall:.1f} s; cluster start "
-          f"{cluster.start_seconds:.1f} s")
-
     summary = json.loads((on_cluster / "summary.json").read_text())
+    private_summary = json.loads((private / "summary.json").read_text())
+    print(f"\nwall: cluster {cluster_wall:.1f} s, private {private_wall:.1f} s; cluster start "
+          f"{cluster.start_seconds:.1f} s; engine (cluster) {summary['engine']}; engine "
+          f"(private) {private_summary['engine']}")
     ray_info = summary["engine"]["ray"]
     assert ray_info["address"] == cluster.address
     # One one-CPU client actor on each one-CPU node: both nodes did the run's work.
     assert ray_info["actors_per_node"] == {node: 1 for node in cluster.node_ids.values()}
-    private_info = json.loads((private / "summary.json").read_text())["engine"]["ray"]
+    private_info = private_summary["engine"]["ray"]
     assert private_info["address"] is None and len(private_info["nodes"]) == 1
 
     # Same seeds, same single-threaded arithmetic on the same CPU: every loss and metric is
@@ -124,11 +125,26 @@ def test_a_run_on_the_cluster_equals_a_private_run_and_uses_both_nodes(
     actors = assert_job_gone(cluster, ray_info["job_id"])
     assert {a["node_id"] for a in actors} == set(cluster.node_ids.values())
     assert cluster.alive_nodes() == cluster.node_ids
-    assert before <= cluster.processes(), "the run stopped processes of the cluster"
+    assert cluster.daemons() == before, "the run stopped processes of the cluster"
 
 
-def test_ctrl_c_mid_run_leaves_no_actor_and_the_cluster_up(cluster: RayCluster,
-                                                           tmp_path: Path) -> None:
+def run_processes(run: Path) -> list[str]:
+    """Live processes of the launcher's side whose command line names the run folder."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(run) in cmd and state != "Z":
+            found.append(f"{pid}: {cmd[:120]}")
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_stopped_run_leaves_no_actor_and_the_cluster_up(cluster: RayCluster, tmp_path: Path,
+                                                          sig: signal.Signals) -> None:
     run = tmp_path / "interrupted"
     jobs_before = {a["job_id"] for a in cluster.actors()}
     cmd = [sys.executable, "-m", "liquid_fed.cli", "run", str(QUICKSTART),
@@ -145,13 +161,20 @@ def test_ctrl_c_mid_run_leaves_no_actor_and_the_cluster_up(cluster: RayCluster,
         running = [a for a in cluster.actors() if a["job_id"] not in jobs_before
                    and a["class_name"].endswith("ClientAppActor")]
         assert {a["state"] for a in running} == {"ALIVE"} and len(running) == 2
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)  # SIGKILL: the launcher cannot clean up; its child must
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert "continue with --resume" in err
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, err[-3000:]
+        assert "continue with --resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while run_processes(run) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run_processes(run) == [], "the simulation child outlived its killed launcher"
     assert_job_gone(cluster, running[0]["job_id"])
     assert cluster.alive_nodes() == cluster.node_ids
 
