@@ -429,6 +429,12 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
     cfg = config_from_yaml_text(os.environ[CONFIG_ENV])
     # Flower has its own console handler (FLWR_LOG_LEVEL); don't echo its records twice.
     logging.getLogger("flwr").propagate = False
+    _keep_our_sigterm_handler()
+    times: dict[str, float] = {"start": time.perf_counter()}
+    address = cfg.simulation.ray_address
+    # Join first: a refused token is reported before the seconds of importing Flower and apps.
+    job = _join_cluster(cfg, Path(os.environ.get(TMP_ENV) or tempfile.gettempdir())) \
+        if address else None
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -436,11 +442,8 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
     from server.app import make_server_app
     from simulations import engine
 
-    _keep_our_sigterm_handler()
-    times: dict[str, float] = {"start": time.perf_counter()}
-    address = cfg.simulation.ray_address
-    job = _join_cluster(cfg, Path(os.environ.get(TMP_ENV) or tempfile.gettempdir())) \
-        if address else None
+    if not address:
+        times["start"] = time.perf_counter()
     fast_dispatch = engine.install_dispatch_loop(cfg.simulation.dispatch_poll)
     watched = engine.install_runtime_watch()
     bar = progress(None, cfg.name, not quiet)
