@@ -111,6 +111,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simulations.simulate import run
 
     cfg = _config(args)
+    if args.ray is not None:  # --ray ADDRESS: join a running cluster (simulation.ray_address)
+        import dataclasses
+
+        from liquid_fed.config import check_ray_address
+
+        cfg.simulation = dataclasses.replace(
+            cfg.simulation, ray_address=check_ray_address(args.ray, "--ray"))
     run_dir = _run_dir(cfg, args.out)
     outcome = run(cfg, run_dir, args.resume, args.force, args.stop_after, args.quiet,
                   f"liquid-fed run {args.config}")
@@ -358,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, metavar="ROUNDS",
                    help="stop after ROUNDS rounds, leaving a checkpoint to --resume from")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", metavar="HOST:PORT",
+                   help="run on this running Ray cluster (its head's address, as `ray start "
+                        "--head` prints it) instead of a private Ray; sets "
+                        "simulation.ray_address. With token auth, export RAY_AUTH_MODE=token "
+                        "and RAY_AUTH_TOKEN_PATH first")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("centralized", help="train the same experts centrally (reference)")

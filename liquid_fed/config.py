@@ -100,7 +100,14 @@ class TrainConfig:
 
 @dataclass
 class SimulationConfig:
-    """Flower's simulation engine on Ray."""
+    """Flower's simulation engine on Ray.
+
+    ``ray_address``: null (the default) starts a private Ray for the run and stops it after;
+    ``HOST:PORT`` (the GCS address ``ray start --head`` prints) joins that running cluster
+    instead, neither starting nor stopping it (``liquid-fed run --ray HOST:PORT`` sets it; see
+    :mod:`simulations.simulate`). ``object_store_mb`` then does not apply: the cluster's nodes
+    have their own stores.
+    """
 
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
@@ -108,6 +115,44 @@ class SimulationConfig:
     pull_interval: float = 0.001
     dispatch_poll: float = 0.005  # longest wait of the engine's dispatch loop; 0 = Flower's 0.1 s
     threads_per_client: int = 1  # torch threads in each client; tiny experts run best on one
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ray_address is not None:
+            self.ray_address = check_ray_address(self.ray_address)
+
+
+#: HOST:PORT with a host name, an IPv4 address or a bracketed IPv6 address.
+_RAY_ADDRESS = re.compile(
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(?P<port>\d{1,5})")
+
+
+def check_ray_address(value: Any, key: str = "simulation.ray_address") -> str:
+    """``value`` as a Ray cluster address ``HOST:PORT``, or a ConfigError naming ``key``.
+
+    Args:
+        value: what arrived (from YAML, ``--set`` or ``--ray``).
+        key: the config key (or option) to name in the error.
+
+    Returns:
+        The address, stripped of surrounding blanks.
+
+    Raises:
+        ConfigError: not a string of the form HOST:PORT with 1 <= PORT <= 65535 (``ray://``
+            addresses of Ray Client are refused: the simulation needs a driver on the cluster).
+    """
+    accepted = ("accepted: null (a private Ray per run) or HOST:PORT of a running cluster's "
+                "head, as `ray start --head` prints it, e.g. 10.0.0.5:6379")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: got {value!r}; {accepted}")
+    text = value.strip()
+    if text.startswith("ray://"):
+        raise ConfigError(f"{key}: got {value!r}; Ray Client (ray://) addresses are not "
+                          f"supported, give the GCS address instead; {accepted}")
+    match = _RAY_ADDRESS.fullmatch(text)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise ConfigError(f"{key}: got {value!r}; {accepted}")
+    return text
 
 
 @dataclass

@@ -22,6 +22,33 @@ process can join the cluster or submit work to it. Ray 2.55 binds its gRPC serve
 interface and resolves a loopback node address to the machine's own address, so it cannot be
 kept on 127.0.0.1; the token is what keeps it private.
 
+On an existing cluster (``liquid-fed run CONFIG --ray HOST:PORT``, ``simulation.ray_address``)
+the child joins that cluster as a driver instead (:func:`_join_cluster`); nothing of the above
+changes but what belongs to whom:
+
+- the cluster is the user's: the run neither starts nor stops it, and neither launcher nor child
+  ever signals a cluster process (GCS, raylets, their worker processes). The run's tag is not
+  inherited by the cluster's workers (a raylet forks them with *its* environment, plus the
+  runtime environment this driver asks for, which does not carry the tag), so the sweep by tag
+  still reaches only the run's own processes;
+- the run's client actors belong to its Ray job: when the driver disconnects — at the end of the
+  run, or because the child died, however — the GCS ends the job and kills its actors on every
+  node. "Nothing of the run left" there means: no actor of the run's job alive (the summary
+  records the job id, so ``ray list actors --filter job_id=...`` or the GCS actor table can
+  check it);
+- authentication is the cluster's: with ``RAY_AUTH_MODE=token`` the driver presents the token
+  the user's environment gives (``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``); a missing or
+  wrong token, or nothing listening at the address, is a one-line error within seconds;
+- code: the client actors import ``clients``, ``server`` and ``liquid_fed`` on whichever node
+  they land, so the package (same version, same dependencies) must be installed on every node of
+  the cluster, e.g. ``pip install -e .`` of the same checkout at the same path on each machine.
+  The driver passes its ``sys.path`` as the actors' ``PYTHONPATH`` (as Flower does), which is
+  all a one-machine cluster needs; nothing is shipped through a Ray ``working_dir``;
+- the actors spread over the nodes by their resources: Flower sizes the pool by what every node
+  can hold (``num_cpus_per_client``, ``num_gpus_per_client``) and Ray places each actor where it
+  fits. The summary's ``engine.ray`` records the address, the job and the actors per node;
+  ``peak_memory_bytes`` counts the driver's processes only (the actors live on the cluster).
+
 Why ``run_simulation`` stays although flwr 1.41 deprecates it (issue 8): the supported path,
 ``flwr run . local`` against a ``":local:"`` connection, costs 2.8x per training round.
 ``python -m benchmarks.bench_launch`` (quickstart, 4 clients, 3 vs 1 epochs, references off,
@@ -58,7 +85,7 @@ from typing import Any
 
 from liquid_fed import procs
 from liquid_fed.config import RunConfig, config_from_yaml_text
-from liquid_fed.errors import LiquidFedError
+from liquid_fed.errors import ConfigError, LiquidFedError
 from liquid_fed.rundir import RunDir, sweep_partial_checkpoints
 
 log = logging.getLogger("liquid_fed.simulate")
@@ -107,8 +134,18 @@ class LaunchResult:
     leftovers: int  # processes of the run still alive after cleanup (normally 0)
 
 
+#: How many 1 s attempts the driver makes to reach a cluster's GCS (Ray's default is 20: a missing
+#: token would be reported after 20 s). The cluster is up already; 3 s is plenty.
+CLUSTER_CONNECT_RETRIES = 3
+
+
 def ray_environment(cfg: RunConfig, tmp: Path) -> dict[str, str]:
-    """The environment of a private, quiet, bounded Ray cluster living in ``tmp``."""
+    """The environment of a private, quiet, bounded Ray cluster living in ``tmp``; with
+    ``simulation.ray_address``, the quiet driver of the user's cluster instead (the user's
+    ``RAY_AUTH_*`` variables pass through unchanged)."""
+    if cfg.simulation.ray_address is not None:
+        return {**QUIET_ENV, "RAY_NUM_REDIS_GET_RETRIES": str(CLUSTER_CONNECT_RETRIES),
+                "RAY_gcs_rpc_server_reconnect_timeout_s": "15"}
     token = tmp / "ray_auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -198,9 +235,12 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, force: bool = False
 
     Raises:
         RunFolderError: the folder is locked by another run, or holds results.
+        ConfigError: ``simulation.ray_address`` is set and nothing answers there.
     """
     from liquid_fed import rundir
 
+    if cfg.simulation.ray_address is not None:
+        probe_cluster(cfg.simulation.ray_address)
     with rundir.RunLock(run_dir).acquire(command) as lock:
         run_folder = rundir.prepare(cfg, run_dir, resume, force)
         result = launch(cfg, run_dir, resume, stop_after, quiet, lock.fd)
@@ -260,6 +300,125 @@ def _keep_our_sigterm_handler() -> None:
         ray_utils.set_sigterm_handler = lambda handler: None
 
 
+def probe_cluster(address: str, timeout: float = 3.0) -> None:
+    """Check that something accepts TCP connections at a cluster address ``HOST:PORT``.
+
+    Ray itself would retry for many seconds before saying anything; the launcher asks first.
+
+    Args:
+        address: ``simulation.ray_address``.
+        timeout: seconds to wait for the connection.
+
+    Raises:
+        ConfigError: nothing answers there (names ``simulation.ray_address`` and what to do).
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"simulation.ray_address (--ray): nothing answers at {address} "
+            f"({exc.strerror or exc}); start the cluster first (`ray start --head "
+            f"--port={port}` on its head node) or give the address its head printed") from None
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Any:
+    """Send this process's file descriptor 2 to ``path`` for the block (Ray's C++ core logs
+    each failed attempt to reach a GCS there; the user gets one line instead)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _join_cluster(cfg: RunConfig, tmp: Path) -> str:
+    """Connect this process to the running cluster at ``simulation.ray_address`` as the run's
+    driver; Flower's backend then finds Ray initialised and uses it as it is.
+
+    Args:
+        cfg: the run's config (``simulation.ray_address`` set).
+        tmp: a private folder for what Ray's core says while connecting.
+
+    Returns:
+        The run's Ray job id (hex).
+
+    Raises:
+        ConfigError: the cluster refused the token (or its absence), did not let this process
+            join as a driver, or no node of the cluster can hold one client actor; each names
+            ``simulation.ray_address`` (or the resource key) and what to do.
+    """
+    import ray
+
+    address = cfg.simulation.ray_address
+    assert address is not None
+    key = "simulation.ray_address"
+    env_vars = {k: v for k, v in QUIET_ENV.items() if not k.startswith("RAY_")}
+    # As Flower does for the private Ray: the actors import this checkout's packages.
+    env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (*sys.path,
+                                                          os.environ.get("PYTHONPATH")) if p)
+    if cfg.federation.faults:  # the cluster's workers do not inherit this process's environment
+        from liquid_fed.federation.client import FAULTS_ENV
+
+        env_vars[FAULTS_ENV] = "1"
+    said = tmp / "ray_connect.log"
+    try:
+        with _stderr_to(said):
+            ray.init(address=address, runtime_env={"env_vars": env_vars},
+                     logging_level="ERROR", log_to_driver=False, namespace="liquid-fed")
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError or AuthenticationError
+        text = f"{exc} {exc.__cause__} {said.read_text(errors='replace') if said.exists() else ''}"
+        if "AuthenticationError" in type(exc).__name__ or "Unauthenticated" in text \
+                or "InvalidAuthToken" in text:
+            given = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
+                     f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+                     if os.environ.get("RAY_AUTH_TOKEN_PATH") else "no token")
+            raise ConfigError(
+                f"{key} (--ray): the Ray cluster at {address} refused this run's authentication "
+                f"({given}, RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}); it uses "
+                "token authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the "
+                "cluster's token file> (or RAY_AUTH_TOKEN) before `liquid-fed run`") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{key} (--ray): could not join the Ray cluster at {address}: "
+                          f"{first}; is it a Ray GCS address (`ray status --address "
+                          f"{address}`)?") from None
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    resources = {"num_cpus": cfg.simulation.num_cpus_per_client,
+                 "num_gpus": cfg.simulation.num_gpus_per_client}
+    if pool_size_from_resources(resources) == 0:
+        nodes = [{k: n["Resources"].get(k, 0) for k in ("CPU", "GPU")} for n in ray.nodes()
+                 if n["Alive"]]
+        ray.shutdown()
+        raise ConfigError(
+            f"simulation.num_cpus_per_client / num_gpus_per_client: got {resources}; no node of "
+            f"the Ray cluster at {address} can hold one client (nodes: {nodes})")
+    job = ray.get_runtime_context().get_job_id()
+    log.info("joined the Ray cluster at %s as job %s", address, job)
+    return job
+
+
+def _placement(job: str, seen: dict[str, str]) -> None:
+    """Add the node of each client actor of Ray job ``job`` to ``seen`` (actor id -> node id),
+    read from the GCS's actor table (no dashboard needed)."""
+    import ray
+    from ray._private.state import state
+
+    table = state.actor_table(None, job_id=ray.JobID.from_hex(job))
+    for actor_id, info in table.items():
+        node = info.get("Address", {}).get("NodeID")
+        if info.get("ActorClassName", "").endswith("ClientAppActor") and node:
+            seen[actor_id] = node
+
+
 def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
               progress: Callable[[int | None, str, bool], Any]) -> int:
     """Flower's simulation engine on Ray, in this process."""
@@ -270,6 +429,12 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
     cfg = config_from_yaml_text(os.environ[CONFIG_ENV])
     # Flower has its own console handler (FLWR_LOG_LEVEL); don't echo its records twice.
     logging.getLogger("flwr").propagate = False
+    _keep_our_sigterm_handler()
+    times: dict[str, float] = {"start": time.perf_counter()}
+    address = cfg.simulation.ray_address
+    # Join first: a refused token is reported before the seconds of importing Flower and apps.
+    job = _join_cluster(cfg, Path(os.environ.get(TMP_ENV) or tempfile.gettempdir())) \
+        if address else None
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -277,14 +442,23 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
     from server.app import make_server_app
     from simulations import engine
 
-    _keep_our_sigterm_handler()
+    if not address:
+        times["start"] = time.perf_counter()
     fast_dispatch = engine.install_dispatch_loop(cfg.simulation.dispatch_poll)
     watched = engine.install_runtime_watch()
     bar = progress(None, cfg.name, not quiet)
-    times: dict[str, float] = {"start": time.perf_counter()}
+    actors: dict[str, str] = {}  # client actor id -> node id
 
     def on_round(info: Any) -> None:
+        nonlocal job
         times.setdefault("first_round", time.perf_counter() - info.elapsed)
+        try:  # where the clients run (restarted actors may move): bookkeeping, never fatal
+            import ray
+
+            job = job or ray.get_runtime_context().get_job_id()
+            _placement(job, actors)
+        except Exception as exc:  # noqa: BLE001 - the run matters more than its record
+            log.debug("could not read the actor table: %s", exc)
         bar.round(info)
 
     app = make_server_app(cfg, run_dir, resume, stop_after, on_round,
@@ -297,9 +471,11 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
         "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client,
                              "num_gpus": cfg.simulation.num_gpus_per_client,
                              "max_restarts": -1, "max_task_retries": 1},
-        "init_args": {"num_cpus": os.cpu_count() or 1,
-                      "object_store_memory": cfg.simulation.object_store_mb << 20,
-                      "logging_level": "ERROR", "log_to_driver": False},
+        # On a cluster Ray is initialised already (_join_cluster) and Flower keeps it as it is.
+        "init_args": {} if address else {
+            "num_cpus": os.cpu_count() or 1,
+            "object_store_memory": cfg.simulation.object_store_mb << 20,
+            "logging_level": "ERROR", "log_to_driver": False},
     }
     try:
         run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.n_clients,
@@ -316,10 +492,15 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
         total = times["end"] - times["start"]
         startup = times["first_round"] - times["start"]
         wall = float(run.read_summary()["wall_seconds"])
+        per_node: dict[str, int] = {}
+        for node in actors.values():
+            per_node[node] = per_node.get(node, 0) + 1
         run.update_summary(engine={
             "total_seconds": total, "startup_seconds": startup,
             "dispatch_poll": cfg.simulation.dispatch_poll if fast_dispatch else 0.1,
-            "after_training_seconds": total - startup - wall})
+            "after_training_seconds": total - startup - wall,
+            "ray": {"address": address, "job_id": job, "nodes": sorted(per_node),
+                    "actors_per_node": per_node}})
     return 0
 
 
