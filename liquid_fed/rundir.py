@@ -641,6 +641,7 @@ def comparable_config(cfg: RunConfig) -> dict[str, Any]:
     d.pop("out", None)
     d.pop("name", None)
     d.pop("tracking", None)  # where the server logs changes no result
+    d["simulation"].pop("ray_address", None)  # nor where it runs: resume on another cluster
     d["train"].pop("checkpoint_every", None)
     d["train"].pop("eval_every", None)
     return d

@@ -83,7 +83,8 @@ def check_run(cfg: RunConfig) -> None:
 
 
 def _check_resources(cfg: RunConfig) -> None:
-    """The server's device and the simulation's CPU/GPU requests exist on this machine."""
+    """The server's device and the simulation's CPU/GPU requests exist on this machine (the
+    CPUs on a cluster's nodes, for a run that joins one, are checked when it joins)."""
     device = cfg.server.device
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.startswith("cuda"):
@@ -92,12 +93,14 @@ def _check_resources(cfg: RunConfig) -> None:
             have = f"{n_gpus} CUDA device(s)" if n_gpus else "no CUDA device"
             raise ConfigError(f'server.device: got "{device}"; this machine has {have} '
                               "(accepted here: auto, cpu" + (", cuda" if n_gpus else "") + ")")
-    if cfg.simulation.num_gpus_per_client > 0 and n_gpus == 0:
+    if (cfg.simulation.num_gpus_per_client > 0 and n_gpus == 0
+            and cfg.simulation.ray_address is None):
         raise ConfigError(f"simulation.num_gpus_per_client: got "
                           f"{cfg.simulation.num_gpus_per_client}; this machine has no CUDA "
                           "device, so no client could ever be scheduled (use 0)")
     cpus = os.cpu_count() or 1
-    if cfg.simulation.num_cpus_per_client > cpus:
+    # On a cluster its nodes' CPUs count (the join checks them), not this machine's.
+    if cfg.simulation.ray_address is None and cfg.simulation.num_cpus_per_client > cpus:
         raise ConfigError(f"simulation.num_cpus_per_client: got "
                           f"{cfg.simulation.num_cpus_per_client}; this machine has {cpus} CPUs, "
                           "so no client could ever be scheduled")

@@ -185,12 +185,13 @@ def write_context(run_dir: str | Path, experiment: str, run_name: str,
 
 def party_config_yaml(cfg: RunConfig) -> str:
     """The config as the server sends it to the parties: without the ``tracking`` section
-    (the parties build its defaults), so a tracker's URI never travels and tracking changes
-    no byte of a run."""
+    and ``simulation.ray_address`` (the parties build their defaults), so neither a tracker's
+    URI nor the cluster's address travels, and neither changes a byte of a run."""
     import yaml
 
     data = cfg.to_dict()
     data.pop("tracking", None)
+    data.get("simulation", {}).pop("ray_address", None)
     return yaml.safe_dump(data, sort_keys=False)
 
 

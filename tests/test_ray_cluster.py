@@ -109,17 +109,11 @@ def test_a_run_on_the_cluster_equals_a_private_run_and_uses_both_nodes(
     assert private_info["address"] is None and len(private_info["nodes"]) == 1
 
     # Same seeds, same single-threaded arithmetic on the same CPU: every loss and metric is
-    # bit-for-bit equal. Only the bytes sent to clients differ: the config each client gets at
-    # set-up carries simulation.ray_address ("null" there, the address here).
+    # bit-for-bit equal, bytes included (the config the clients get leaves out where the
+    # server runs: tracking.party_config_yaml).
     got, want = metrics(on_cluster), metrics(private)
     assert len(got) == len(want) > 0
-    n_clients = 4
-    extra = n_clients * (len(cluster.address) - len("null"))
-    for g, w in zip(got, want, strict=True):
-        assert g.keys() == w.keys()
-        assert g["bytes_down"] - w["bytes_down"] == extra
-        assert {k: v for k, v in g.items() if k != "bytes_down"} == \
-            {k: v for k, v in w.items() if k != "bytes_down"}
+    assert got == want
 
     # Nothing of the run is left on any node; the cluster is untouched and still serves.
     actors = assert_job_gone(cluster, ray_info["job_id"])
