@@ -36,6 +36,7 @@ are removed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -134,10 +135,9 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
     # that resume never reads.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     out = Path(out).resolve()
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM,
-                                                                      signal.SIGHUP)}
-    joined = False
-    workdirs: set[tuple[str, str]] = set()
+    previous: dict[int, Any] = {}
+    joined = interrupted = False
+    name = f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:
         try:
             with warnings.catch_warnings():  # Ray's tip about accelerators: not for our users
@@ -148,6 +148,10 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
             raise ConfigError(f"--ray: could not join the Ray cluster at {address!r}: "
                               f"{exc}") from exc
         joined = True
+        # After ray.init, which installs Ray's own SIGTERM handler (it would kill this process
+        # before the cleanup below): SIGTERM and SIGHUP stop the study like Ctrl-C.
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM,
+                                                                          signal.SIGHUP)}
         here = ray.get_runtime_context().get_node_id()
         collector = ray.remote(num_cpus=0, max_concurrency=1)(Collector).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
@@ -158,7 +162,6 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
         trainable = tune.with_resources(
             tune.with_parameters(_trial, study=study, jobs=by_id, collector=collector),
             {"cpu": TRIAL_CPUS})
-        name = f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         tuner = tune.Tuner(
             trainable,
             param_space={"job": tune.grid_search(list(by_id))},
@@ -167,16 +170,22 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
             run_config=tune.RunConfig(
                 name=name, storage_path=str(out / TUNE_DIR), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=True),
-                callbacks=[_progress(tick, workdirs)]))
+                callbacks=[_progress(tick)]))
         log.info("Tune experiment %s: %d trial(s) on %s", name, len(by_id), address)
         grid = tuner.fit()
-        if grid.errors:
+        if grid.errors:  # fail_fast: the first failure stops the study, as a local run does
             raise DeploymentError(f"a trial of the study failed on the cluster: "
                                   f"{_cause(grid.errors[0])}")
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         if joined:
-            _remove_workdirs(ray, workdirs)
-            ray.shutdown()  # ends this job: Ray stops its trials and the collector
+            log.info("removing the experiment's session folders on the cluster")
+            _remove_experiment_folders(ray, name, interrupted)
+            log.info("leaving the cluster")
+            ray.shutdown()
+            log.info("left the cluster")  # ends this job: Ray stops its trials and the collector
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -213,14 +222,13 @@ class Collector:
             atomic_write(path, files[rel])
 
 
-def _progress(tick: Callable[[str, float], None], workdirs: set) -> Any:
-    """A Tune callback on the driver: ticks the bar, remembers the trials' working folders."""
+def _progress(tick: Callable[[str, float], None]) -> Any:
+    """A Tune callback on the driver: ticks the bar as each run finishes."""
     from ray import tune
 
     class Progress(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                             **info: Any) -> None:
-            workdirs.add((result["node"], result["workdir"]))
             tick(result["method"], float(result["seconds"]))
 
     return Progress()
@@ -235,7 +243,7 @@ def _trial(config: dict[str, Any], study: Any, jobs: dict[str, tuple],
 
     setting, seed, methods = jobs[config["job"]]
     node = ray.get_runtime_context().get_node_id()
-    workdir = os.getcwd()  # Tune's working folder of the trial, removed by the driver
+    workdir = os.getcwd()  # Tune's working folder of the trial (it changed into it); unused
     work = Path(tempfile.mkdtemp(prefix="liquid-fed-trial-"))
     try:
         folder = studies.cell_dir(work, setting.id, seed)
@@ -250,43 +258,60 @@ def _trial(config: dict[str, Any], study: Any, jobs: dict[str, tuple],
             row = studies.result_row(study, setting, seed, method, work)
             metrics = {k: row[k] for k in REPORTED if isinstance(row.get(k), (int, float))}
             tune.report({**metrics, "method": method, "cell": setting.id, "seed": seed,
-                         "seconds": seconds, "node": node, "workdir": workdir})
+                         "seconds": seconds, "node": node})
 
         studies.run_cell(study, setting, seed, methods, work, None, done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _remove_working_folder(Path(workdir))
 
 
-def _remove_workdirs(ray: Any, workdirs: set[tuple[str, str]]) -> None:
-    """Remove this experiment's folders from Ray's session folders on every node that ran a
-    trial (Tune leaves an empty working folder per trial there)."""
+def _remove_experiment_folders(ray: Any, name: str, interrupted: bool) -> None:
+    """Remove the experiment's folders from Ray's session folders: Tune makes a working folder
+    per trial there (``<temp>/<session>/artifacts/<time>/<name>/``; a finished trial removes
+    its own) and keeps the driver's staging copy of its logs (the real copy is in the study
+    folder). Interrupted trials on other machines leave theirs: one short task per such node
+    removes them."""
+    _remove_session_folders(name)  # this machine: the driver's node, and nodes sharing it
+    if not interrupted:
+        return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    by_node: dict[str, list[str]] = {}
-    for node, workdir in workdirs:
-        by_node.setdefault(node, []).append(workdir)
-    remove = ray.remote(num_cpus=0)(_remove_experiment)
-    refs = [remove.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote(dirs) for node, dirs in by_node.items()]
     try:
-        ray.get(refs, timeout=30)
-    except Exception as exc:  # noqa: BLE001 - a node that left: its session folder goes with it
-        log.warning("could not remove the trials' working folders: %s", exc)
-    for dirs in by_node.values():
-        _remove_experiment(dirs)  # the driver's node (its staging folder of Tune)
+        here = ray.util.get_node_ip_address()
+        nodes = [n["NodeID"] for n in ray.nodes()
+                 if n.get("Alive") and n.get("NodeManagerAddress") != here]
+        remove = ray.remote(num_cpus=0)(_remove_session_folders)
+        ray.get([remove.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote(name) for node in nodes], timeout=30)
+    except Exception as exc:  # noqa: BLE001 - the cluster is going or gone: nothing to clean
+        log.warning("could not remove Tune's working folders of %s on the cluster: %s",
+                    name, exc)
 
 
-def _remove_experiment(workdirs: list[str]) -> None:
-    """``<session>/artifacts/<time>/<experiment>/working_dirs/<trial>``: remove
-    ``<experiment>``, and ``<time>`` when it is left empty."""
-    for workdir in workdirs:
-        experiment = Path(workdir).parent.parent
-        if experiment.name.startswith("compare-") and experiment.is_dir():
-            shutil.rmtree(experiment, ignore_errors=True)
-            try:
-                experiment.parent.rmdir()
-            except OSError:
-                pass
+def _remove_session_folders(name: str) -> int:
+    """On one node: remove ``<temp>/<session>/artifacts/*/<name>`` and its emptied parent."""
+    import ray
+
+    context = ray.get_runtime_context()
+    artifacts = Path(context.get_temp_dir()) / context.get_session_name() / "artifacts"
+    removed = 0
+    for folder in artifacts.glob(f"*/{name}"):
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # kept when another experiment's folder is there too
+    return removed
+
+
+def _remove_working_folder(workdir: Path) -> None:
+    """A finished trial's working folder (empty: trials write elsewhere), and its parents up to
+    the experiment's folder when they are left empty."""
+    for folder in (workdir, workdir.parent, workdir.parent.parent, workdir.parent.parent.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 __all__ = ["EXTRA", "TUNE_DIR", "check_study", "require_tune", "run_on_cluster"]
