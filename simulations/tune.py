@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 import uuid
@@ -139,6 +141,7 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
     joined = interrupted = False
     name = f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:
+        _probe(address)
         try:
             with warnings.catch_warnings():  # Ray's tip about accelerators: not for our users
                 warnings.simplefilter("ignore", FutureWarning)
@@ -188,6 +191,20 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
             log.info("left the cluster")  # ends this job: Ray stops its trials and the collector
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when nothing listens at a ``host:port`` address: ``ray.init`` would wait
+    for minutes. Other forms (``auto``, ``ray://...``) are left to Ray."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray: could not join the Ray cluster at {address!r}: nothing "
+                          f"answers there ({exc.strerror or exc}); expected the host:port of a "
+                          "running cluster's head (ray start --head --port=...)") from exc
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -256,7 +273,9 @@ def _trial(config: dict[str, Any], study: Any, jobs: dict[str, tuple],
                      if p.is_file() and ".tmp-" not in p.name}
             ray.get(collector.write.remote(files))
             row = studies.result_row(study, setting, seed, method, work)
-            metrics = {k: row[k] for k in REPORTED if isinstance(row.get(k), (int, float))}
+            # every result the same keys (Tune's CSV log takes its columns from the first)
+            metrics = {k: float(row[k]) if isinstance(row.get(k), (int, float)) else math.nan
+                       for k in REPORTED}
             tune.report({**metrics, "method": method, "cell": setting.id, "seed": seed,
                          "seconds": seconds, "node": node})
 
