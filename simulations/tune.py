@@ -185,7 +185,7 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
     finally:
         if joined:
             log.info("removing the experiment's session folders on the cluster")
-            _remove_experiment_folders(ray, name, interrupted)
+            _remove_experiment_folders(ray, name, out, interrupted)
             log.info("leaving the cluster")
             ray.shutdown()
             log.info("left the cluster")  # ends this job: Ray stops its trials and the collector
@@ -285,21 +285,23 @@ def _trial(config: dict[str, Any], study: Any, jobs: dict[str, tuple],
     _remove_working_folder(Path(workdir))
 
 
-def _remove_experiment_folders(ray: Any, name: str, interrupted: bool) -> None:
+def _remove_experiment_folders(ray: Any, name: str, out: Path, interrupted: bool) -> None:
     """Remove the experiment's folders from Ray's session folders: Tune makes a working folder
     per trial there (``<temp>/<session>/artifacts/<time>/<name>/``; a finished trial removes
     its own) and keeps the driver's staging copy of its logs (the real copy is in the study
-    folder). Interrupted trials on other machines leave theirs: one short task per such node
-    removes them."""
-    _remove_session_folders(name)  # this machine: the driver's node, and nodes sharing it
-    if not interrupted:
+    folder). Interrupted trials leave theirs: then one short task per other node removes them
+    (a node's session folder may be anywhere: its own --temp-dir)."""
+    if interrupted:  # Tune had no time to copy its logs from the staging folder: keep them
+        _remove_session_folders(name, keep=out / TUNE_DIR / name)
+        log.info("Tune's logs of the interrupted experiment kept in %s", out / TUNE_DIR / name)
+    else:
+        _remove_session_folders(name)  # the driver's node
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
-        here = ray.util.get_node_ip_address()
-        nodes = [n["NodeID"] for n in ray.nodes()
-                 if n.get("Alive") and n.get("NodeManagerAddress") != here]
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
         remove = ray.remote(num_cpus=0)(_remove_session_folders)
         ray.get([remove.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             node, soft=False)).remote(name) for node in nodes], timeout=30)
@@ -308,14 +310,18 @@ def _remove_experiment_folders(ray: Any, name: str, interrupted: bool) -> None:
                     name, exc)
 
 
-def _remove_session_folders(name: str) -> int:
-    """On one node: remove ``<temp>/<session>/artifacts/*/<name>`` and its emptied parent."""
+def _remove_session_folders(name: str, keep: Path | None = None) -> int:
+    """On one node: remove ``<temp>/<session>/artifacts/*/<name>`` and its emptied parent,
+    first copying the driver's staging folder of Tune's logs into ``keep`` if given."""
     import ray
 
     context = ray.get_runtime_context()
     artifacts = Path(context.get_temp_dir()) / context.get_session_name() / "artifacts"
     removed = 0
-    for folder in artifacts.glob(f"*/{name}"):
+    for folder in artifacts.resolve().glob(f"*/{name}"):
+        staged = folder / "driver_artifacts"
+        if keep is not None and staged.is_dir():
+            shutil.copytree(staged, keep, dirs_exist_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
         removed += 1
         with contextlib.suppress(OSError):
