@@ -166,7 +166,8 @@ def test_a_study_on_a_two_node_cluster_gives_the_local_rows_resumes_and_leaves_n
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "continue with --resume" in err, err[-3000:]
-        first = len(list(out.glob("cells/*/*/*/summary.json")))
+        before = _runs(out)
+        first = len(before)
         assert 1 <= first < 8
         assert not (out / "results.csv").exists()
         _assert_nothing_left(cluster, idle)
@@ -191,16 +192,27 @@ def test_a_study_on_a_two_node_cluster_gives_the_local_rows_resumes_and_leaves_n
         nodes = {json.loads(p.read_text())["ray_node_id"]
                  for p in out.glob("cells/*/*/*/summary.json")}
         assert nodes == set(cluster.node_ids.values())
-        # Tune's own logs of both experiments, in the study folder, one row per run.
+        # Tune's own logs of both experiments (the interrupted one's kept too), in the study
+        # folder: a row per run trained by the resumed one, with its score.
+        assert len(list(out.glob("tune/compare-*/experiment_state-*.json"))) == 2
         progress = list(out.glob("tune/compare-*/*/progress.csv"))
-        logged = [r for p in progress for r in csv.DictReader(p.open(newline=""))]
-        assert len({p.parent.parent for p in progress}) == 2
-        assert {(r["cell"], r["seed"], r["method"]) for r in logged} >= set(keys)
+        logged = {(r["cell"], r["seed"], r["method"]): r["score"]
+                  for p in progress for r in csv.DictReader(p.open(newline=""))}
+        scores = {k: r["score"] for k, r in zip(keys, rows, strict=True)}
+        resumed = set(keys) - before
+        assert resumed and {k: logged.get(k) for k in resumed} == {
+            k: scores[k] for k in resumed}
         assert list(out.glob("tune/compare-*/*/events.out.tfevents.*"))
     finally:
         if local is not None and local.poll() is None:
             local.kill()
         cluster.stop()
+
+
+def _runs(out: Path) -> set[tuple[str, str, str]]:
+    """(cell, seed, method) of the finished runs in a study folder."""
+    return {(p.parents[2].name, p.parents[1].name.removeprefix("seed-"),
+             json.loads(p.read_text())["method"]) for p in out.glob("cells/*/*/*/summary.json")}
 
 
 def _assert_nothing_left(cluster: object, idle: set[int]) -> None:
