@@ -168,8 +168,10 @@ def run_on_cluster(study: Any, out: Path, jobs: list, address: str,
         tuner = tune.Tuner(
             trainable,
             param_space={"job": tune.grid_search(list(by_id))},
+            # reuse_actors: a trial's process (torch and the library imported) trains the next
+            # job on its node instead of a fresh process importing them again
             tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname,
-                                        trial_name_creator=_trial_dirname),
+                                        trial_name_creator=_trial_dirname, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(out / TUNE_DIR), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=True),
@@ -282,6 +284,9 @@ def _trial(config: dict[str, Any], study: Any, jobs: dict[str, tuple],
         studies.run_cell(study, setting, seed, methods, work, None, done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # Out of the folder first: a reused trial process asks for its working folder (getcwd)
+    # before it changes into the next trial's.
+    os.chdir(tempfile.gettempdir())
     _remove_working_folder(Path(workdir))
 
 
