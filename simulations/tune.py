@@ -226,7 +226,7 @@ class Collector:
     """Writes the run folders the trials send into the study folder (on the driver's node)."""
 
     def __init__(self, out: str) -> None:
-        self.out = Path(out)
+        self.out = Path(out).resolve()
 
     def ready(self) -> bool:
         return True

@@ -121,6 +121,17 @@ def test_the_collector_writes_summaries_last_and_nothing_outside_the_folder(
     assert not (tmp_path / "elsewhere.txt").exists()
 
 
+def test_the_bar_ticks_once_per_result_a_trial_reports() -> None:
+    from simulations.tune import _progress
+
+    ticks: list[tuple[str, float]] = []
+    callback = _progress(lambda method, seconds: ticks.append((method, seconds)))
+    for method, seconds in (("liquid:sink_one", 1.5), ("uniform", 0.25)):
+        callback.on_trial_result(iteration=1, trials=[], trial=None,
+                                 result={"method": method, "seconds": seconds, "node": "n"})
+    assert ticks == [("liquid:sink_one", 1.5), ("uniform", 0.25)]
+
+
 # --------------------------------------------------------------------------------------------
 # On a real two-node cluster
 # --------------------------------------------------------------------------------------------
