@@ -31,7 +31,14 @@ runtimes, ray#36024). The cluster is only joined: nothing is started or stopped;
 ``RAY_AUTH_MODE=token`` cluster is read by Ray from the environment. When the study ends, fails
 or is interrupted (Ctrl-C, SIGTERM, SIGHUP), the driver disconnects: Ray ends the trials and the
 collector (they belong to its job), and the trials' working folders in Ray's session folders
-are removed.
+are removed (an interrupted experiment's Tune logs are first copied into the study folder).
+
+Where it runs: ``liquid-fed compare`` must run on a node of the cluster (the head, or a machine
+that joined it with ``ray start --address``): a Ray Client address (``ray://``) is refused, as
+the collector would then write on the head's disk. Trial processes are reused from job to job
+(``reuse_actors``: torch and the library are imported once per process). Each run's
+``summary.json`` records the node that trained it (``ray_node_id``; not a column of
+``results.csv``).
 """
 
 from __future__ import annotations
@@ -93,12 +100,18 @@ def check_study(study: Any, address: str, workers: int) -> None:
     """Refuse what ``--ray`` cannot run, before anything is created.
 
     Raises:
-        ConfigError: ``engine: federated`` (naming the key), ``--workers`` with ``--ray``, or an
-            empty address.
+        ConfigError: ``engine: federated`` (naming the key), ``--workers`` with ``--ray``, an
+            empty address or a Ray Client one (``ray://``).
     """
     if not isinstance(address, str) or not address.strip():
         raise ConfigError(f"--ray: got {address!r}; expected the address of a running Ray "
                           "cluster (host:port of its head, or auto)")
+    if address.strip().startswith("ray://"):
+        raise ConfigError(
+            f"--ray: got {address!r}; a Ray Client address (ray://) is not accepted: the study "
+            "folder is written on the node of the driver, so run liquid-fed compare on a node "
+            "of the cluster (the head, or a machine that joined it with ray start --address) "
+            "and pass the head's host:port")
     if study.engine == "federated":
         raise ConfigError(
             "engine: federated cannot run with --ray: a Flower simulation cannot run inside a "

@@ -69,6 +69,7 @@ def test_ray_without_the_extra_names_the_extra_and_creates_nothing(
      "engine: federated cannot run with --ray"),
     ("", ["--ray", "127.0.0.1:1", "--workers", "2"], "--workers 2 with --ray"),
     ("", ["--ray", " "], "--ray: got ' '; expected the address of a running Ray cluster"),
+    ("", ["--ray", "ray://head:10001"], "a Ray Client address (ray://) is not accepted"),
 ])
 def test_what_ray_cannot_run_is_refused_before_the_folder_exists(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, args: list[str],
