@@ -137,6 +137,11 @@ class RayCluster:
         """The cluster's live processes (daemons and workers)."""
         return tagged(self.tag)
 
+    def daemons(self) -> set[int]:
+        """The cluster's GCS and raylets (its workers come and go: Ray ends idle ones)."""
+        return {p for p in self.processes()
+                if any(name in command_line(p) for name in ("gcs_server", "raylet/raylet"))}
+
     def alive_nodes(self, timeout: float = 60.0) -> dict[str, str]:
         """Resource name -> node id of the nodes the GCS reports alive (a short driver)."""
         return _query_nodes(self.address, self.env, timeout)
