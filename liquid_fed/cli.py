@@ -6,7 +6,8 @@
     liquid-fed plot RUN_DIR [RUN_DIR ...] [--out DIR]
     liquid-fed evaluate RUN_DIR [--absent K [K ...]] ... [--missing-rate P [P ...]]
                         [--smoothing L [L ...]]
-    liquid-fed compare STUDY.yaml [--out DIR] [--workers N] [--resume] [--set key=value ...]
+    liquid-fed compare STUDY.yaml [--out DIR] [--workers N | --ray ADDRESS] [--resume]
+        [--set key=value ...]
     liquid-fed split CONFIG.yaml --out DIR [--set key=value ...]
     liquid-fed keys DIR --nodes N [--host ADDRESS ...] [--days D]
     liquid-fed deploy-local [CONFIG.yaml] [--set key=value ...] [--keys DIR | --insecure] ...
@@ -138,7 +139,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     _max_memory(args)
     outcome = compare(args.study, args.set or [], args.out, args.workers, args.resume,
-                      args.force, args.quiet, f"liquid-fed compare {args.study}")
+                      args.force, args.quiet, f"liquid-fed compare {args.study}", args.ray)
     if outcome.interrupted:
         print(f"\ninterrupted: finished runs are kept; continue with --resume --out "
               f"{outcome.out}", file=sys.stderr)
@@ -441,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="study folder (default: <out of the base config>/<name>)")
     p.add_argument("--workers", type=int, default=1,
                    help="cells trained in parallel processes (default 1)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run the cells as Ray Tune trials on the running Ray cluster at ADDRESS "
+                        "(host:port of its head, or auto; needs the extra 'cluster'; engine: "
+                        "centralized only); the cluster is joined, never started or stopped")
     p.add_argument("--resume", action="store_true", help="skip the runs already finished")
     p.add_argument("--force", action="store_true", help="start over a folder holding a study")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -1,7 +1,8 @@
 """The process side of ``liquid-fed compare``: a study's cells in this process or in a pool.
 
 :mod:`liquid_fed.study` defines a study (its settings, seeds and methods) and trains one cell;
-this module schedules the cells — one after another, or in ``workers`` spawned processes —
+this module schedules the cells — one after another, in ``workers`` spawned processes, or as
+Ray Tune trials on a running Ray cluster (``ray``, :mod:`simulations.tune`) —
 ticks the progress bar, runs ``engine: federated`` cells through Flower's simulation engine
 (:func:`simulations.simulate.launch`), and writes ``results.csv``, ``report.md`` and the
 figures at the end. Interrupted, every finished run is kept and ``--resume`` skips it.
@@ -36,7 +37,7 @@ class StudyOutcome:
 
 def compare(study_file: str | Path, overrides: list[str], out: str | Path | None = None,
             workers: int = 1, resume: bool = False, force: bool = False, quiet: bool = False,
-            command: str = "liquid-fed compare") -> StudyOutcome:
+            command: str = "liquid-fed compare", ray: str | None = None) -> StudyOutcome:
     """Run every (setting, seed, method) run of a study not yet finished, then its report.
 
     Args:
@@ -48,18 +49,28 @@ def compare(study_file: str | Path, overrides: list[str], out: str | Path | None
         force: start over a folder holding a study.
         quiet: no progress bar.
         command: what the study folder's lock records as its holder.
+        ray: the address of a running Ray cluster: the jobs run there as Ray Tune trials
+            (:mod:`simulations.tune`; the same rows). None: in this machine's processes.
 
     Returns:
         A :class:`StudyOutcome` (``interrupted`` after Ctrl-C; the finished runs are kept).
 
     Raises:
-        ConfigError: the study file or one of its cells is invalid (before anything runs).
+        ConfigError: the study file or one of its cells is invalid (before anything runs);
+            with ``ray``: Ray Tune is missing, ``engine: federated``, or the cluster cannot be
+            joined.
+        DeploymentError: with ``ray``: a trial failed.
         RunFolderError: the folder is locked, or holds a study and neither flag was given.
     """
     from liquid_fed.report import render
     from liquid_fed.study_plots import plot_study
 
     study = studies.load_study(study_file, overrides)
+    if ray is not None:
+        from simulations import tune
+
+        tune.check_study(study, ray, workers)
+        tune.require_tune()  # before the folder is touched: the error names the extra
     folder = Path(out) if out else Path(study.base.get("out", "runs")) / study.name
     with RunLock(folder).acquire(command):
         studies.prepare_study(study, folder, resume, force)
@@ -73,7 +84,13 @@ def compare(study_file: str | Path, overrides: list[str], out: str | Path | None
             print(f"resuming: {done} finished run(s) skipped, {total} to go", file=sys.stderr)
         bar = Progress(total, f"compare {study.name}", not quiet, unit="run")
         try:
-            run_jobs(study, folder, jobs, workers, bar)
+            if ray is not None and jobs:
+                from simulations.tune import run_on_cluster
+
+                bar.bar.set_description(f"compare {study.name} (Ray cluster {ray})")
+                run_on_cluster(study, folder, jobs, ray, _ticker(bar))
+            else:
+                run_jobs(study, folder, jobs, workers, bar)
         except KeyboardInterrupt:
             bar.close()
             return StudyOutcome(study.name, folder, interrupted=True)
@@ -85,13 +102,19 @@ def compare(study_file: str | Path, overrides: list[str], out: str | Path | None
     return StudyOutcome(study.name, folder, len(rows), len(figures))
 
 
-def run_jobs(study: Any, out: Path, jobs: list, workers: int, bar: Progress) -> None:
-    """Run every (cell, seed, methods) job: in this process, or in ``workers`` processes."""
-    federated = federated_runner if study.engine == "federated" else None
-
+def _ticker(bar: Progress) -> Any:
+    """The bar's tick after each finished run: (method, seconds) -> None."""
     def tick(method: str, seconds: float) -> None:
         bar.bar.set_postfix({"last": method, "s": f"{seconds:.1f}"}, refresh=False)
         bar.bar.update(1)
+
+    return tick
+
+
+def run_jobs(study: Any, out: Path, jobs: list, workers: int, bar: Progress) -> None:
+    """Run every (cell, seed, methods) job: in this process, or in ``workers`` processes."""
+    federated = federated_runner if study.engine == "federated" else None
+    tick = _ticker(bar)
 
     if workers <= 1 or len(jobs) <= 1:
         for setting, seed, methods in jobs:
