@@ -127,14 +127,21 @@ _SOURCE_OK: dict[tuple[type, str], bool] = {}
 
 
 def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
-    """Flower's dispatch loop, polling after ``min_wait`` and doubling to ``max_wait`` idle,
-    taking every undelivered message in one pass (:func:`take_all_undelivered`) where the
-    LinkState allows it, else one message per node per poll as Flower does."""
+    """Flower's dispatch loop, taking every undelivered message in one pass
+    (:func:`take_all_undelivered`) where the LinkState allows it, else one message per node
+    per poll as Flower does; it wakes when the server stores a message
+    (:func:`server.app.store_event`) and otherwise polls after ``min_wait``, doubling to
+    ``max_wait`` while idle."""
 
     def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any,
                               f_stop: threading.Event) -> None:
+        from server.app import store_event
+
+        pushed = store_event(state, "store_message_ins")  # the server's push wakes the loop
         wait = min_wait
         while not f_stop.is_set():
+            if pushed is not None:
+                pushed.clear()  # before the take: a push after it sets the event again
             taken = take_all_undelivered(state, nodes_mapping)
             if taken is None:
                 taken = [msg for node_id in nodes_mapping.keys()
@@ -142,7 +149,12 @@ def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
             for msg in taken:
                 queue.put(msg)
             wait = min_wait if taken else min(wait * 2, max_wait)
-            f_stop.wait(wait)
+            if taken:
+                continue
+            if pushed is not None:
+                pushed.wait(wait)  # at most max_wait, so that a stop is seen
+            else:
+                f_stop.wait(wait)
 
     add_messages_to_queue._liquid_fed_patch = True  # type: ignore[attr-defined]
     return add_messages_to_queue

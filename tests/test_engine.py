@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from queue import Queue
+from types import SimpleNamespace
 
 from flwr.server.superlink.fleet.vce import vce_api
 
@@ -128,3 +129,70 @@ def test_a_dead_runtime_ends_the_wait_at_once_with_its_reason() -> None:
     assert time.monotonic() - t0 < 60  # not the 600 s timeout
     replies, waited = exchange_messages(_SilentGrid(), [message], timeout=0.2, poll=0.01)
     assert replies == {} and 0.2 <= waited < 60  # the caller reports how long it really waited
+
+
+class _StoringState(_State):
+    """A LinkState whose ``store_message_ins`` the server calls (the dispatch loop wraps it)."""
+
+    def store_message_ins(self, node_id: int, msg: str) -> str:
+        self.pending[node_id].append(msg)
+        return msg
+
+
+def test_a_push_wakes_the_idle_dispatch_loop_at_once() -> None:
+    import server.app  # noqa: F401  (imported here, the loop's own import is instant)
+
+    state, queue, stop = _StoringState(), Queue(), threading.Event()
+    loop = make_dispatch_loop(max_wait=2.0)  # idle, it would sleep up to 2 s between polls
+    worker = threading.Thread(target=loop, args=(state, queue, {1: 0, 2: 1}, stop))
+    worker.start()
+    time.sleep(1.0)  # long idle: the wait has grown to near max_wait
+    calls = state.calls
+    assert 2 <= calls <= 2 * 14  # polled, backing off from 0.5 ms (doubling: ~11 polls)
+    t0 = time.monotonic()
+    state.store_message_ins(2, "x")  # the wrapped method: the loop wakes
+    got = queue.get(timeout=2)
+    latency = time.monotonic() - t0
+    stop.set()
+    state.store_message_ins(1, "wake")  # a stop is seen at the next wake
+    worker.join(timeout=3)
+    assert got == "x"
+    assert latency < 0.5  # woken, not the ~1-2 s poll it was sleeping
+    assert state.calls - calls <= 6  # a few polls (2 nodes each), no busy polling
+    assert not worker.is_alive()
+
+
+def test_the_server_wakes_when_a_reply_lands() -> None:
+    from server.app import exchange_messages
+
+    class Grid:
+        """Replies land (store_message_res) 0.3 s after the push, from another thread."""
+
+        def __init__(self) -> None:
+            self.state = SimpleNamespace(store_message_res=self._store)
+            self.replies: list = []
+            self.pulls = 0
+
+        def _store(self, reply) -> None:
+            self.replies.append(reply)
+
+        def push_messages(self, msgs):
+            def land() -> None:
+                time.sleep(0.3)
+                for i in range(len(msgs)):
+                    self.state.store_message_res(SimpleNamespace(
+                        metadata=SimpleNamespace(reply_to_message_id=f"m{i}")))
+            threading.Thread(target=land).start()
+            return [f"m{i}" for i in range(len(msgs))]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            out, self.replies = self.replies, []
+            return out
+
+    grid = Grid()
+    msgs = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (7, 8)]
+    replies, waited = exchange_messages(grid, msgs, timeout=10.0, poll=5.0)  # a 5 s poll...
+    assert sorted(replies) == [7, 8]
+    assert 0.3 <= waited < 1.0  # ...not slept through: the stored reply woke the server
+    assert grid.pulls <= 4
