@@ -203,6 +203,10 @@ def score(predictions: Tensor, delegation: Tensor, target: Tensor, config: Liqui
     return metrics
 
 
+#: Above this many parties a run's summary skips the each-party-absent cases (see robustness).
+ABSENT_MAX_PARTIES = 32
+
+
 def robustness(predictions: Tensor, delegation: Tensor, target: Tensor, config: LiquidConfig,
                smoothing: float, seed: int, base: Tensor | None = None,
                n_params: Sequence[int] | None = None,
@@ -225,11 +229,15 @@ def robustness(predictions: Tensor, delegation: Tensor, target: Tensor, config: 
 
     Returns:
         ``{"absent": {"<k>": metrics, ...}, "missing_rate": {"<P>": metrics, ...}}``
-        (:func:`score`'s metrics); with one party (K = 1) ``absent`` is empty.
+        (:func:`score`'s metrics); with one party (K = 1) ``absent`` is empty, and with more
+        than :data:`ABSENT_MAX_PARTIES` parties too (each case re-solves every sample's K x K
+        graph: at 256 parties the K cases took minutes; ``liquid-fed evaluate --absent``
+        scores any of them on demand).
     """
     n, k = predictions.shape[:2]
     absent: dict[str, dict[str, float]] = {}
-    for j in range(k if k > 1 else 0):  # one party absent leaves nothing to predict with
+    # One party absent of one leaves nothing to predict with; of many, costs K solves.
+    for j in range(k if 1 < k <= ABSENT_MAX_PARTIES else 0):
         absent[str(j)] = score(predictions, delegation, target, config, smoothing,
                                absent_mask(n, k, [j], base), n_params)
     missing = {rate_key(p): score(predictions, delegation, target, config, smoothing,
