@@ -19,6 +19,7 @@ from liquid_fed.errors import ParameterError, RunFolderError
 from liquid_fed.federation import LocalTransport
 from liquid_fed.metrics import evaluate_output
 from liquid_fed.robustness import (
+    ABSENT_MAX_PARTIES,
     MISSING_RATES,
     absent_mask,
     evaluate_run,
@@ -222,6 +223,20 @@ def test_mask_errors() -> None:
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ParameterError, match=r"missing_rate must lie in \[0, 1\)"):
             missing_mask(4, 3, bad, seed=0)
+
+
+@pytest.mark.parametrize("k", [ABSENT_MAX_PARTIES, ABSENT_MAX_PARTIES + 1])
+def test_each_party_absent_is_scored_up_to_the_cap(k: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    b, c = 5, 3
+    predictions = torch.randn(b, k, c, generator=gen)
+    delegation = torch.softmax(torch.randn(b, k, k, generator=gen), -1)
+    target = torch.randint(0, c, (b,), generator=gen)
+    cfg = LiquidConfig(task="classification", smoothing=0.0)
+    rob = robustness(predictions, delegation, target, cfg, 0.0, seed=1, missing_rates=[0.5])
+    assert sorted(rob["absent"], key=int) == ([str(j) for j in range(k)]
+                                              if k <= ABSENT_MAX_PARTIES else [])
+    assert list(rob["missing_rate"]) == ["0.5"]  # the missing rates are scored at any K
 
 
 # --------------------------------------------------------------------------------------------
