@@ -309,9 +309,7 @@ def combine(
             b = int((~present.any(-1)).nonzero()[0])
             raise ValueError(f"sample {b} has no expert present; at least one is needed")
         delegation = _mask_absent(delegation, present)
-    power = solve_power(
-        delegation, config.solver, config.epsilon, config.penalty, config.backend, validate
-    )
+    power = _solve_in_chunks(delegation, config, validate)
     if present is not None:  # the sink's uniform return must not reach absent experts
         power = power * present
         power = k * power / power.sum(-1, keepdim=True)
@@ -323,6 +321,24 @@ def combine(
     if config.specialization_weight:
         aux = aux + config.specialization_weight * specialization_loss(power)
     return EnsembleOutput(output, power, delegation, predictions, aux, present)
+
+
+#: Largest number of delegation entries (B x K x K) solved at once without a gradient: an
+#: evaluation of many samples with many experts solves in chunks of samples (each sample's
+#: graph is solved on its own, so the powers are the same) and its workspace stays bounded
+#: (at 256 experts, 600 test samples in one solve took about 1 GB).
+SOLVE_CHUNK_ENTRIES = 1 << 22
+
+
+def _solve_in_chunks(delegation: Tensor, config: LiquidConfig, validate: bool) -> Tensor:
+    b, k = delegation.shape[:2]
+    step = max(1, SOLVE_CHUNK_ENTRIES // (k * k))
+    if b <= step or (torch.is_grad_enabled() and delegation.requires_grad):
+        return solve_power(delegation, config.solver, config.epsilon, config.penalty,
+                           config.backend, validate)
+    return torch.cat([solve_power(delegation[i:i + step], config.solver, config.epsilon,
+                                  config.penalty, config.backend, validate)
+                      for i in range(0, b, step)])
 
 
 def with_smoothing(out: EnsembleOutput, config: LiquidConfig, smoothing: float

@@ -458,3 +458,29 @@ def test_auto_batching_falls_back_for_experts_that_cannot_vmap() -> None:
     assert out.output.shape == (3, 3)
     with pytest.raises(ValueError, match="supports_vmap"):
         LiquidEnsemble(experts, batched=True)
+
+
+def test_a_large_evaluation_solves_in_chunks_with_the_same_powers(monkeypatch) -> None:
+    from liquid_fed import ensemble as ens
+
+    gen = torch.Generator().manual_seed(3)
+    b, k, c = 37, 5, 3
+    predictions = torch.randn(b, k, c, generator=gen)
+    delegation = torch.softmax(torch.randn(b, k, k, generator=gen), -1)
+    present = torch.rand(b, k, generator=gen) > 0.3
+    present[:, 0] = True
+    cfg = LiquidConfig(task="classification", smoothing=0.25)
+    with torch.no_grad():
+        whole = ens.combine(predictions, delegation, cfg, present)
+        calls: list[int] = []
+        real = ens.solve_power
+        monkeypatch.setattr(ens, "solve_power", lambda d, *a: calls.append(len(d)) or real(d, *a))
+        monkeypatch.setattr(ens, "SOLVE_CHUNK_ENTRIES", 10 * k * k)  # 10 samples per solve
+        chunked = ens.combine(predictions, delegation, cfg, present)
+    assert calls == [10, 10, 10, 7]
+    torch.testing.assert_close(chunked.power, whole.power, rtol=0, atol=0)
+    torch.testing.assert_close(chunked.output, whole.output, rtol=0, atol=0)
+    # With a gradient to carry, one solve (the graph is built once).
+    calls.clear()
+    combine_grad = ens.combine(predictions, delegation.clone().requires_grad_(), cfg, present)
+    assert calls == [b] and combine_grad.power.requires_grad
