@@ -50,26 +50,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simulations.simulate import QUIET_ENV as SIMULATE_QUIET_ENV
+
 #: Inherited by every process of the cluster (not by its clients): how stop() finds them.
 TAG_ENV = "LIQUID_FED_TEST_RAY_CLUSTER"
 #: The custom resource of each node, in start order (head first).
 NODE_NAMES = ("node_a", "node_b")
-#: Quiet, bounded Ray (a copy of simulations.simulate.QUIET_ENV's Ray part: no import of the
-#: library, so this file stands alone).
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_LOG_LEVEL": "ERROR",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_memory_monitor_refresh_ms": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_DISABLE_IMPORT_WARNING": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "PYTHONUNBUFFERED": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
+#: Quiet, bounded Ray: what a run's own Ray gets (simulations.simulate.QUIET_ENV).
+QUIET_ENV = dict(SIMULATE_QUIET_ENV)
 #: Each node's object store (Ray's minimum is 75 MiB; its default, 30 % of RAM, is too much).
 OBJECT_STORE_BYTES = 100 << 20
 RAY = str(Path(sys.executable).parent / "ray")
