@@ -278,6 +278,9 @@ def _trial(config: dict[str, Any], study: Any, jobs: dict[str, tuple],
     workdir = os.getcwd()  # Tune's working folder of the trial (it changed into it); unused
     work = Path(tempfile.mkdtemp(prefix="liquid-fed-trial-"))
     try:
+        # The private folder stands in for the study folder: run_cell checks it still holds a
+        # study file (a study folder deleted mid-way must fail); the collector never copies it.
+        (work / studies.STUDY_FILE).write_text("# a Tune trial's private folder\n")
         folder = studies.cell_dir(work, setting.id, seed)
 
         def done(method: str, seconds: float) -> None:

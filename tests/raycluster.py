@@ -202,9 +202,22 @@ def _query_nodes(address: str, env: dict[str, str], timeout: float) -> dict[str,
     return _marked(out, "NODES=")  # type: ignore[return-value]
 
 
+_WORKER_PORT_BASES: set[int] = set()
+
+
 def _ports(head: bool) -> list[str]:
-    """Every port a node opens, chosen free (Ray's fixed defaults collide between clusters)."""
-    ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+    """Every port a node opens, chosen free (Ray's fixed defaults collide between clusters),
+    and a worker-port range of its own: every Ray hands its workers and drivers ports from
+    10002-19999 by default, and a private run's Ray started meanwhile (the other xdist worker)
+    took one a node of this cluster had picked, which kills the driver that gets it (a Ray
+    CHECK in GrpcServer::Run), so each node takes 100 ports at random in 20000-31999, below
+    the kernel's ephemeral range."""
+    base = 20000 + 100 * secrets.randbelow(120)
+    while base in _WORKER_PORT_BASES:  # the two nodes of a cluster never share a range
+        base = 20000 + 100 * secrets.randbelow(120)
+    _WORKER_PORT_BASES.add(base)
+    ports = [f"--min-worker-port={base}", f"--max-worker-port={base + 99}",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
              f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
              f"--dashboard-agent-grpc-port={free_port()}",
              f"--dashboard-agent-listen-port={free_port()}"]

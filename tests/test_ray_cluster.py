@@ -136,7 +136,9 @@ def run_processes(run: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+# SIGINT only: a killed launcher's child takes the same way out on a cluster as privately
+# (tests/test_federation.py kills one with SIGKILL); the suite's time is better spent elsewhere.
+@pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
 def test_a_stopped_run_leaves_no_actor_and_the_cluster_up(cluster: RayCluster, tmp_path: Path,
                                                           sig: signal.Signals) -> None:
     run = tmp_path / "interrupted"
