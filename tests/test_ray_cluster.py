@@ -25,7 +25,7 @@ from liquid_fed.errors import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 #: Small and quick: 2 epochs, no centralized baselines; one CPU per client, so the two
 #: one-CPU nodes hold one client actor each and both must work.

@@ -148,7 +148,7 @@ sys.exit(code)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flower")
+@pytest.mark.xdist_group("cluster")
 def test_a_study_on_a_two_node_cluster_gives_the_local_rows_resumes_and_leaves_nothing(
         tmp_path: Path) -> None:
     from raycluster import start_cluster

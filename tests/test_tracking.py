@@ -464,7 +464,7 @@ def test_an_unreachable_tracking_server_fails_before_training(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flower")
+@pytest.mark.xdist_group("cluster")
 def test_a_real_liquid_fed_run_logs_from_the_server_side(tmp_path: Path) -> None:
     store = tmp_path / "mlflow.db"
     run_dir = tmp_path / "run"
