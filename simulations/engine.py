@@ -63,7 +63,8 @@ def _vce_api() -> Any | None:
 
 
 def guarded_original(module: Any, name: str) -> Callable[..., Any] | None:
-    """``module.name`` when its source matches :data:`SOURCE_SHA256`; else None (warned)."""
+    """``module.name`` (a module or a class) when its source matches :data:`SOURCE_SHA256`;
+    else None (warned)."""
     original = getattr(module, name, None)
     if original is None or getattr(original, "_liquid_fed_patch", False):
         return None
@@ -110,16 +111,11 @@ def take_all_undelivered(state: Any, nodes: Any) -> list[Any] | None:
 
 
 def _same_source(cls: type, name: str) -> bool:
-    """Whether ``cls.name`` is the Flower function :data:`SOURCE_SHA256` knows (cached)."""
+    """Whether ``cls.name`` is the Flower function :data:`SOURCE_SHA256` knows
+    (:func:`guarded_original`, which warns when not; asked once per class)."""
     key = (cls, name)
     if key not in _SOURCE_OK:
-        try:
-            _SOURCE_OK[key] = source_sha256(getattr(cls, name)) == SOURCE_SHA256[name]
-        except (AttributeError, OSError, TypeError):
-            _SOURCE_OK[key] = False
-        if not _SOURCE_OK[key]:
-            log.warning("Flower's %s.%s changed; the dispatch loop asks node by node",
-                        cls.__name__, name)
+        _SOURCE_OK[key] = guarded_original(cls, name) is not None
     return _SOURCE_OK[key]
 
 

@@ -9,37 +9,25 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from test_study import TINY as STUDY_TINY
+from test_study import write_study as study_file
 
 from liquid_fed.cli import main
 from liquid_fed.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-REGIONS = ROOT / "configs" / "regions.yaml"
-# 2 settings x 2 seeds = 4 jobs (trials) of 2 methods: 8 runs, 1 epoch each.
-TINY = f"""
-    name: tiny
-    base: {REGIONS}
-    set:
-      train.epochs: 1
-      data.options.n_samples: 400
-      train.eval_every: 0
-    grid:
-      data.options.region_visibility: [shared, none]
-    seeds: 2
-    methods: [liquid, uniform]
-"""
+# test_study's tiny study (2 settings x 2 seeds) with two methods: 4 jobs (trials) of 2
+# runs, 1 epoch each.
+TINY = STUDY_TINY.split("    methods:")[0] + "    methods: [liquid, uniform]\n"
 TIMING = ("train_seconds",)
 
 
 def write_study(tmp_path: Path, body: str = TINY) -> Path:
-    path = tmp_path / "study.yaml"
-    path.write_text(textwrap.dedent(body))
-    return path
+    return study_file(tmp_path, body)
 
 
 def rows_of(out: Path) -> list[dict[str, str]]:
