@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +35,6 @@ from liquid_fed.federation.setup import (
 from liquid_fed.metrics import primary_score
 from liquid_fed.robustness import robustness
 from liquid_fed.train import DTYPES, evaluate, fit, output_metrics, predict_splits
-
-if TYPE_CHECKING:
-    from liquid_fed.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +158,8 @@ def run_centralized(cfg: RunConfig, run_dir: Path, force: bool = False,
                                     on_step=None if tracker is None else (
                                         lambda step, loss: tracker.train_round(step + 1, loss)))
             if tracker is not None:
-                track_final(tracker, result, steps_per_epoch(cfg, data) * cfg.train.epochs)
+                tracker.final(steps_per_epoch(cfg, data) * cfg.train.epochs, result.get("val"),
+                              result["test"])
             status = "FINISHED"
         finally:
             if tracker is not None:
@@ -182,14 +180,6 @@ def steps_per_epoch(cfg: RunConfig, data: CentralData) -> int:
     """Optimiser steps (mini-batches) per epoch: the federation's rounds per epoch when
     ``chunk_size == batch_size``."""
     return -(-int(data.targets["train"].shape[0]) // cfg.train.batch_size)
-
-
-def track_final(tracker: Tracker, result: dict[str, Any], step: int) -> None:
-    """A centralized run's final validation and test metrics at ``step``, and its
-    hyper-parameters against them (:class:`liquid_fed.tracking.Tracker`)."""
-    tracker.evaluation([{"round": step, "split": split, **result[split]}
-                        for split in ("val", "test") if isinstance(result.get(split), dict)])
-    tracker.finish(result["test"])
 
 
 def baselines(cfg: RunConfig, data: CentralData) -> dict[str, Any]:

@@ -678,11 +678,7 @@ def _track_method(run_dir: Path, cfg: RunConfig, result: Any, data: Any) -> None
         for epoch, loss in enumerate(result.epoch_losses or []):
             if isinstance(loss, (int, float)):
                 tracker.scalars((epoch + 1) * per_epoch, {"train/epoch_loss": float(loss)})
-        step = per_epoch * cfg.train.epochs
-        tracker.evaluation([{"round": step, "split": split, **metrics}
-                            for split, metrics in (("val", result.val), ("test", result.test))
-                            if isinstance(metrics, dict)])
-        tracker.finish(result.test)
+        tracker.final(per_epoch * cfg.train.epochs, result.val, result.test)
     finally:
         tracker.close()
 

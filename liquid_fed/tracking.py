@@ -519,6 +519,15 @@ class Tracker:
         """Any scalars at ``step``."""
         self._each("scalars", step, dict(values))
 
+    def final(self, step: int, val: Any, test: Any) -> None:
+        """A run trained outside the federation loop (the centralized twin, a study's
+        baselines): its final validation and test metrics at ``step`` (each a mapping, or
+        None when the run has none), then :meth:`finish` with the test metrics."""
+        self.evaluation([{"round": step, "split": split, **metrics}
+                         for split, metrics in (("val", val), ("test", test))
+                         if isinstance(metrics, dict)])
+        self.finish(test)
+
     def finish(self, test: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> None:
         """The run's hyper-parameters (``params``; default: a study cell's from
         ``tracking.json``, else the config's keys) against its final test metrics."""

@@ -122,8 +122,8 @@ class Federation:
         self.data = data if data is not None else load_server_data(cfg)
         self.step = ServerStep(cfg, self.data)
         self.k = cfg.n_clients
-        # What the parties get: the config without `tracking` (where the server logs is none
-        # of theirs, and the bytes of a run must not depend on it).
+        # What the parties get: the config without `tracking` and the cluster's address (where
+        # the server logs and runs is none of theirs; a run's bytes must not depend on them).
         self.cfg_yaml = party_config_yaml(cfg)
         self.bytes_up = 0
         self.bytes_down = 0
