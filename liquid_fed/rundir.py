@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from liquid_fed.errors import RunFileError, RunFolderError
-from liquid_fed.sizes import SizeError, check_fits, format_bytes
+from liquid_fed.sizes import SizeError, check_fits, format_bytes, npy_header
 
 if TYPE_CHECKING:
     from liquid_fed.config import RunConfig
@@ -152,12 +152,9 @@ def _check_npz_size(path: Path) -> None:
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    continue  # np.load judges other versions itself
-                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0(f))
-            total += math.prod(shape) * dtype.itemsize
+                _, shape, _, dtype = npy_header(f)
+            if shape is not None:  # np.load judges other versions itself
+                total += math.prod(shape) * dtype.itemsize
     check_fits(total, f"{path}: arrays of {format_bytes(total)} (by their headers)")
 
 

@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from liquid_fed.errors import ConfigError, LiquidFedError
 
@@ -133,6 +133,23 @@ def check_fits(need: int, what: str) -> None:
 
 
 # ---- data files -------------------------------------------------------------------------------
+
+
+def npy_header(f: BinaryIO) -> tuple[tuple[int, int], tuple[int, ...] | None, bool, Any]:
+    """A ``.npy`` stream's format version, then its header (shape, fortran order, dtype) when
+    the version is 1.0 or 2.0 (else ``None, False, None``), read without the data.
+
+    Raises:
+        ValueError (and what numpy's header parser raises): not a ``.npy`` header.
+    """
+    import numpy as np
+
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return (version, *np.lib.format.read_array_header_1_0(f))
+    if version == (2, 0):
+        return (version, *np.lib.format.read_array_header_2_0(f))
+    return version, None, False, None
 
 
 def npz_load_bytes(members: dict[str, tuple[tuple[int, ...], int]], features_key: str,

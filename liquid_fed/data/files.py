@@ -547,12 +547,8 @@ def _member_header(f: BinaryIO, where: str, file_size: int
     """A .npy member's (shape, fortran order, dtype), read from its header alone; the header
     must account for exactly the member's ``file_size`` bytes (uncompressed)."""
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
+        version, shape, fortran, dtype = sizes.npy_header(f)
+        if shape is None:
             raise DataError(f"{where} is a .npy array of format version {version}; "
                             "only versions 1.0 and 2.0 (numeric and string arrays) are read")
     except (ValueError, struct.error, UnicodeDecodeError, SyntaxError) as exc:
