@@ -116,6 +116,9 @@ class SimulationConfig:
     dispatch_poll: float = 0.005  # longest wait of the engine's dispatch loop; 0 = Flower's 0.1 s
     threads_per_client: int = 1  # torch threads in each client; tiny experts run best on one
     ray_address: str | None = None
+    # One Ray call per actor per exchange (simulations/batching.py); false = Flower's one per
+    # message. Needs the fast dispatch loop (dispatch_poll > 0).
+    batch_messages: bool = True
 
     def __post_init__(self) -> None:
         if self.ray_address is not None:

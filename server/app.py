@@ -210,9 +210,9 @@ def store_event(state: Any, method: str) -> threading.Event | None:
     has no such method (a deployment's Grid holds no LinkState: it is polled).
 
     The simulation's Grid and its engine share one in-memory LinkState: wrapping its
-    ``store_message_res`` (and ``store_message_ins``) on the instance lets the server wake
-    when a reply lands, and the engine's dispatch loop when a message is pushed, instead of
-    sleeping a poll interval each. Installed once per state and method.
+    ``store_message_res`` on the instance lets the server wake when a reply lands instead of
+    sleeping a poll interval each (the engine's dispatch loop wakes on :func:`push_event`).
+    Installed once per state and method.
     """
     original = getattr(state, method, None)
     if state is None or not callable(original):
@@ -232,6 +232,17 @@ def store_event(state: Any, method: str) -> threading.Event | None:
     return events[method]
 
 
+def push_event(state: Any) -> threading.Event | None:
+    """An Event the server sets after each push of a batch of messages into ``state`` (the
+    simulation's in-memory LinkState), or None without one (a deployment's Grid): the
+    engine's dispatch loop waits on it, so that it takes a whole push at once rather than
+    the first messages stored of it."""
+    if state is None:
+        return None
+    return state.__dict__.setdefault("_liquid_fed_events", {}).setdefault(
+        "pushed", threading.Event())
+
+
 def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll: float,
                       health: Callable[[], str | None] | None = None,
                       kind: str = "") -> tuple[dict[int, Message], float]:
@@ -244,8 +255,12 @@ def exchange_messages(grid: Grid, msgs: Sequence[Message], timeout: float, poll:
         Replies by the node each message went to, and the seconds waited.
     """
     t0 = time.monotonic()
-    landed = store_event(getattr(grid, "state", None), "store_message_res")
+    state = getattr(grid, "state", None)
+    landed = store_event(state, "store_message_res")
     ids = list(grid.push_messages(msgs))
+    pushed = push_event(state)
+    if pushed is not None:
+        pushed.set()
     # Matched by the message they answer, not by sender: for a node it lost, the SuperLink
     # answers itself (an error signed with its own node id).
     dst = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, msgs, strict=True)

@@ -40,6 +40,11 @@ SOURCE_SHA256 = {
     "run_api": "f85c0cd6e902752f455c00ab9c7212c1cd94a8c681fa9bf294ba967463390898",
     # Not replaced but imitated for all nodes at once by the dispatch loop's one-pass take.
     "get_message_ins": "6547c8dcbc62e12f5b2aa5c69f4de8c7c7072c10d6c0876512cf37197d941056",
+    # Batched delivery (simulations/batching.py): the worker threads it replaces, the backend
+    # methods whose actor pool and calls it uses the same way.
+    "worker": "60f308688ba34fb5bc942ac68c1d97be61b2010e8d4c3983833f646c5c038157",
+    "build": "6a0c387457a6dbc1b35091762c24afdd2c3453fe09eeceeb7e966136f832ddc0",
+    "process_message": "32a5db14180222d31bb6d622529f0cccab652d4f6c35fd137560240da84010b7",
 }
 
 
@@ -122,18 +127,25 @@ def _same_source(cls: type, name: str) -> bool:
 _SOURCE_OK: dict[tuple[type, str], bool] = {}
 
 
-def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
+#: Seconds between polls of the dispatch loop while it waits for the server's push event
+#: (Flower's own loop polls every 0.1 s).
+IDLE_POLL = 0.1
+
+
+def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005, batching: Any = None):
     """Flower's dispatch loop, taking every undelivered message in one pass
     (:func:`take_all_undelivered`) where the LinkState allows it, else one message per node
-    per poll as Flower does; it wakes when the server stores a message
-    (:func:`server.app.store_event`) and otherwise polls after ``min_wait``, doubling to
-    ``max_wait`` while idle."""
+    per poll as Flower does; it wakes when the server has pushed messages
+    (:func:`server.app.push_event`), and otherwise (a state without the event) polls after
+    ``min_wait``, doubling to ``max_wait`` while idle. With ``batching`` (a
+    :class:`simulations.batching.Batching` whose workers are installed) what one pass took
+    goes into the queue as one list per worker."""
 
     def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any,
                               f_stop: threading.Event) -> None:
-        from server.app import store_event
+        from server.app import push_event
 
-        pushed = store_event(state, "store_message_ins")  # the server's push wakes the loop
+        pushed = push_event(state)  # set after each whole push of the server's
         wait = min_wait
         while not f_stop.is_set():
             if pushed is not None:
@@ -142,13 +154,19 @@ def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
             if taken is None:
                 taken = [msg for node_id in nodes_mapping.keys()
                          for msg in state.get_message_ins(node_id=node_id, limit=1)]
-            for msg in taken:
-                queue.put(msg)
+            if batching is not None and taken:
+                for group in batching.split(taken):
+                    queue.put(group)
+            else:
+                for msg in taken:
+                    queue.put(msg)
             wait = min_wait if taken else min(wait * 2, max_wait)
             if taken:
                 continue
             if pushed is not None:
-                pushed.wait(wait)  # at most max_wait, so that a stop is seen
+                # Woken by the push; polling only for messages stored otherwise (and to see
+                # a stop), seldom: a poll in the middle of a push would split it.
+                pushed.wait(IDLE_POLL)
             else:
                 f_stop.wait(wait)
 
@@ -156,15 +174,40 @@ def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005):
     return add_messages_to_queue
 
 
-def install_dispatch_loop(max_wait: float) -> bool:
-    """Replace Flower's dispatch loop; False (and Flower's loop kept) when it does not fit."""
+def install_dispatch_loop(max_wait: float, batch: bool = False) -> tuple[bool, bool]:
+    """Replace Flower's dispatch loop and, with ``batch``, its workers and client actor class
+    (:mod:`simulations.batching`); each stays Flower's (warned) when it does not fit.
+
+    Returns:
+        Whether the dispatch loop and whether batched delivery are installed.
+    """
     if max_wait <= 0:
-        return False
+        return False, False
     vce_api = _vce_api()
     if vce_api is None or guarded_original(vce_api, "add_messages_to_queue") is None:
-        return False
-    vce_api.add_messages_to_queue = make_dispatch_loop(max_wait)
-    return True
+        return False, False
+    batching = install_batching(vce_api) if batch else None
+    vce_api.add_messages_to_queue = make_dispatch_loop(max_wait, batching=batching)
+    return True, batching is not None
+
+
+def install_batching(vce_api: Any) -> Any:
+    """Swap Flower's worker threads for :func:`simulations.batching.make_worker` and its
+    client actor class for one with ``run_batch``; the shared
+    :class:`~simulations.batching.Batching`, or None (Flower's kept) when a function they
+    stand in for or rely on changed."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    if (guarded_original(vce_api, "worker") is None
+            or guarded_original(raybackend.RayBackend, "build") is None
+            or guarded_original(raybackend.RayBackend, "process_message") is None):
+        return None
+    from simulations import batching
+
+    shared = batching.Batching()
+    vce_api.worker = batching.make_worker(shared)
+    raybackend.ClientAppActor = batching.RemoteBatchActor
+    return shared
 
 
 class RuntimeWatch:

@@ -107,6 +107,8 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 CONFIG_ENV = "LIQUID_FED_CONFIG_YAML"
+#: Seconds between two reads of where the client actors run (the summary's ``engine.ray``).
+PLACEMENT_EVERY = 5.0
 RUN_TAG_ENV = "LIQUID_FED_RUN_TAG"  # inherited by every process of the run, Ray's included
 TMP_ENV = "LIQUID_FED_RUN_TMP"
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -444,14 +446,15 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
 
     if not address:
         times["start"] = time.perf_counter()
-    fast_dispatch = engine.install_dispatch_loop(cfg.simulation.dispatch_poll)
+    fast_dispatch, batched = engine.install_dispatch_loop(cfg.simulation.dispatch_poll,
+                                                          cfg.simulation.batch_messages)
     watched = engine.install_runtime_watch()
     bar = progress(None, cfg.name, not quiet)
     actors: dict[str, str] = {}  # client actor id -> node id
+    placed = [-float("inf")]  # when the actor table was last read
 
-    def on_round(info: Any) -> None:
+    def place() -> None:
         nonlocal job
-        times.setdefault("first_round", time.perf_counter() - info.elapsed)
         try:  # where the clients run (restarted actors may move): bookkeeping, never fatal
             import ray
 
@@ -459,6 +462,15 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
             _placement(job, actors)
         except Exception as exc:  # noqa: BLE001 - the run matters more than its record
             log.debug("could not read the actor table: %s", exc)
+        placed[0] = time.monotonic()
+
+    def on_round(info: Any) -> None:
+        times.setdefault("first_round", time.perf_counter() - info.elapsed)
+        # A GCS query costs about a millisecond: not every round of a fast run, but the
+        # first and the last (Flower stops Ray before this function sees it again).
+        if (time.monotonic() - placed[0] >= PLACEMENT_EVERY
+                or info.round >= info.total_rounds):
+            place()
         bar.round(info)
 
     app = make_server_app(cfg, run_dir, resume, stop_after, on_round,
@@ -498,6 +510,7 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
         run.update_summary(engine={
             "total_seconds": total, "startup_seconds": startup,
             "dispatch_poll": cfg.simulation.dispatch_poll if fast_dispatch else 0.1,
+            "batched": batched,
             "after_training_seconds": total - startup - wall,
             "ray": {"address": address, "job_id": job, "nodes": sorted(per_node),
                     "actors_per_node": per_node}})

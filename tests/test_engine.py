@@ -48,9 +48,9 @@ def test_loop_forwards_every_message_quickly_and_backs_off_when_idle() -> None:
 def test_install_replaces_flowers_loop_only_when_asked() -> None:
     original = vce_api.add_messages_to_queue
     try:
-        assert install_dispatch_loop(0) is False
+        assert install_dispatch_loop(0) == (False, False)
         assert vce_api.add_messages_to_queue is original
-        assert install_dispatch_loop(0.005) is True
+        assert install_dispatch_loop(0.005) == (True, False)
         assert vce_api.add_messages_to_queue is not original
     finally:
         vce_api.add_messages_to_queue = original
@@ -64,7 +64,7 @@ def test_patches_are_keyed_on_flowers_version_and_the_replaced_source(monkeypatc
     original = vce_api.add_messages_to_queue
     assert engine.source_sha256(original) == engine.SOURCE_SHA256["add_messages_to_queue"]
     monkeypatch.setattr(flwr, "__version__", "1.42.0")
-    assert install_dispatch_loop(0.005) is False
+    assert install_dispatch_loop(0.005) == (False, False)
     assert vce_api.add_messages_to_queue is original
     assert "written for 1.41.0" in caplog.text
     monkeypatch.setattr(flwr, "__version__", engine.FLOWER_VERSION)
@@ -73,7 +73,8 @@ def test_patches_are_keyed_on_flowers_version_and_the_replaced_source(monkeypatc
         return None
 
     monkeypatch.setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)
-    assert install_dispatch_loop(0.005) is False  # the old test accepted any matching signature
+    # The old test accepted any matching signature.
+    assert install_dispatch_loop(0.005) == (False, False)
     assert vce_api.add_messages_to_queue is add_messages_to_queue
     assert "add_messages_to_queue changed" in caplog.text
 
@@ -139,27 +140,52 @@ class _StoringState(_State):
         return msg
 
 
-def test_a_push_wakes_the_idle_dispatch_loop_at_once() -> None:
-    import server.app  # noqa: F401  (imported here, the loop's own import is instant)
+def test_a_push_wakes_the_idle_dispatch_loop_at_once(monkeypatch) -> None:
+    from server.app import push_event
+    from simulations import engine
 
+    monkeypatch.setattr(engine, "IDLE_POLL", 2.0)  # idle, it would sleep 2 s between polls
     state, queue, stop = _StoringState(), Queue(), threading.Event()
-    loop = make_dispatch_loop(max_wait=2.0)  # idle, it would sleep up to 2 s between polls
+    loop = make_dispatch_loop(max_wait=0.005)
     worker = threading.Thread(target=loop, args=(state, queue, {1: 0, 2: 1}, stop))
     worker.start()
-    time.sleep(1.0)  # long idle: the wait has grown to near max_wait
+    time.sleep(1.0)
     calls = state.calls
-    assert 2 <= calls <= 2 * 14  # polled, backing off from 0.5 ms (doubling: ~11 polls)
+    assert calls <= 2  # one poll (2 nodes) on start, then asleep: no 5 ms polling
     t0 = time.monotonic()
-    state.store_message_ins(2, "x")  # the wrapped method: the loop wakes
-    got = queue.get(timeout=2)
+    state.store_message_ins(2, "x")
+    push_event(state).set()  # what the server does after a push
+    got = queue.get(timeout=3)
     latency = time.monotonic() - t0
     stop.set()
-    state.store_message_ins(1, "wake")  # a stop is seen at the next wake
+    push_event(state).set()  # a stop is seen at the next wake
     worker.join(timeout=3)
     assert got == "x"
-    assert latency < 0.5  # woken, not the ~1-2 s poll it was sleeping
+    assert latency < 0.5  # woken, not the 2 s poll it was sleeping
     assert state.calls - calls <= 6  # a few polls (2 nodes each), no busy polling
     assert not worker.is_alive()
+
+
+def test_a_push_reaches_the_workers_as_one_list_each() -> None:
+    from server.app import push_event
+    from simulations.batching import Batching
+
+    batching = Batching()
+    batching.workers = 2
+    state, queue, stop = _StoringState(), Queue(), threading.Event()
+    state.pending = {n: [] for n in range(5)}
+    for n in range(5):  # a whole push, stored before the loop's first take
+        state.store_message_ins(n, f"m{n}")
+    push_event(state).set()
+    loop = make_dispatch_loop(max_wait=0.005, batching=batching)
+    worker = threading.Thread(target=loop, args=(state, queue, {n: n for n in range(5)}, stop))
+    worker.start()
+    got = [queue.get(timeout=3), queue.get(timeout=3)]
+    stop.set()
+    push_event(state).set()
+    worker.join(timeout=3)
+    assert got == [["m0", "m1", "m2"], ["m3", "m4"]]  # in order, sizes differ by one at most
+    assert queue.empty()
 
 
 def test_the_server_wakes_when_a_reply_lands() -> None:

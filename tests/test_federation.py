@@ -346,10 +346,11 @@ def _twin_losses(sets: list[str]) -> list[float]:
 def test_faults_of_every_kind_through_flower_on_ray(tmp_path: Path) -> None:
     # Client 1's actor process exits in round 2 (Ray restarts it; its state lives in the
     # engine); client 2's blocks 11 s in round 3, past the 10 s reply_timeout, then exits;
-    # client 0 sends NaN predictions in round 5.
+    # client 0 sends NaN predictions in round 5. Flower's one-message delivery: a hang holds up
+    # no other party (batched, it holds up the parties batched with it on its actor).
     faults = ("federation.faults=[{client: 1, round: 2, kind: crash}, {client: 2, round: 3, "
               "kind: hang, seconds: 11}, {client: 0, round: 5, kind: nan}]")
-    sets = ["train.epochs=1", *EXACT_SETS, faults]
+    sets = ["train.epochs=1", *EXACT_SETS, faults, "simulation.batch_messages=false"]
     run = tmp_path / "faults"
     proc = ok(liquid_fed("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
                          "--out", str(run), "--quiet"))
@@ -365,6 +366,25 @@ def test_faults_of_every_kind_through_flower_on_ray(tmp_path: Path) -> None:
     assert parties[0]["absent"] == {"bad_reply": 1}
     assert "'pred'[0, 0] is nan" in parties[0]["last_reason"]
     assert parties[3]["absent"] == {}
+    losses = load_checkpoint(run, 4).server["train_losses"]
+    np.testing.assert_allclose(losses, _twin_losses(sets), rtol=0, atol=1e-6)
+
+
+def test_a_crash_in_a_batch_costs_only_its_own_party(tmp_path: Path) -> None:
+    # Batched delivery (the default): client 1's process exits in round 2 in the middle of
+    # its actor's batch; the batch goes again message by message, so its batch-mates answer
+    # that round, and the losses are the twin's with client 1 (and client 0's NaN) absent.
+    faults = ("federation.faults=[{client: 1, round: 2, kind: crash}, "
+              "{client: 0, round: 5, kind: nan}]")
+    sets = ["train.epochs=1", *EXACT_SETS, faults]
+    run = tmp_path / "batched"
+    ok(liquid_fed("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+                  "--out", str(run), "--quiet"))
+    result = summary(run)
+    assert result["engine"]["batched"] is True
+    parties = {p["client"]: p for p in result["parties"]}
+    assert [parties[k]["absent"] for k in range(4)] == [{"bad_reply": 1}, {"error": 1}, {}, {}], \
+        result["parties"]
     losses = load_checkpoint(run, 4).server["train_losses"]
     np.testing.assert_allclose(losses, _twin_losses(sets), rtol=0, atol=1e-6)
 

@@ -218,7 +218,8 @@ def test_worker_restarts_when_the_app_bundle_changes(tmp_path: Path) -> None:
             assert runner.proc.wait(timeout=300) == 0, runner.tail(25)
             runner.wait_closed(5)
             run_id = runner.find(re.compile(r"Successfully started run (\d+)"))[0][1].group(1)
-            assert run_status(dep, run_id)["status"] == "finished:completed"
+            assert run_status(dep, run_id)["status"] == "finished:completed", (
+                runner.tail(40), [node.tail(40) for node in dep.nodes])
             assert (tmp_path / "runs" / f"v{variant}" / "summary.json").is_file()
         dep.check_nodes()  # the restarted workers kept their SuperNodes up
         logs = [node.tail(100000) for node in dep.nodes]

@@ -1,0 +1,232 @@
+"""Batched delivery: one Ray call per actor per exchange instead of one per client.
+
+Flower's simulation runtime (flwr 1.41.0, ``vce_api.worker``) hands the client actors one
+message at a time: each worker thread takes a message, ships it with its node's whole
+``Context`` to an idle actor (``RayBackend.process_message``), waits for the reply and the
+updated ``Context``, and only then takes the next. At 64 clients on 2 actors a round is 32
+sequential Ray round trips per actor for each exchange, and the actors sat idle 60 % of a
+round waiting for them (``benchmarks/bench_federation.py``).
+
+Here the dispatch loop (:func:`simulations.engine.make_dispatch_loop`) puts what one pass took
+into the queue as one list per worker thread, and :func:`make_worker` sends a list to its actor
+in one call (:meth:`BatchClientAppActor.run_batch`), which runs Flower's ``ClientApp`` on each
+message with its node's ``Context``, exactly as Flower's actor does, and streams back each reply
+and updated ``Context`` as it is done. Nothing else changes: contexts still live in the
+runtime's node stores and travel with each message, so an actor that dies loses nothing.
+
+Failure handling keeps Flower's per-message outcome for errors and crashes:
+
+* a ``ClientApp`` that raises answers that message with Flower's error reply; the rest of the
+  batch goes on;
+* when the actor's process dies during a batch, the replies that arrived stand, and the
+  messages it had not finished go one at a time through Flower's own ``process_message``
+  (with Ray's one retry on the restarted actor), the one it died on last: a crashing client
+  fails alone and the others answer.
+
+What batching does change: a client that *hangs* holds up the messages behind it in its
+batch for as long as it hangs (Flower's one-message delivery would hand them to the other
+actors). ``simulation.batch_messages: false`` restores Flower's delivery.
+
+A batch never holds two messages for one node (the second would need the first's updated
+``Context``): it is cut into parts with distinct nodes, delivered in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from queue import Empty, Queue
+from typing import Any
+from uuid import uuid4
+
+import ray
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+from flwr.common.constant import ErrorCode
+from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
+
+log = logging.getLogger(__name__)
+
+
+class Batching:
+    """What the dispatch loop and the workers share: how many workers take batches now."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.workers = 0
+
+    def split(self, messages: Sequence[Any]) -> list[list[Any]]:
+        """``messages`` as one contiguous list per worker (sizes differ by at most one)."""
+        n = max(1, min(self.workers, len(messages)))
+        size, extra = divmod(len(messages), n)
+        groups, start = [], 0
+        for g in range(n):
+            end = start + size + (g < extra)
+            groups.append(list(messages[start:end]))
+            start = end
+        return groups
+
+
+def error_reply(message: Message, ex: BaseException) -> Message:
+    """Flower's reply to a message whose ``ClientApp`` failed (as ``vce_api.worker`` builds
+    it)."""
+    if isinstance(ex, ClientAppException):
+        code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    elif isinstance(ex, LoadClientAppError):
+        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+    else:
+        code = ErrorCode.UNKNOWN
+    return Message(Error(code=code, reason=f"{type(ex)}:<'{ex}'>"), reply_to=message)
+
+
+class BatchClientAppActor(VirtualClientEngineActor):
+    """Flower's ``ClientAppActor`` with :meth:`run_batch` (the class name keeps its suffix:
+    a run's summary finds its client actors by it)."""
+
+    def __init__(self, on_actor_init_fn: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        if on_actor_init_fn:
+            on_actor_init_fn()
+
+    def run_batch(self, client_app_fn: Callable[[], Any], messages: Sequence[Message],
+                  contexts: Sequence[Any]) -> Iterator[tuple[Any, Any]]:
+        """Run the ``ClientApp`` on each message with its context, yielding (a streaming
+        generator: each result reaches the driver as it is done) the reply and the updated
+        context, or ``(exception, None)`` where the app failed (Flower's ``run`` raises)."""
+        try:
+            app = client_app_fn()
+        except LoadClientAppError as ex:
+            for _ in messages:
+                yield ex, None
+            return
+        for message, context in zip(messages, contexts, strict=True):
+            try:
+                reply = app(message=message, context=context)
+            except Exception as ex:  # noqa: BLE001 - answered as Flower's run would raise it
+                yield ClientAppException(str(ex)), None
+            else:
+                yield reply, context
+
+
+#: The Ray actor class the patched backend builds its pool from.
+RemoteBatchActor = ray.remote(BatchClientAppActor)
+
+
+def distinct_nodes(batch: Sequence[Message]) -> list[list[Message]]:
+    """``batch`` cut, in order, into parts where no node has two messages."""
+    parts: list[list[Message]] = [[]]
+    seen: set[int] = set()
+    for message in batch:
+        node = message.metadata.dst_node_id
+        if node in seen:
+            parts.append([])
+            seen = set()
+        parts[-1].append(message)
+        seen.add(node)
+    return [part for part in parts if part]
+
+
+def run_one(backend: Any, message: Message, context: Any) -> tuple[Message, Any]:
+    """One message through Flower's own ``process_message``; a failure is Flower's error
+    reply (and no new context)."""
+    try:
+        return backend.process_message(message, context)
+    except Exception as ex:  # noqa: BLE001 - reported as an error reply, as Flower does
+        log.error("a ClientApp failed on a message to node %s: %s",
+                  message.metadata.dst_node_id, ex)
+        return error_reply(message, ex), None
+
+
+def run_batch(backend: Any, messages: Sequence[Message], contexts: Sequence[Any],
+              done: list[tuple[Message, Any]]) -> None:
+    """``messages`` through one actor in one call, appending each result to ``done`` as it
+    arrives; raises when the call failed, ``done`` then holding what finished before."""
+    pool = backend.pool
+    # No retry of the whole batch on a restarted actor (the actor's own option): what did not
+    # finish goes message by message at once (deliver), each with Flower's retry.
+    future = pool.submit(
+        lambda a, fn, msgs, _cid, ctxs: a.run_batch.options(
+            num_returns="streaming", max_task_retries=0).remote(fn, msgs, ctxs),
+        (backend.app_fn, list(messages), "batch", list(contexts)))
+    try:
+        for message, ref in zip(messages, future, strict=False):
+            reply, context = ray.get(ref)
+            if isinstance(reply, BaseException):
+                log.error("a ClientApp failed on a message to node %s: %s",
+                          message.metadata.dst_node_id, reply)
+                reply = error_reply(message, reply)
+            done.append((reply, context))
+    finally:
+        pool.add_actor_back_to_pool(future)
+    if len(done) != len(messages):
+        raise RuntimeError(f"the actor returned {len(done)} results for {len(messages)} "
+                           "messages")
+
+
+def deliver(batch: Sequence[Message], replies: Queue, node_info_store: dict[int, Any],
+            backend: Any, metrics: Any) -> None:
+    """Process ``batch`` (distinct nodes) and queue its replies, updating each node's
+    context."""
+    started = time.perf_counter()
+    try:
+        contexts = [node_info_store[m.metadata.dst_node_id].retrieve_context(
+            run_id=m.metadata.run_id) for m in batch]
+    except Exception as ex:  # noqa: BLE001 - each message answered, as Flower's worker does
+        for message in batch:
+            replies.put(_stamped(error_reply(message, ex)))
+        return
+    done: list[tuple[Message, Any]] = []
+    if len(batch) > 1:
+        try:
+            run_batch(backend, batch, contexts, done)
+        except Exception as ex:  # noqa: BLE001 - the rest get their own chance below
+            log.warning("a batch of %d messages failed after %d (%s: %s); delivering the rest "
+                        "one by one", len(batch), len(done), type(ex).__name__, ex)
+    share = (time.perf_counter() - started) / len(batch)
+
+    def answer(message: Message, reply: Message, context: Any) -> None:
+        metrics.add_clientapp_runtime(share)
+        if context is not None:
+            node_info_store[message.metadata.dst_node_id].update_context(
+                message.metadata.run_id, context=context)
+        replies.put(_stamped(reply))
+
+    for message, (reply, context) in zip(batch, done, strict=False):
+        answer(message, reply, context)
+    rest = list(zip(batch, contexts, strict=True))[len(done):]
+    # The message the batch died on goes last: the others need not wait for its retry.
+    for message, context in rest[1:] + rest[:1]:
+        answer(message, *run_one(backend, message, context))
+
+
+def _stamped(reply: Message) -> Message:
+    reply.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's worker assigns it
+    return reply
+
+
+def make_worker(batching: Batching) -> Callable[..., None]:
+    """A worker thread for Flower's runtime (``vce_api.worker``'s signature) that takes a
+    message or a list of them from the queue and delivers lists in one call per part."""
+
+    def worker(messageins_queue: Queue, messageres_queue: Queue,
+               node_info_store: dict[int, Any], backend: Any, f_stop: threading.Event,
+               metrics: Any) -> None:
+        with batching.lock:
+            batching.workers += 1
+        try:
+            while not f_stop.is_set():
+                try:
+                    item = messageins_queue.get(timeout=1.0)
+                except Empty:
+                    continue
+                for part in distinct_nodes(item if isinstance(item, list) else [item]):
+                    deliver(part, messageres_queue, node_info_store, backend, metrics)
+        finally:
+            with batching.lock:
+                batching.workers -= 1
+
+    worker._liquid_fed_patch = True  # type: ignore[attr-defined]
+    return worker
