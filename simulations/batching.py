@@ -7,21 +7,26 @@ updated ``Context``, and only then takes the next. At 64 clients on 2 actors a r
 sequential Ray round trips per actor for each exchange, and the actors sat idle 60 % of a
 round waiting for them (``benchmarks/bench_federation.py``).
 
-Here the dispatch loop (:func:`simulations.engine.make_dispatch_loop`) puts what one pass took
-into the queue as one list per worker thread, and :func:`make_worker` sends a list to its actor
-in one call (:meth:`BatchClientAppActor.run_batch`), which runs Flower's ``ClientApp`` on each
-message with its node's ``Context``, exactly as Flower's actor does, and streams back each reply
-and updated ``Context`` as it is done. Nothing else changes: contexts still live in the
-runtime's node stores and travel with each message, so an actor that dies loses nothing.
+Here each worker thread owns one actor, and the dispatch loop
+(:func:`simulations.engine.make_dispatch_loop`) routes what one pass took to the workers' own
+queues, one list per worker, each node to the same worker (and actor) every round, so an actor
+keeps its clients' live experts and never rebuilds another actor's (:class:`Batching`). A
+worker sends a list to its actor in one call (:meth:`BatchClientAppActor.run_batch`), which
+runs Flower's ``ClientApp`` on each message with its node's ``Context``, exactly as Flower's
+actor does, and streams back each reply and updated ``Context`` as it is done. Nothing else
+changes: contexts still live in the runtime's node stores and travel with each message, so an
+actor that dies loses nothing.
 
 Failure handling keeps Flower's per-message outcome for errors and crashes:
 
 * a ``ClientApp`` that raises answers that message with Flower's error reply; the rest of the
   batch goes on;
 * when the actor's process dies during a batch, the replies that arrived stand, and the
-  messages it had not finished go one at a time through Flower's own ``process_message``
-  (with Ray's one retry on the restarted actor), the one it died on last: a crashing client
-  fails alone and the others answer.
+  messages it had not finished go one at a time through Flower's own actor method
+  (``ClientAppActor.run``) to the next actor, so they need not wait for the restart; the one
+  it died on goes last, to its own restarted actor, without a further retry (the batch was
+  its first try: Flower's one retry in all): a crashing client fails alone and the others
+  answer.
 
 What batching does change: a client that *hangs* holds up the messages behind it in its
 batch for as long as it hangs (Flower's one-message delivery would hand them to the other
@@ -45,29 +50,56 @@ import ray
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import PARTITION_ID_KEY, ErrorCode
 from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 
 log = logging.getLogger(__name__)
 
 
 class Batching:
-    """What the dispatch loop and the workers share: how many workers take batches now."""
+    """What the dispatch loop and the workers share: one queue per worker, and the actor each
+    worker owns (worker ``w`` sends everything it gets to actor ``w``)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.queues: list[Queue] = []
+        self.actors: list[Any] = []
+        self.expected = 0
         self.workers = 0
 
-    def split(self, messages: Sequence[Any]) -> list[list[Any]]:
-        """``messages`` as one contiguous list per worker (sizes differ by at most one)."""
-        n = max(1, min(self.workers, len(messages)))
-        size, extra = divmod(len(messages), n)
-        groups, start = [], 0
-        for g in range(n):
-            end = start + size + (g < extra)
-            groups.append(list(messages[start:end]))
-            start = end
-        return groups
+    def register(self, backend: Any) -> tuple[Queue, Any]:
+        """A starting worker's queue and actor (Flower starts one worker per actor, after
+        building the pool, none of them busy yet)."""
+        with self.lock:
+            if not self.actors:
+                self.actors = list(backend.pool.pool)
+                self.expected = backend.num_workers
+            w = len(self.queues)
+            if w >= len(self.actors):
+                raise RuntimeError(f"worker {w + 1} of a pool of {len(self.actors)} actors")
+            self.queues.append(Queue())
+            self.workers += 1
+            return self.queues[w], self.actors[w]
+
+    def spare(self, actor: Any) -> Any:
+        """The actor after ``actor`` in the pool (``actor`` itself when it is alone)."""
+        return self.actors[(self.actors.index(actor) + 1) % len(self.actors)]
+
+    def ready(self) -> bool:
+        """Whether every worker has its queue (before that the dispatch loop takes nothing)."""
+        return self.expected > 0 and len(self.queues) >= self.expected
+
+    def route(self, messages: Sequence[Any], partitions: dict[int, int]) -> None:
+        """Put ``messages`` into the workers' queues, one list per worker, in order: a node
+        always goes to the same worker (and so to the same actor, which keeps its client's
+        live expert between rounds): partition ``p`` of ``K`` to worker ``p * n // K``."""
+        n, k = len(self.queues), max(len(partitions), 1)
+        groups: dict[int, list[Any]] = {}
+        for message in messages:
+            part = partitions.get(message.metadata.dst_node_id, 0)
+            groups.setdefault(min(part * n // k, n - 1), []).append(message)
+        for w in sorted(groups):
+            self.queues[w].put(groups[w])
 
 
 def error_reply(message: Message, ex: BaseException) -> Message:
@@ -129,47 +161,48 @@ def distinct_nodes(batch: Sequence[Message]) -> list[list[Message]]:
     return [part for part in parts if part]
 
 
-def run_one(backend: Any, message: Message, context: Any) -> tuple[Message, Any]:
-    """One message through Flower's own ``process_message``; a failure is Flower's error
-    reply (and no new context)."""
+def run_one(backend: Any, actor: Any, message: Message, context: Any, retry: bool = True
+            ) -> tuple[Message, Any]:
+    """One message through Flower's own actor method (``ClientAppActor.run``, with Ray's one
+    retry on a restarted actor unless ``retry`` is false); a failure is Flower's error reply
+    (and no new context)."""
     try:
-        return backend.process_message(message, context)
+        cid = str(context.node_config.get(PARTITION_ID_KEY, ""))
+        method = actor.run if retry else actor.run.options(max_task_retries=0)
+        _, reply, context = ray.get(method.remote(backend.app_fn, message, cid, context))
+        return reply, context
     except Exception as ex:  # noqa: BLE001 - reported as an error reply, as Flower does
         log.error("a ClientApp failed on a message to node %s: %s",
                   message.metadata.dst_node_id, ex)
         return error_reply(message, ex), None
 
 
-def run_batch(backend: Any, messages: Sequence[Message], contexts: Sequence[Any],
+def run_batch(backend: Any, actor: Any, messages: Sequence[Message], contexts: Sequence[Any],
               done: list[tuple[Message, Any]]) -> None:
-    """``messages`` through one actor in one call, appending each result to ``done`` as it
+    """``messages`` through ``actor`` in one call, appending each result to ``done`` as it
     arrives; raises when the call failed, ``done`` then holding what finished before."""
-    pool = backend.pool
     # No retry of the whole batch on a restarted actor (the actor's own option): what did not
-    # finish goes message by message at once (deliver), each with Flower's retry.
-    future = pool.submit(
-        lambda a, fn, msgs, _cid, ctxs: a.run_batch.options(
-            num_returns="streaming", max_task_retries=0).remote(fn, msgs, ctxs),
-        (backend.app_fn, list(messages), "batch", list(contexts)))
-    try:
-        for message, ref in zip(messages, future, strict=False):
-            reply, context = ray.get(ref)
-            if isinstance(reply, BaseException):
-                log.error("a ClientApp failed on a message to node %s: %s",
-                          message.metadata.dst_node_id, reply)
-                reply = error_reply(message, reply)
-            done.append((reply, context))
-    finally:
-        pool.add_actor_back_to_pool(future)
+    # finish goes message by message at once (deliver), each with Ray's one retry.
+    stream = actor.run_batch.options(num_returns="streaming", max_task_retries=0).remote(
+        backend.app_fn, list(messages), list(contexts))
+    for message, ref in zip(messages, stream, strict=False):
+        reply, context = ray.get(ref)
+        if isinstance(reply, BaseException):
+            log.error("a ClientApp failed on a message to node %s: %s",
+                      message.metadata.dst_node_id, reply)
+            reply = error_reply(message, reply)
+        done.append((reply, context))
     if len(done) != len(messages):
         raise RuntimeError(f"the actor returned {len(done)} results for {len(messages)} "
                            "messages")
 
 
 def deliver(batch: Sequence[Message], replies: Queue, node_info_store: dict[int, Any],
-            backend: Any, metrics: Any) -> None:
-    """Process ``batch`` (distinct nodes) and queue its replies, updating each node's
-    context."""
+            backend: Any, actor: Any, metrics: Any, spare: Any = None) -> None:
+    """Process ``batch`` (distinct nodes) on ``actor`` and queue its replies, updating each
+    node's context. If ``actor`` dies during the batch, the messages it had not finished go
+    one by one to ``spare`` (another actor: this one is restarting), the one it died on last
+    and to ``actor`` again (its second try: Flower's one retry)."""
     started = time.perf_counter()
     try:
         contexts = [node_info_store[m.metadata.dst_node_id].retrieve_context(
@@ -181,7 +214,7 @@ def deliver(batch: Sequence[Message], replies: Queue, node_info_store: dict[int,
     done: list[tuple[Message, Any]] = []
     if len(batch) > 1:
         try:
-            run_batch(backend, batch, contexts, done)
+            run_batch(backend, actor, batch, contexts, done)
         except Exception as ex:  # noqa: BLE001 - the rest get their own chance below
             log.warning("a batch of %d messages failed after %d (%s: %s); delivering the rest "
                         "one by one", len(batch), len(done), type(ex).__name__, ex)
@@ -197,9 +230,14 @@ def deliver(batch: Sequence[Message], replies: Queue, node_info_store: dict[int,
     for message, (reply, context) in zip(batch, done, strict=False):
         answer(message, reply, context)
     rest = list(zip(batch, contexts, strict=True))[len(done):]
-    # The message the batch died on goes last: the others need not wait for its retry.
-    for message, context in rest[1:] + rest[:1]:
-        answer(message, *run_one(backend, message, context))
+    if not rest:
+        return
+    # The others need not wait for the restart, nor for the retry of the one it died on.
+    for message, context in rest[1:]:
+        answer(message, *run_one(backend, spare if spare is not None else actor, message,
+                                 context))
+    message, context = rest[0]
+    answer(message, *run_one(backend, actor, message, context, retry=len(batch) == 1))
 
 
 def _stamped(reply: Message) -> Message:
@@ -208,22 +246,23 @@ def _stamped(reply: Message) -> Message:
 
 
 def make_worker(batching: Batching) -> Callable[..., None]:
-    """A worker thread for Flower's runtime (``vce_api.worker``'s signature) that takes a
-    message or a list of them from the queue and delivers lists in one call per part."""
+    """A worker thread for Flower's runtime (``vce_api.worker``'s signature) that owns one
+    actor and delivers the lists the dispatch loop routes to it, one call per part."""
 
     def worker(messageins_queue: Queue, messageres_queue: Queue,
                node_info_store: dict[int, Any], backend: Any, f_stop: threading.Event,
                metrics: Any) -> None:
-        with batching.lock:
-            batching.workers += 1
+        queue, actor = batching.register(backend)
         try:
             while not f_stop.is_set():
                 try:
-                    item = messageins_queue.get(timeout=1.0)
+                    batch = queue.get(timeout=1.0)
                 except Empty:
                     continue
-                for part in distinct_nodes(item if isinstance(item, list) else [item]):
-                    deliver(part, messageres_queue, node_info_store, backend, metrics)
+                spare = batching.spare(actor)
+                for part in distinct_nodes(batch):
+                    deliver(part, messageres_queue, node_info_store, backend, actor, metrics,
+                            spare)
         finally:
             with batching.lock:
                 batching.workers -= 1

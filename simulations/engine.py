@@ -41,10 +41,10 @@ SOURCE_SHA256 = {
     # Not replaced but imitated for all nodes at once by the dispatch loop's one-pass take.
     "get_message_ins": "6547c8dcbc62e12f5b2aa5c69f4de8c7c7072c10d6c0876512cf37197d941056",
     # Batched delivery (simulations/batching.py): the worker threads it replaces, the backend
-    # methods whose actor pool and calls it uses the same way.
+    # build whose actor pool it takes over, the actor method it calls for single messages.
     "worker": "60f308688ba34fb5bc942ac68c1d97be61b2010e8d4c3983833f646c5c038157",
     "build": "6a0c387457a6dbc1b35091762c24afdd2c3453fe09eeceeb7e966136f832ddc0",
-    "process_message": "32a5db14180222d31bb6d622529f0cccab652d4f6c35fd137560240da84010b7",
+    "run": "a87502a00b99224d9733ec81e909efa1c07c616242b47c692d366015393ad194",
 }
 
 
@@ -139,7 +139,8 @@ def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005, batching: Any 
     (:func:`server.app.push_event`), and otherwise (a state without the event) polls after
     ``min_wait``, doubling to ``max_wait`` while idle. With ``batching`` (a
     :class:`simulations.batching.Batching` whose workers are installed) what one pass took
-    goes into the queue as one list per worker."""
+    goes to the workers' own queues, one list per worker, each node to the same worker
+    every time."""
 
     def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any,
                               f_stop: threading.Event) -> None:
@@ -148,15 +149,17 @@ def make_dispatch_loop(max_wait: float, min_wait: float = 0.0005, batching: Any 
         pushed = push_event(state)  # set after each whole push of the server's
         wait = min_wait
         while not f_stop.is_set():
+            if batching is not None and not batching.ready():
+                f_stop.wait(min_wait)  # the workers are starting: nowhere to put messages yet
+                continue
             if pushed is not None:
                 pushed.clear()  # before the take: a push after it sets the event again
             taken = take_all_undelivered(state, nodes_mapping)
             if taken is None:
                 taken = [msg for node_id in nodes_mapping.keys()
                          for msg in state.get_message_ins(node_id=node_id, limit=1)]
-            if batching is not None and taken:
-                for group in batching.split(taken):
-                    queue.put(group)
+            if batching is not None:
+                batching.route(taken, nodes_mapping)
             else:
                 for msg in taken:
                     queue.put(msg)
@@ -197,10 +200,11 @@ def install_batching(vce_api: Any) -> Any:
     :class:`~simulations.batching.Batching`, or None (Flower's kept) when a function they
     stand in for or rely on changed."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 
     if (guarded_original(vce_api, "worker") is None
             or guarded_original(raybackend.RayBackend, "build") is None
-            or guarded_original(raybackend.RayBackend, "process_message") is None):
+            or guarded_original(VirtualClientEngineActor, "run") is None):
         return None
     from simulations import batching
 

@@ -9,6 +9,7 @@ against the centralized twin, and the same run with Flower's one-message deliver
 
 from __future__ import annotations
 
+import copy
 import time
 from queue import Queue
 from types import SimpleNamespace
@@ -39,82 +40,111 @@ class _App:
         return Message(reply, reply_to=message)
 
 
-class _Pool:
-    """Flower's actor-pool calls the batch path uses; the "actor" runs the real
-    ``run_batch`` generator, and with ``die_after`` its process dies after that many
-    results."""
+class _Context(dict):
+    """A node's Context: its state (this dict) and its node config."""
 
-    def __init__(self, die_after: int | None) -> None:
-        self.die_after, self.batches, self.out = die_after, 0, 0
+    def __init__(self, node: int) -> None:
+        super().__init__()
+        self.node_config = {"partition-id": node}
 
-    def submit(self, fn, job):
-        app_fn, msgs, _, ctxs = job
-        self.out += 1
+
+class _Method:
+    """An actor method: ``.remote(...)`` runs it at once; the options of each call are kept
+    (``{}`` for none)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls, self._next = fn, [], {}
+
+    def options(self, **options):
+        self._next = options
+        return self
+
+    def remote(self, *args):
+        self.calls.append(self._next)
+        self._next = {}
+        return self.fn(*args)
+
+
+class _Actor:
+    """Flower's actor methods the batch path calls, running the real ``run_batch`` generator
+    on copies of the contexts (as through Ray); with ``die_after`` its process dies after that
+    many results of a batch. Counts batches and single messages."""
+
+    def __init__(self, die_after: int | None = None) -> None:
+        self.die_after, self.batches, self.singles = die_after, 0, []
+        self.run_batch, self.run = _Method(self._batch), _Method(self._run)
+
+    def _batch(self, app_fn, msgs, ctxs):
         self.batches += 1
-        ctxs = [dict(c) for c in ctxs]  # the actor has its own copies, as through Ray
-        return self._stream(BatchClientAppActor.run_batch(None, app_fn, msgs, ctxs))
-
-    def _stream(self, results):
-        for i, result in enumerate(results):
+        ctxs = [copy.deepcopy(c) for c in ctxs]
+        for i, result in enumerate(BatchClientAppActor.run_batch(None, app_fn, msgs, ctxs)):
             if i == self.die_after:
                 raise RuntimeError("The actor died unexpectedly before finishing this task.")
             yield result
 
-    def add_actor_back_to_pool(self, future) -> None:
-        self.out -= 1
-
-
-class _Backend:
-    def __init__(self, die_after: int | None = None) -> None:
-        self.pool = _Pool(die_after)
-        self.app_fn = _App
-        self.singles: list[int] = []
-
-    def process_message(self, message: Message, context: dict):
-        self.singles.append(message.metadata.dst_node_id)
-        if message.metadata.dst_node_id == 13:
+    def _run(self, app_fn, message, cid, context):
+        node = message.metadata.dst_node_id
+        self.singles.append(node)
+        assert cid == str(node)  # Flower's client id: the partition
+        if node == 13:
             raise RuntimeError("ClientApp raised")
-        return next(BatchClientAppActor.run_batch(None, self.app_fn, [message], [dict(context)]))
+        reply, ctx = next(BatchClientAppActor.run_batch(None, app_fn, [message],
+                                                        [copy.deepcopy(context)]))
+        return cid, reply, ctx
 
 
 @pytest.fixture(autouse=True)
 def _refs_are_values(monkeypatch):
-    """The stand-in actor streams values, not object references."""
+    """The stand-in actor returns values, not object references."""
     from simulations import batching
 
     monkeypatch.setattr(batching, "ray", SimpleNamespace(get=lambda ref: ref))
 
 
 class _Store:
-    def __init__(self) -> None:
-        self.contexts: dict = {}
+    def __init__(self, node: int) -> None:
+        self.contexts = _Context(node)
 
-    def retrieve_context(self, run_id: int) -> dict:
-        return dict(self.contexts)
+    def retrieve_context(self, run_id: int) -> _Context:
+        return copy.deepcopy(self.contexts)
 
-    def update_context(self, run_id: int, context: dict) -> None:
+    def update_context(self, run_id: int, context: _Context) -> None:
         self.contexts = context
 
 
-def _deliver(nodes, backend):
-    stores = {n: _Store() for n in nodes}
+def _backend(*actors: _Actor):
+    return SimpleNamespace(app_fn=_App, pool=SimpleNamespace(pool=list(actors)),
+                           num_workers=len(actors))
+
+
+def _deliver(nodes, actor, spare=None):
+    stores = {n: _Store(n) for n in nodes}
     replies: Queue = Queue()
     metrics = SimpleNamespace(runtime=0.0)
     metrics.add_clientapp_runtime = lambda s: setattr(metrics, "runtime", metrics.runtime + s)
-    deliver([_message(n) for n in nodes], replies, stores, backend, metrics)
+    deliver([_message(n) for n in nodes], replies, stores, _backend(actor), actor, metrics,
+            spare)
     out = [replies.get_nowait() for _ in nodes]
-    assert replies.empty() and backend.pool.out == 0  # every actor back in the pool
+    assert replies.empty() and metrics.runtime > 0
     return out, stores
 
 
-def test_split_gives_each_worker_a_contiguous_share() -> None:
+def test_route_sends_each_node_to_the_same_worker_every_time() -> None:
     batching = Batching()
-    assert batching.split([1, 2, 3]) == [[1, 2, 3]]  # no worker yet: one list
-    batching.workers = 2
-    assert batching.split([1, 2, 3, 4, 5]) == [[1, 2, 3], [4, 5]]
-    assert batching.split([1]) == [[1]]
-    batching.workers = 4
-    assert batching.split(list(range(6))) == [[0, 1], [2, 3], [4], [5]]
+    actors = [_Actor(), _Actor()]
+    backend = _backend(*actors)
+    assert not batching.ready()
+    (q0, a0), (q1, a1) = batching.register(backend), batching.register(backend)
+    assert batching.ready() and (a0, a1) == (actors[0], actors[1])
+    with pytest.raises(RuntimeError, match="worker 3 of a pool of 2 actors"):
+        batching.register(backend)
+    partitions = {100 + p: p for p in range(5)}  # node id -> partition id
+    batching.route([_message(100 + p) for p in (4, 0, 3, 1)], partitions)
+    got = [[m.metadata.dst_node_id for m in q.get_nowait()] for q in (q0, q1)]
+    assert got == [[100, 101], [104, 103]]  # partitions 0-2 -> worker 0, 3-4 -> 1; in order
+    assert batching.spare(a0) is a1 and batching.spare(a1) is a0
+    batching.route([_message(103)], partitions)  # alone, partition 3 still goes to worker 1
+    assert q0.empty() and [m.metadata.dst_node_id for m in q1.get_nowait()] == [103]
 
 
 def test_a_node_twice_in_a_batch_waits_for_its_first_message() -> None:
@@ -123,20 +153,21 @@ def test_a_node_twice_in_a_batch_waits_for_its_first_message() -> None:
 
 
 def test_a_batch_is_one_call_and_every_node_gets_its_reply_and_context() -> None:
-    backend = _Backend()
-    out, stores = _deliver([4, 5, 6], backend)
-    assert backend.pool.batches == 1 and backend.singles == []
+    actor = _Actor()
+    out, stores = _deliver([4, 5, 6], actor)
+    assert actor.batches == 1 and actor.singles == []
     for node, reply in zip([4, 5, 6], out, strict=True):
         assert reply.metadata.reply_to_message_id is not None
         assert reply.content["c"]["echo"] == f"to {node}"
         assert stores[node].contexts == {"calls": 1}
+        assert stores[node].contexts.node_config == {"partition-id": node}
     assert len({r.metadata.message_id for r in out}) == 3  # each stamped with its own id
 
 
 def test_a_client_app_that_raises_answers_its_message_alone() -> None:
-    backend = _Backend()
-    out, stores = _deliver([4, 13, 6], backend)
-    assert backend.pool.batches == 1 and backend.singles == []
+    actor = _Actor()
+    out, stores = _deliver([4, 13, 6], actor)
+    assert actor.batches == 1 and actor.singles == []
     assert out[1].has_error()
     assert out[1].error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert "unlucky node" in out[1].error.reason
@@ -146,10 +177,10 @@ def test_a_client_app_that_raises_answers_its_message_alone() -> None:
 
 
 def test_a_batch_whose_actor_died_keeps_what_arrived_and_sends_the_rest_alone() -> None:
-    backend = _Backend(die_after=1)  # the process dies on node 13's message
-    out, stores = _deliver([4, 13, 6, 7], backend)
-    assert backend.pool.batches == 1
-    assert backend.singles == [6, 7, 13]  # node 4 answered in the batch; 13, suspect, last
+    actor = _Actor(die_after=1)  # the process dies on node 13's message
+    out, stores = _deliver([4, 13, 6, 7], actor)
+    assert actor.batches == 1
+    assert actor.singles == [6, 7, 13]  # node 4 answered in the batch; 13, suspect, last
     assert [r.has_error() for r in out] == [False, False, False, True]
     assert [r.content["c"]["echo"] for r in out[:3]] == ["to 4", "to 6", "to 7"]
     assert "ClientApp raised" in out[3].error.reason
@@ -157,41 +188,62 @@ def test_a_batch_whose_actor_died_keeps_what_arrived_and_sends_the_rest_alone() 
     assert stores[13].contexts == {}
 
 
+def test_the_rest_of_a_dead_batch_goes_to_the_spare_actor_and_the_suspect_home() -> None:
+    actor, spare = _Actor(die_after=1), _Actor()
+    out, stores = _deliver([4, 13, 6, 7], actor, spare)
+    assert (actor.batches, actor.singles, spare.singles) == (1, [13], [6, 7])
+    assert actor.run.calls == [{"max_task_retries": 0}]  # its batch was its first try
+    assert spare.run.calls == [{}, {}]  # Flower's own call, with the actor's one retry
+    assert actor.run_batch.calls == [{"num_returns": "streaming", "max_task_retries": 0}]
+    assert [r.has_error() for r in out] == [False, False, False, True]
+    assert all(stores[n].contexts == {"calls": 1} for n in (4, 6, 7))
+
+
 def test_a_batch_that_dies_at_once_goes_message_by_message() -> None:
-    backend = _Backend(die_after=0)
-    out, stores = _deliver([4, 6], backend)
-    assert backend.singles == [6, 4]
+    actor = _Actor(die_after=0)
+    out, stores = _deliver([4, 6], actor)
+    assert actor.singles == [6, 4]
     assert [r.content["c"]["echo"] for r in out] == ["to 6", "to 4"]
     assert stores[4].contexts == stores[6].contexts == {"calls": 1}
 
 
 def test_a_lone_message_takes_flowers_own_path() -> None:
-    backend = _Backend()
-    out, stores = _deliver([4], backend)
-    assert backend.pool.batches == 0 and backend.singles == [4]
+    actor = _Actor()
+    out, stores = _deliver([4], actor)
+    assert actor.batches == 0 and actor.singles == [4]
+    assert actor.run.calls == [{}]  # with the actor's own retry, as Flower sends it
     assert out[0].content["c"]["echo"] == "to 4" and stores[4].contexts == {"calls": 1}
 
 
-def test_the_worker_takes_lists_and_single_messages_and_counts_itself() -> None:
+def test_the_worker_delivers_its_queue_on_its_own_actor() -> None:
     import threading
 
-    batching, backend = Batching(), _Backend()
-    ins, outs, stop = Queue(), Queue(), threading.Event()
-    stores = {n: _Store() for n in (1, 2, 3)}
+    batching, actors = Batching(), [_Actor(), _Actor()]
+    backend = _backend(*actors)
+    outs, stop = Queue(), threading.Event()
+    stores = {n: _Store(n) for n in (1, 2, 3)}
     metrics = SimpleNamespace(add_clientapp_runtime=lambda s: None)
-    worker = threading.Thread(target=make_worker(batching),
-                              args=(ins, outs, stores, backend, stop, metrics))
-    worker.start()
-    ins.put([_message(1), _message(2), _message(1, "again")])
-    ins.put(_message(3))
-    got = [outs.get(timeout=5) for _ in range(4)]
-    assert batching.workers == 1
+    workers = [threading.Thread(target=make_worker(batching),
+                                args=(Queue(), outs, stores, backend, stop, metrics))
+               for _ in actors]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 5
+    while not batching.ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batching.workers == 2
+    batching.queues[1].put([_message(1), _message(2), _message(1, "again")])
+    got = [outs.get(timeout=5) for _ in range(3)]
+    batching.queues[0].put([_message(3)])
+    got.append(outs.get(timeout=5))
     stop.set()
-    worker.join(timeout=5)
-    assert batching.workers == 0 and not worker.is_alive()
+    for worker in workers:
+        worker.join(timeout=5)
+    assert batching.workers == 0 and not any(w.is_alive() for w in workers)
     assert [r.content["c"]["echo"] for r in got] == ["to 1", "to 2", "again", "to 3"]
     assert stores[1].contexts == {"calls": 2}  # the second message saw the first's context
-    assert backend.pool.batches == 1 and backend.singles == [1, 3]
+    assert (actors[1].batches, actors[1].singles) == (1, [1])  # queue 1's worker owns actor 1
+    assert (actors[0].batches, actors[0].singles) == (0, [3])
 
 
 def test_the_actor_class_keeps_flowers_suffix() -> None:

@@ -166,26 +166,31 @@ def test_a_push_wakes_the_idle_dispatch_loop_at_once(monkeypatch) -> None:
     assert not worker.is_alive()
 
 
-def test_a_push_reaches_the_workers_as_one_list_each() -> None:
+def test_a_push_reaches_each_worker_as_one_list() -> None:
     from server.app import push_event
     from simulations.batching import Batching
 
+    class _Msg(SimpleNamespace):
+        def __init__(self, node: int) -> None:
+            super().__init__(metadata=SimpleNamespace(dst_node_id=node))
+
     batching = Batching()
-    batching.workers = 2
+    backend = SimpleNamespace(pool=SimpleNamespace(pool=["actor-0", "actor-1"]), num_workers=2)
+    (q0, _), (q1, _) = batching.register(backend), batching.register(backend)
     state, queue, stop = _StoringState(), Queue(), threading.Event()
     state.pending = {n: [] for n in range(5)}
     for n in range(5):  # a whole push, stored before the loop's first take
-        state.store_message_ins(n, f"m{n}")
+        state.store_message_ins(n, _Msg(n))
     push_event(state).set()
     loop = make_dispatch_loop(max_wait=0.005, batching=batching)
     worker = threading.Thread(target=loop, args=(state, queue, {n: n for n in range(5)}, stop))
     worker.start()
-    got = [queue.get(timeout=3), queue.get(timeout=3)]
+    got = [q0.get(timeout=3), q1.get(timeout=3)]
     stop.set()
     push_event(state).set()
     worker.join(timeout=3)
-    assert got == [["m0", "m1", "m2"], ["m3", "m4"]]  # in order, sizes differ by one at most
-    assert queue.empty()
+    assert [[m.metadata.dst_node_id for m in g] for g in got] == [[0, 1, 2], [3, 4]]
+    assert queue.empty() and q0.empty() and q1.empty()  # Flower's queue is not used
 
 
 def test_the_server_wakes_when_a_reply_lands() -> None:
