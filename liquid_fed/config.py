@@ -106,7 +106,10 @@ class SimulationConfig:
     ``HOST:PORT`` (the GCS address ``ray start --head`` prints) joins that running cluster
     instead, neither starting nor stopping it (``liquid-fed run --ray HOST:PORT`` sets it; see
     :mod:`simulations.simulate`). ``object_store_mb`` then does not apply: the cluster's nodes
-    have their own stores.
+    have their own stores. ``batch_messages``: each Ray actor owns a fixed share of the clients
+    and gets one call per round carrying all their messages (:mod:`simulations.batching`; a
+    client that hangs then holds up the clients after it in that call); false = Flower's one
+    call per message.
     """
 
     num_cpus_per_client: float = 1.0
@@ -116,9 +119,7 @@ class SimulationConfig:
     dispatch_poll: float = 0.005  # longest wait of the engine's dispatch loop; 0 = Flower's 0.1 s
     threads_per_client: int = 1  # torch threads in each client; tiny experts run best on one
     ray_address: str | None = None
-    # One Ray call per actor per exchange (simulations/batching.py); false = Flower's one per
-    # message. Needs the fast dispatch loop (dispatch_poll > 0).
-    batch_messages: bool = True
+    batch_messages: bool = True  # needs the fast dispatch loop (dispatch_poll > 0)
 
     def __post_init__(self) -> None:
         if self.ray_address is not None:
