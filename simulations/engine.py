@@ -1,4 +1,4 @@
-"""Two guarded patches of Flower's simulation engine (flwr 1.41.0).
+"""Guarded patches of Flower's simulation engine (flwr 1.41.0).
 
 1. A faster dispatch loop. Flower moves the server's messages to the Ray actors in
    ``vce_api.add_messages_to_queue``, which checks for new messages every 0.1 s: on average
@@ -6,9 +6,12 @@
    (``benchmarks/bench_federation.py`` measures it). It also asks the LinkState once per node,
    and each ask walks (and re-validates) every stored message: K² checks per poll, which at
    64 clients kept the server's process busy for most of a round and at 256 for seconds.
-   :func:`install_dispatch_loop` swaps in a loop with a short poll that backs off while idle
-   and that takes every undelivered message in one pass over the store (what Flower's
-   ``InMemoryLinkState.get_message_ins`` does for one node, done for all of them at once).
+   :func:`install_dispatch_loop` swaps in a loop that wakes when the server has pushed a
+   round (polling seldom otherwise) and takes every undelivered message in one pass over the
+   store (what Flower's ``InMemoryLinkState.get_message_ins`` does for one node, done for all
+   of them at once). With batching (:func:`install_batching`, :mod:`simulations.batching`) it
+   also replaces Flower's worker threads and client actor class: one Ray call per actor per
+   round instead of one per message.
 2. A watch on the simulation runtime. When ``vce_api.run_api`` fails (the Ray backend cannot be
    built, a thread of the runtime dies), Flower sets its stop event but the ServerApp thread
    keeps waiting for replies until its own timeout. :func:`install_runtime_watch` wraps
