@@ -67,7 +67,6 @@ class Batching:
         self.lock = threading.Lock()
         self.queues: list[Queue] = []
         self.actors: list[Any] = []
-        self.expected = 0
         self.workers = 0
 
     def register(self, backend: Any) -> tuple[Queue, Any]:
@@ -76,7 +75,6 @@ class Batching:
         with self.lock:
             if not self.actors:
                 self.actors = list(backend.pool.pool)
-                self.expected = backend.num_workers
             w = len(self.queues)
             if w >= len(self.actors):
                 raise RuntimeError(f"worker {w + 1} of a pool of {len(self.actors)} actors")
@@ -90,7 +88,7 @@ class Batching:
 
     def ready(self) -> bool:
         """Whether every worker has its queue (before that the dispatch loop takes nothing)."""
-        return self.expected > 0 and len(self.queues) >= self.expected
+        return bool(self.actors) and len(self.queues) >= len(self.actors)
 
     def route(self, messages: Sequence[Any], partitions: dict[int, int]) -> None:
         """Put ``messages`` into the workers' queues, one list per worker, in order: a node
@@ -103,6 +101,13 @@ class Batching:
             groups.setdefault(min(part * n // k, n - 1), []).append(message)
         for w in sorted(groups):
             self.queues[w].put(groups[w])
+
+
+def failed(message: Message, ex: BaseException) -> Message:
+    """Log a ``ClientApp`` failure on ``message`` and return its :func:`error_reply`."""
+    log.error("a ClientApp failed on a message to node %s: %s", message.metadata.dst_node_id,
+              ex)
+    return error_reply(message, ex)
 
 
 def error_reply(message: Message, ex: BaseException) -> Message:
@@ -175,9 +180,7 @@ def run_one(backend: Any, actor: Any, message: Message, context: Any, retry: boo
         _, reply, context = ray.get(method.remote(backend.app_fn, message, cid, context))
         return reply, context
     except Exception as ex:  # noqa: BLE001 - reported as an error reply, as Flower does
-        log.error("a ClientApp failed on a message to node %s: %s",
-                  message.metadata.dst_node_id, ex)
-        return error_reply(message, ex), None
+        return failed(message, ex), None
 
 
 def run_batch(backend: Any, actor: Any, messages: Sequence[Message], contexts: Sequence[Any],
@@ -190,11 +193,8 @@ def run_batch(backend: Any, actor: Any, messages: Sequence[Message], contexts: S
         backend.app_fn, list(messages), list(contexts))
     for message, ref in zip(messages, stream, strict=False):
         reply, context = ray.get(ref)
-        if isinstance(reply, BaseException):
-            log.error("a ClientApp failed on a message to node %s: %s",
-                      message.metadata.dst_node_id, reply)
-            reply = error_reply(message, reply)
-        done.append((reply, context))
+        done.append((failed(message, reply), None) if isinstance(reply, BaseException)
+                    else (reply, context))
     if len(done) != len(messages):
         raise RuntimeError(f"the actor returned {len(done)} results for {len(messages)} "
                            "messages")
@@ -256,13 +256,13 @@ def make_worker(batching: Batching) -> Callable[..., None]:
                node_info_store: dict[int, Any], backend: Any, f_stop: threading.Event,
                metrics: Any) -> None:
         queue, actor = batching.register(backend)
+        spare = batching.spare(actor)  # the pool was taken whole at the first registration
         try:
             while not f_stop.is_set():
                 try:
                     batch = queue.get(timeout=1.0)
                 except Empty:
                     continue
-                spare = batching.spare(actor)
                 for part in distinct_nodes(batch):
                     deliver(part, messageres_queue, node_info_store, backend, actor, metrics,
                             spare)

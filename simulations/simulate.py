@@ -451,10 +451,10 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
     watched = engine.install_runtime_watch()
     bar = progress(None, cfg.name, not quiet)
     actors: dict[str, str] = {}  # client actor id -> node id
-    placed = [-float("inf")]  # when the actor table was last read
+    placed = -float("inf")  # when the actor table was last read
 
     def place() -> None:
-        nonlocal job
+        nonlocal job, placed
         try:  # where the clients run (restarted actors may move): bookkeeping, never fatal
             import ray
 
@@ -462,13 +462,13 @@ def _simulate(run_dir: str, resume: bool, stop_after: int | None, quiet: bool,
             _placement(job, actors)
         except Exception as exc:  # noqa: BLE001 - the run matters more than its record
             log.debug("could not read the actor table: %s", exc)
-        placed[0] = time.monotonic()
+        placed = time.monotonic()
 
     def on_round(info: Any) -> None:
         times.setdefault("first_round", time.perf_counter() - info.elapsed)
         # A GCS query costs about a millisecond: not every round of a fast run, but the
         # first and the last (Flower stops Ray before this function sees it again).
-        if (time.monotonic() - placed[0] >= PLACEMENT_EVERY
+        if (time.monotonic() - placed >= PLACEMENT_EVERY
                 or info.round >= info.total_rounds):
             place()
         bar.round(info)
