@@ -28,6 +28,10 @@ from liquid_fed.ensemble import EnsembleOutput
 CONFIDENCES = ("delegation", "power", "self_delegation", "agreement", "max_prob")
 
 
+#: Largest number of entries :func:`entropy` takes ``p log p`` of at once.
+ENTROPY_CHUNK = 1 << 22
+
+
 def entropy(prob: Tensor | np.ndarray, dim: int = -1,
             normalised: bool = False) -> Tensor | np.ndarray | float:
     """Shannon entropy (nats) of probability vectors along ``dim``; ``0 log 0 = 0``.
@@ -42,7 +46,13 @@ def entropy(prob: Tensor | np.ndarray, dim: int = -1,
     """
     as_numpy = not isinstance(prob, Tensor)
     p = torch.as_tensor(np.asarray(prob, dtype=np.float64)) if as_numpy else prob
-    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(dim)
+    if p.ndim > 1 and dim % p.ndim != 0 and p.numel() > ENTROPY_CHUNK:
+        # in slices along the first axis: p log p of a (B, K, K) delegation at 256 parties
+        # would be hundreds of MB at once
+        step = max(1, ENTROPY_CHUNK // (p.numel() // max(1, p.shape[0])))
+        ent = torch.cat([-torch.special.xlogy(part, part).sum(dim) for part in p.split(step)])
+    else:
+        ent = -torch.special.xlogy(p, p).sum(dim)
     if normalised:
         k = p.shape[dim]
         ent = ent / math.log(k) if k > 1 else torch.zeros_like(ent)

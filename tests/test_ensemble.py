@@ -141,6 +141,34 @@ def test_present_mask_vote_routed_through_an_absent_expert():
     np.testing.assert_allclose(out.power[0].numpy(), expected, rtol=1e-12)
 
 
+def test_masked_delegation_row_by_row_and_its_gradient():
+    """Each absent expert's row becomes uniform over the other present experts of its sample
+    (all zeros when none is), written here one row at a time; present rows pass through and
+    carry the gradient, absent rows carry none."""
+    from liquid_fed.ensemble import _mask_absent
+
+    b, k = 9, 6
+    d = random_delegation(b, k, seed=11).requires_grad_(True)
+    present = torch.rand(b, k, generator=torch.Generator().manual_seed(12)) < 0.5
+    present[0] = torch.tensor([False, False, True, False, False, False])  # one present
+    present[1] = True  # none absent
+    masked = _mask_absent(d, present)
+    for s in range(b):
+        for j in range(k):
+            if present[s, j]:
+                assert torch.equal(masked[s, j], d[s, j])
+                continue
+            others = [i for i in range(k) if i != j and bool(present[s, i])]
+            want = torch.zeros(k, dtype=d.dtype)
+            want[others] = 1.0 / len(others)
+            torch.testing.assert_close(masked[s, j], want, rtol=0, atol=0)
+    weights = randn(b, k, k, seed=13)
+    (grad,) = torch.autograd.grad((masked * weights).sum(), d)
+    torch.testing.assert_close(grad, weights * present.unsqueeze(-1), rtol=0, atol=0)
+    everyone = torch.ones(b, k, dtype=torch.bool)
+    assert _mask_absent(d, everyone) is d  # nothing absent: no copy
+
+
 @pytest.mark.parametrize("task,mix", [("classification", "probs"), ("classification", "logits"),
                                       ("regression", "probs")])
 @pytest.mark.parametrize("solver", ["sink_one", "sink_many", "uniform"])

@@ -203,3 +203,24 @@ def test_evaluate_output_regression_rmse():
     out = out._replace(predictions=preds)
     m = evaluate_output(out, target, "regression")
     assert m["tau_agreement"] == pytest.approx(1.0)
+
+
+def test_entropy_in_slices_equals_a_direct_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large tensor is taken p log p of in slices along its first axis (bounded memory at
+    many parties); the result equals a float64 numpy sum, zeros included."""
+    import liquid_fed.metrics as metrics
+
+    gen = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(13, 6, 5, generator=gen, dtype=torch.float64), -1)
+    p[2, 1] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    q = p.numpy()
+    want = -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(-1)
+    whole = entropy(p)
+    monkeypatch.setattr(metrics, "ENTROPY_CHUNK", 31)  # 1 sample (30 entries) per slice
+    sliced = entropy(p)
+    assert sliced.shape == (13, 6)
+    np.testing.assert_allclose(whole.numpy(), want, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(sliced.numpy(), want, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(entropy(p, dim=1).numpy(),
+                               -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)),
+                                         0.0).sum(1), rtol=0, atol=1e-15)

@@ -355,3 +355,31 @@ def test_stop_and_resume_with_absences_gives_the_same_run(tmp_path: Path) -> Non
     assert resumed.test["accuracy"] == whole.test["accuracy"]
     rows = writer.read_metrics()
     assert [r["present"] for r in rows] == [r["present"] for r in whole.history]
+
+
+def test_evaluation_replies_are_stacked_per_split_and_consumed() -> None:
+    """The server stacks an evaluation's replies split by split into tensors filled client
+    by client, dropping each reply once copied; the tensors equal a plain stack of each
+    split's rows, absent stand-ins and the run's dtype included."""
+    from liquid_fed.federation.server import ServerStep, absent_reply
+    from liquid_fed.federation.setup import load_server_data
+
+    cfg = build_config({"train": {"dtype": "float64"}})
+    step = ServerStep(cfg, load_server_data(cfg))
+    k, c, sizes = cfg.n_clients, step.data.n_outputs, [3, 5]
+    gen = np.random.default_rng(4)
+    replies = [{"pred": gen.standard_normal((8, c)).astype(np.float32),
+                "del": gen.dirichlet(np.ones(k), 8).astype(np.float32),
+                "present": gen.random(8) < 0.7} for _ in range(k - 1)]
+    replies.append(absent_reply(8, c, k, torch.float32))
+    want = [{key: np.stack([r[key][start:start + n] for r in replies], 1)
+             for key in ("pred", "del", "present")}
+            for start, n in ((0, 3), (3, 5))]
+    queue = list(replies)
+    got = step.stack_splits(queue, sizes)
+    assert queue == [None] * k
+    for split, expect in zip(got, want, strict=True):
+        assert split.preds.dtype == torch.float64 and split.present.dtype == torch.bool
+        np.testing.assert_array_equal(split.preds.numpy(), expect["pred"].astype(np.float64))
+        np.testing.assert_array_equal(split.dels.numpy(), expect["del"].astype(np.float64))
+        np.testing.assert_array_equal(split.present.numpy(), expect["present"])

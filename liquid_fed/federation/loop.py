@@ -399,12 +399,9 @@ class Federation:
         ids_all = np.concatenate(parts)
         got, missing = self._send("evaluate", ids_all)
         self._enough(got, missing, f"evaluation after round {round_index}")
-        replies = self._with_stand_ins(got, ids_all.size)  # the missing pass their votes on
-        subs, start = [], 0
-        for ids in parts:
-            subs.append([{k: v[start:start + ids.size] for k, v in r.items()
-                          if k != "ids_digest"} for r in replies])
-            start += ids.size
+        replies: list[Arrays | None] = list(self._with_stand_ins(got, ids_all.size))
+        got.clear()  # the replies now live only in `replies`, which stacking consumes
+        subs = self.step.stack_splits(replies, [ids.size for ids in parts])
         smoothing = None
         if final and self.cfg.ensemble.smoothing == SMOOTHING_AUTO:
             at = list(splits).index("val")

@@ -51,6 +51,14 @@ class TrainStep(NamedTuple):
     signals: list[Arrays]  # per client: g_pred (n, C), g_del (n, K), as sent
 
 
+class Stacked(NamedTuple):
+    """One split's replies stacked by client."""
+
+    preds: Tensor  # (n, K, C)
+    dels: Tensor  # (n, K, K)
+    present: Tensor  # (n, K) bool
+
+
 class Evaluation(NamedTuple):
     """An evaluated split: metrics and the per-sample outputs behind them."""
 
@@ -77,6 +85,32 @@ class ServerStep:
         if self.data.task == "classification":
             return y.long().to(self.device)
         return y.to(self.dtype).to(self.device)
+
+    def stack_splits(self, replies: list[Arrays | None], sizes: Sequence[int]
+                     ) -> list[Stacked]:
+        """The evaluation replies stacked per split, consuming ``replies``.
+
+        Each reply holds its client's rows of every split, split after split (``sizes``
+        rows each). The tensors are allocated once and filled client by client; each entry of
+        ``replies`` is set to None once copied, so a reply's buffer can be freed before the
+        next is read (at 256 clients an evaluation's replies are hundreds of MB).
+        """
+        k = len(replies)
+        out = [Stacked(torch.empty(n, k, self.data.n_outputs, dtype=self.dtype),
+                       torch.empty(n, k, k, dtype=self.dtype),
+                       torch.empty(n, k, dtype=torch.bool)) for n in sizes]
+        for j in range(k):
+            reply, replies[j] = replies[j], None
+            assert reply is not None
+            start = 0
+            for n, part in zip(sizes, out, strict=True):
+                part.preds[:, j] = torch.from_numpy(reply["pred"][start:start + n])
+                part.dels[:, j] = torch.from_numpy(reply["del"][start:start + n])
+                part.present[:, j] = torch.from_numpy(
+                    np.asarray(reply["present"][start:start + n], dtype=bool))
+                start += n
+        return [Stacked(p.preds.to(self.device), p.dels.to(self.device),
+                        p.present.to(self.device)) for p in out]
 
     def _stack(self, replies: Sequence[Arrays], grad: bool) -> tuple[Tensor, Tensor, Tensor]:
         preds = torch.stack([torch.from_numpy(r["pred"]) for r in replies], 1)  # (B, K, C)
@@ -118,30 +152,29 @@ class ServerStep:
                    for k in range(len(replies))]
         return TrainStep(float(loss.detach()), self.defence.apply(signals, round_index))
 
-    def _output(self, replies: Sequence[Arrays]) -> EnsembleOutput:
-        """The replies combined (no gradient): the data's absences as ``present``."""
-        preds, dels, present = self._stack(replies, grad=False)
-        return combine(preds, dels, self.liquid, None if bool(present.all()) else present)
+    def _output(self, split: Stacked) -> EnsembleOutput:
+        """A split combined (no gradient): the data's absences as ``present``."""
+        present = None if bool(split.present.all()) else split.present
+        return combine(split.preds, split.dels, self.liquid, present)
 
-    def pick_smoothing(self, ids: np.ndarray, replies: Sequence[Arrays]) -> SmoothingPick:
-        """The power smoothing ``λ`` for ``smoothing: auto``, picked on these (validation)
-        replies by :func:`liquid_fed.ensemble.pick_smoothing`, as the centralized run picks
+    def pick_smoothing(self, ids: np.ndarray, split: Stacked) -> SmoothingPick:
+        """The power smoothing ``λ`` for ``smoothing: auto``, picked on this (validation)
+        split by :func:`liquid_fed.ensemble.pick_smoothing`, as the centralized run picks
         it."""
         with torch.no_grad():
-            return pick_smoothing(self._output(replies), self._target(ids), self.liquid)
+            return pick_smoothing(self._output(split), self._target(ids), self.liquid)
 
-    def robustness(self, ids: np.ndarray, replies: Sequence[Arrays], n_params: Sequence[int],
+    def robustness(self, ids: np.ndarray, split: Stacked, n_params: Sequence[int],
                    smoothing: float | None = None) -> dict[str, Any]:
-        """The run's ``robustness`` from these (test) replies: the metrics with parties absent
+        """The run's ``robustness`` from this (test) split: the metrics with parties absent
         (:func:`liquid_fed.robustness.robustness`, as the centralized run computes them)."""
         with torch.no_grad():
-            preds, dels, present = self._stack(replies, grad=False)
             lam = self.liquid.training_smoothing if smoothing is None else smoothing
-            base = None if bool(present.all()) else present.cpu()
-            return robustness(preds, dels, self._target(ids), self.liquid, lam, self.cfg.seed,
-                              base, n_params)
+            base = None if bool(split.present.all()) else split.present.cpu()
+            return robustness(split.preds, split.dels, self._target(ids), self.liquid, lam,
+                              self.cfg.seed, base, n_params)
 
-    def evaluate(self, ids: np.ndarray, replies: Sequence[Arrays],
+    def evaluate(self, ids: np.ndarray, split: Stacked,
                  n_params: Sequence[int], smoothing: float | None = None) -> Evaluation:
         """Loss and metrics of the ensemble on ``ids``, and the per-sample outputs behind them
         (ids, power (n, K), delegation (n, K, K), error (n,), labels, and the ground truth
@@ -150,7 +183,7 @@ class ServerStep:
         ``smoothing`` pools with that ``λ`` (a pick of :meth:`pick_smoothing`) instead of the
         training one; the metric ``smoothing`` records the ``λ`` used."""
         with torch.no_grad():
-            out = self._output(replies)
+            out = self._output(split)
             if smoothing is not None:
                 out = with_smoothing(out, self.liquid, smoothing)
             target = self._target(ids)
