@@ -88,7 +88,7 @@ class ServerStep:
 
     def stack_splits(self, replies: list[Arrays | None], sizes: Sequence[int]
                      ) -> list[Stacked]:
-        """The evaluation replies stacked per split, consuming ``replies``.
+        """Replies stacked per split (a training chunk is one split), consuming ``replies``.
 
         Each reply holds its client's rows of every split, split after split (``sizes``
         rows each). The tensors are allocated once and filled client by client; each entry of
@@ -112,15 +112,6 @@ class ServerStep:
         return [Stacked(p.preds.to(self.device), p.dels.to(self.device),
                         p.present.to(self.device)) for p in out]
 
-    def _stack(self, replies: Sequence[Arrays], grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-        preds = torch.stack([torch.from_numpy(r["pred"]) for r in replies], 1)  # (B, K, C)
-        dels = torch.stack([torch.from_numpy(r["del"]) for r in replies], 1)  # (B, K, K)
-        present = torch.stack([torch.from_numpy(np.asarray(r["present"], dtype=bool))
-                               for r in replies], 1)  # (B, K)
-        preds = preds.to(self.device, self.dtype).requires_grad_(grad)
-        dels = dels.to(self.device, self.dtype).requires_grad_(grad)
-        return preds, dels, present.to(self.device)
-
     def train_step(self, ids: np.ndarray, replies: Sequence[Arrays],
                    round_index: int = 0) -> TrainStep:
         """Loss on the chunk and each client's signals ``g_pred`` (n, C), ``g_del`` (n, K),
@@ -128,7 +119,10 @@ class ServerStep:
 
         A party absent from the round (:func:`absent_reply` stands in for its reply) is
         combined with ``present`` False on every sample; its signals are zero and not sent."""
-        preds, dels, present = self._stack(replies, grad=True)
+        # one split of the chunk's rows; a copy of the list is consumed, not the caller's
+        preds, dels, present = self.stack_splits(list(replies), [ids.size])[0]
+        preds.requires_grad_(True)
+        dels.requires_grad_(True)
         mask = None if bool(present.all()) else present
         target = self._target(ids)
         # Samples that no answering party holds (a round's absences on top of the data's)
