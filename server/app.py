@@ -72,8 +72,10 @@ class GridTransport:
         self.refused: set[int] = set()  # nodes told off for naming a live partition
         deadline = time.monotonic() + wait
         nodes = sorted(grid.get_node_ids())
+        pause = 0.02  # doubling to 0.5 s: the simulation's nodes register within milliseconds
         while len(nodes) < n_clients and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
             nodes = sorted(grid.get_node_ids())
         if len(nodes) < n_clients:
             raise ClientFailure(

@@ -86,6 +86,12 @@ class Batching:
         """The actor after ``actor`` in the pool (``actor`` itself when it is alone)."""
         return self.actors[(self.actors.index(actor) + 1) % len(self.actors)]
 
+    def stop(self) -> None:
+        """Wake every worker to end (the runtime is stopping): each gets a None."""
+        with self.lock:
+            for queue in self.queues:
+                queue.put(None)
+
     def ready(self) -> bool:
         """Whether every worker has its queue (before that the dispatch loop takes nothing)."""
         return bool(self.actors) and len(self.queues) >= len(self.actors)
@@ -263,6 +269,8 @@ def make_worker(batching: Batching) -> Callable[..., None]:
                     batch = queue.get(timeout=1.0)
                 except Empty:
                     continue
+                if batch is None:  # Batching.stop: the runtime is stopping
+                    break
                 for part in distinct_nodes(batch):
                     deliver(part, messageres_queue, node_info_store, backend, actor, metrics,
                             spare)

@@ -550,6 +550,20 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def exit_now(code: int) -> None:
+    """End this process with ``code`` once its work is written and Ray is down: the exit
+    handlers run (logging's flush, finalizers, file locks), the interpreter's teardown does
+    not. Freeing torch's, Ray's and Flower's modules one by one took about a second of every
+    run."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
 

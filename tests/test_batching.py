@@ -236,10 +236,13 @@ def test_the_worker_delivers_its_queue_on_its_own_actor() -> None:
     got = [outs.get(timeout=5) for _ in range(3)]
     batching.queues[0].put([_message(3)])
     got.append(outs.get(timeout=5))
-    stop.set()
+    # The runtime's stop: the dispatch loop wakes each worker with a None (Batching.stop);
+    # they end on it, without waiting for their next look at the stop event (never set here).
+    batching.stop()
     for worker in workers:
         worker.join(timeout=5)
     assert batching.workers == 0 and not any(w.is_alive() for w in workers)
+    assert not stop.is_set()
     assert [r.content["c"]["echo"] for r in got] == ["to 1", "to 2", "again", "to 3"]
     assert stores[1].contexts == {"calls": 2}  # the second message saw the first's context
     assert (actors[1].batches, actors[1].singles) == (1, [1])  # queue 1's worker owns actor 1

@@ -46,7 +46,7 @@ def test_loop_forwards_every_message_quickly_and_backs_off_when_idle() -> None:
 
 
 def test_install_replaces_flowers_loop_only_when_asked() -> None:
-    original = vce_api.add_messages_to_queue
+    original, injector = vce_api.add_messages_to_queue, vce_api.put_message_into_state
     try:
         assert install_dispatch_loop(0) == (False, False)
         assert vce_api.add_messages_to_queue is original
@@ -54,6 +54,33 @@ def test_install_replaces_flowers_loop_only_when_asked() -> None:
         assert vce_api.add_messages_to_queue is not original
     finally:
         vce_api.add_messages_to_queue = original
+        vce_api.put_message_into_state = injector
+
+
+def test_the_reply_injector_stores_every_reply_and_ends_on_the_stop() -> None:
+    from simulations import engine
+
+    original = vce_api.put_message_into_state
+    assert engine.source_sha256(original) == engine.SOURCE_SHA256["put_message_into_state"]
+    stored, queue, stop = [], Queue(), threading.Event()
+    state = SimpleNamespace(store_message_res=stored.append)
+    thread = threading.Thread(target=engine.put_message_into_state, args=(state, queue, stop))
+    thread.start()
+    for reply in ("r1", "r2"):
+        queue.put(reply)
+    deadline = time.monotonic() + 5
+    while len(stored) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(timeout=5)
+    assert stored == ["r1", "r2"] and not thread.is_alive()
+    loop = vce_api.add_messages_to_queue
+    try:  # installed with the dispatch loop
+        install_dispatch_loop(0.005)
+        assert vce_api.put_message_into_state is engine.put_message_into_state
+    finally:
+        vce_api.put_message_into_state = original
+        vce_api.add_messages_to_queue = loop
 
 
 def test_patches_are_keyed_on_flowers_version_and_the_replaced_source(monkeypatch, caplog) -> None:
@@ -190,7 +217,9 @@ def test_a_push_reaches_each_worker_as_one_list() -> None:
     push_event(state).set()
     worker.join(timeout=3)
     assert [[m.metadata.dst_node_id for m in g] for g in got] == [[0, 1, 2], [3, 4]]
-    assert queue.empty() and q0.empty() and q1.empty()  # Flower's queue is not used
+    assert queue.empty()  # Flower's queue is not used
+    # At the stop the loop wakes each worker with a None, and sends nothing else.
+    assert (q0.get_nowait(), q1.get_nowait()) == (None, None) and q0.empty() and q1.empty()
 
 
 def test_the_server_wakes_when_a_reply_lands() -> None:

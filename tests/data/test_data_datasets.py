@@ -53,6 +53,33 @@ def test_feature_names_per_layout():
     assert load_dataset("digits_rows").feature_names == [f"c{j}" for j in range(8)]
 
 
+def test_digits_read_from_the_file_equal_sklearns_load_digits(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from liquid_fed.data import datasets
+
+    bunch = load_digits()
+    ds = load_dataset("digits")
+    np.testing.assert_array_equal(ds.features, bunch.images.astype(np.float32))
+    np.testing.assert_array_equal(ds.labels, bunch.target)
+    # Where the file is not found, sklearn's loader gives the same.
+    monkeypatch.setattr(datasets, "_sk_data_file", lambda name: None)
+    again = load_dataset("digits")
+    np.testing.assert_array_equal(again.features, ds.features)
+    np.testing.assert_array_equal(again.labels, ds.labels)
+
+
+def test_digits_load_without_importing_sklearn():
+    import subprocess
+    import sys
+
+    code = ("import sys; from liquid_fed.data import load_dataset; load_dataset('digits'); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_digit_views_agree():
     img, flat, rows = (load_dataset(n) for n in ("digits", "digits_flat", "digits_rows"))
     np.testing.assert_array_equal(img.features.reshape(len(img.ids), 64), flat.features)
