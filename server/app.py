@@ -70,7 +70,20 @@ class GridTransport:
         self.missed: set[int] = set()  # clients without a reply to their last message
         self.partitions: dict[int, Any] = {}  # node -> partition-id it named (asked once)
         self.refused: set[int] = set()  # nodes told off for naming a live partition
-        deadline = time.monotonic() + wait
+        self.wait = wait
+        self.nodes: list[int] = []
+
+    def connect(self) -> None:
+        """Wait for the nodes and map client indices to them (:meth:`_assign`); done by the
+        first exchange, so that the server prepares its data while the nodes start (in a
+        simulation Ray starts the client actors meanwhile).
+
+        Raises:
+            ClientFailure: fewer nodes than clients within ``wait`` seconds, or nodes whose
+                partition-ids do not name every client once.
+        """
+        n_clients, grid = self.n_clients, self.grid
+        deadline = time.monotonic() + self.wait
         nodes = sorted(grid.get_node_ids())
         pause = 0.02  # doubling to 0.5 s: the simulation's nodes register within milliseconds
         while len(nodes) < n_clients and time.monotonic() < deadline:
@@ -79,7 +92,7 @@ class GridTransport:
             nodes = sorted(grid.get_node_ids())
         if len(nodes) < n_clients:
             raise ClientFailure(
-                f"{len(nodes)} nodes connected within {wait:.0f} s but the config needs "
+                f"{len(nodes)} nodes connected within {self.wait:.0f} s but the config needs "
                 f"{n_clients} (views.n_views)"
             )
         self.nodes = self._assign(nodes, n_clients)
@@ -119,7 +132,7 @@ class GridTransport:
 
     def describe(self, k: int) -> str:
         """How errors name client ``k``."""
-        return f"client {k} (node {self.nodes[k]})" if hasattr(self, "nodes") else f"client {k}"
+        return f"client {k} (node {self.nodes[k]})" if k < len(self.nodes) else f"client {k}"
 
     def _send_raw(self, kind: str, nodes: Sequence[int], arrays: Sequence[dict],
                   settings: Sequence[dict],
@@ -157,6 +170,8 @@ class GridTransport:
 
     def exchange(self, kind: str, arrays: Sequence[dict], settings: Sequence[dict],
                  clients: Sequence[int] | None = None) -> list[Reply | NoReply]:
+        if not self.nodes:
+            self.connect()
         if kind == "setup":
             settings = [{**s, "threads": self.threads} for s in settings]
         if self.missed:

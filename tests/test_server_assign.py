@@ -78,3 +78,27 @@ def test_a_round_without_some_parties_messages_and_names_only_the_others(monkeyp
     assert replies[0].reason.startswith('client 2 (node 13) sent no reply to "train"')
     assert replies[1].reason.startswith('client 0 (node 11) sent no reply to "train"')
     assert [m.metadata.dst_node_id for m in t.grid.pushed] == [13, 11]
+
+
+def test_the_nodes_are_awaited_at_the_first_exchange_not_before(monkeypatch) -> None:
+    import server.app as app
+
+    monkeypatch.setattr(app, "Message", lambda content, dst_node_id, **_: SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=dst_node_id)))
+    asked = []
+
+    class _LateGrid(_SilentGrid):
+        def get_node_ids(self):  # the second node registers at the third look
+            asked.append(1)
+            return [11, 12] if len(asked) >= 3 else [11]
+
+    t = GridTransport(_LateGrid(), 2, timeout=0.0, wait=10.0, poll=0.0)
+    assert asked == [] and t.nodes == [] and t.describe(1) == "client 1"
+    hello = []
+    monkeypatch.setattr(t, "_assign", lambda nodes, n: hello.append(list(nodes)) or nodes)
+    replies = t.exchange("train", [{}, {}], [{}, {}])
+    assert hello == [[11, 12]] and t.nodes == [11, 12] and len(asked) == 3
+    assert [r.cause for r in replies] == ["timeout", "timeout"]
+    assert t.describe(1) == "client 1 (node 12)"
+    t.exchange("train", [{}, {}], [{}, {}])  # connected once
+    assert hello == [[11, 12]]
