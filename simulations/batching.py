@@ -137,6 +137,13 @@ class BatchClientAppActor(VirtualClientEngineActor):
         if on_actor_init_fn:
             on_actor_init_fn()
 
+    def terminate(self) -> None:
+        """Flower asks every actor to exit (``exit_actor``) just before it stops Ray. From a
+        task of an actor created with ``max_task_retries``, Ray takes that exit for a failed
+        task to retry and prints a warning per actor on the user's terminal. The actors end
+        with the run anyway (``ray.shutdown`` stops a private Ray's workers; on a cluster the
+        end of the driver's job ends its actors), so this does nothing."""
+
     def run_batch(self, client_app_fn: Callable[[], Any], messages: Sequence[Message],
                   contexts: Sequence[Any]) -> Iterator[tuple[Any, Any]]:
         """Run the ``ClientApp`` on each message with its context, yielding (a streaming

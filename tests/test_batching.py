@@ -254,3 +254,11 @@ def test_the_actor_class_keeps_flowers_suffix() -> None:
 
     # How a run's summary finds its client actors in Ray's actor table.
     assert RemoteBatchActor.__ray_metadata__.class_name.endswith("ClientAppActor")
+
+
+def test_terminate_leaves_the_actor_to_the_end_of_the_run() -> None:
+    from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
+
+    with pytest.raises(TypeError, match="exit_actor"):  # Flower's exits the actor (not in one here)
+        VirtualClientEngineActor().terminate()
+    assert BatchClientAppActor().terminate() is None

@@ -256,3 +256,51 @@ def test_the_server_wakes_when_a_reply_lands() -> None:
     assert sorted(replies) == [7, 8]
     assert 0.3 <= waited < 1.0  # ...not slept through: the stored reply woke the server
     assert grid.pulls <= 4
+
+
+def test_ray_shutdown_signals_the_daemons_together_but_the_gcs_and_the_reaper(monkeypatch
+                                                                               ) -> None:
+    import subprocess
+    import sys
+
+    import ray._private.worker as ray_worker
+    from ray._private import ray_constants
+
+    from simulations.simulate import hasten_ray_shutdown
+
+    kinds = [ray_constants.PROCESS_TYPE_RAYLET, ray_constants.PROCESS_TYPE_GCS_SERVER,
+             ray_constants.PROCESS_TYPE_LOG_MONITOR, ray_constants.PROCESS_TYPE_REAPER]
+    procs = {kind: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for kind in kinds}
+    seen: dict[str, int | None] = {}
+
+    def kill_all_processes(check_alive=True, allow_graceful=False, wait=False):
+        for kind, proc in procs.items():  # what Ray's own sequence finds when it starts
+            try:
+                seen[kind] = proc.wait(timeout=10) if kind in (kinds[0], kinds[2]) else (
+                    proc.poll())
+            except subprocess.TimeoutExpired:
+                seen[kind] = None
+            proc.kill()
+            proc.wait()
+
+    node = SimpleNamespace(head=True, kill_all_processes=kill_all_processes,
+                           all_processes={k: [SimpleNamespace(process=p)]
+                                          for k, p in procs.items()})
+    try:
+        monkeypatch.setattr(ray_worker, "_global_node", node, raising=False)
+        assert hasten_ray_shutdown() is True
+        assert hasten_ray_shutdown() is True  # wrapped once
+        node.kill_all_processes(check_alive=False, allow_graceful=True)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+    # The raylet and the log monitor had their SIGTERM before Ray's sequence; the GCS and the
+    # reaper were left to it, still running.
+    assert seen[kinds[0]] == -15 and seen[kinds[2]] == -15
+    assert seen[kinds[1]] is None and seen[kinds[3]] is None
+    # A driver that joined a cluster started nothing: no wrapper.
+    monkeypatch.setattr(ray_worker, "_global_node",
+                        SimpleNamespace(head=False, all_processes={}), raising=False)
+    assert hasten_ray_shutdown() is False
