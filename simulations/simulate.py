@@ -537,25 +537,30 @@ def hasten_ray_shutdown() -> bool:
     stops the raylet (whose graceful exit, which needs the GCS up, also ends its dashboard and
     runtime-env agents: with the GCS gone at once they outlived it), the GCS, the others (gone
     or going) and the reaper, and still kills what outlives its wait. Returns whether the
-    wrapper is in place (not on a cluster this driver joined: it started nothing).
+    wrapper is in place: not on a cluster this driver joined (it started nothing), nor where
+    Ray's internals are not the ones this was written for (Ray's own shutdown then runs as is).
     """
-    import ray._private.worker as ray_worker
-    from ray._private import ray_constants
+    try:
+        import ray._private.worker as ray_worker
+        from ray._private import ray_constants
 
-    node = getattr(ray_worker, "_global_node", None)
-    if node is None or not node.head or not hasattr(node, "all_processes"):
+        node = getattr(ray_worker, "_global_node", None)
+        original = getattr(node, "kill_all_processes", None)
+        keep = (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_REAPER)
+    except (ImportError, AttributeError):
         return False
-    original = node.kill_all_processes
+    if (node is None or getattr(node, "head", False) is not True or not callable(original)
+            or not isinstance(getattr(node, "all_processes", None), dict)):
+        return False
     if getattr(original, "_liquid_fed_patch", False):
         return True
 
     def kill_all_processes(*args: Any, **kwargs: Any) -> Any:
         for process_type, infos in list(node.all_processes.items()):
-            if process_type in (ray_constants.PROCESS_TYPE_REAPER,
-                                ray_constants.PROCESS_TYPE_GCS_SERVER):
+            if process_type in keep:
                 continue
             for info in infos:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, AttributeError):
                     if info.process.poll() is None:
                         info.process.terminate()
         return original(*args, **kwargs)
