@@ -102,6 +102,9 @@ def pss_bytes(pids: set[int]) -> int:
     return total
 
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
 def rss_bytes(pids: set[int]) -> int:
     """Resident set size of the processes, summed (``/proc/PID/statm``: a counter, cheap to
     read, unlike the page-table walk of ``smaps_rollup``), in bytes."""
@@ -111,9 +114,6 @@ def rss_bytes(pids: set[int]) -> int:
         if len(fields) > 1:
             total += int(fields[1]) * PAGE_SIZE
     return total
-
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakMemory(threading.Thread):

@@ -58,6 +58,12 @@ class Stacked(NamedTuple):
     dels: Tensor  # (n, K, K)
     present: Tensor  # (n, K) bool
 
+    @property
+    def mask(self) -> Tensor | None:
+        """``present``, or None when every party is present on every sample (what
+        :func:`~liquid_fed.ensemble.combine` takes)."""
+        return None if bool(self.present.all()) else self.present
+
 
 class Evaluation(NamedTuple):
     """An evaluated split: metrics and the per-sample outputs behind them."""
@@ -120,10 +126,10 @@ class ServerStep:
         A party absent from the round (:func:`absent_reply` stands in for its reply) is
         combined with ``present`` False on every sample; its signals are zero and not sent."""
         # one split of the chunk's rows; a copy of the list is consumed, not the caller's
-        preds, dels, present = self.stack_splits(list(replies), [ids.size])[0]
+        split = self.stack_splits(list(replies), [ids.size])[0]
+        preds, dels, mask = split.preds, split.dels, split.mask
         preds.requires_grad_(True)
         dels.requires_grad_(True)
-        mask = None if bool(present.all()) else present
         target = self._target(ids)
         # Samples that no answering party holds (a round's absences on top of the data's)
         # take no part in the loss; their signals are zero.
@@ -148,8 +154,7 @@ class ServerStep:
 
     def _output(self, split: Stacked) -> EnsembleOutput:
         """A split combined (no gradient): the data's absences as ``present``."""
-        present = None if bool(split.present.all()) else split.present
-        return combine(split.preds, split.dels, self.liquid, present)
+        return combine(split.preds, split.dels, self.liquid, split.mask)
 
     def pick_smoothing(self, ids: np.ndarray, split: Stacked) -> SmoothingPick:
         """The power smoothing ``λ`` for ``smoothing: auto``, picked on this (validation)
@@ -164,7 +169,8 @@ class ServerStep:
         (:func:`liquid_fed.robustness.robustness`, as the centralized run computes them)."""
         with torch.no_grad():
             lam = self.liquid.training_smoothing if smoothing is None else smoothing
-            base = None if bool(split.present.all()) else split.present.cpu()
+            mask = split.mask
+            base = None if mask is None else mask.cpu()
             return robustness(split.preds, split.dels, self._target(ids), self.liquid, lam,
                               self.cfg.seed, base, n_params)
 
