@@ -256,6 +256,11 @@ def test_a_live_run_is_private_locked_and_stops_on_sigterm(tmp_path: Path) -> No
         assert joined.returncode != 0 and "JOINED" not in joined.stdout
         tmp = Path(child["LIQUID_FED_RUN_TMP"])
         assert tmp.is_dir()
+        # Ray prestarted no idle workers for the run: every Ray worker process it started
+        # (each writes its own core-worker log) is a client actor.
+        actors = [p for p in live_processes(tag) if " ray::BatchClientAppActor" in p]
+        logs = list((tmp / "ray" / "session_latest" / "logs").glob("python-core-worker-*.log"))
+        assert actors and len(logs) == len(actors), (logs, actors)
     finally:
         proc.send_signal(signal.SIGTERM)  # handled like Ctrl-C
         _, err = proc.communicate(timeout=60)
