@@ -158,7 +158,8 @@ def ray_environment(cfg: RunConfig, tmp: Path) -> dict[str, str]:
             # Ray starts one idle worker per CPU for the first driver; the client actors got
             # workers of their own and the prestarted ones idled through the run (seen as
             # `ray::IDLE`): two worker start-ups for nothing, competing with the actors' (a
-            # one-epoch quickstart: 13.5 s -> 12.4 s, 17.9 -> 16.0 s of CPU).
+            # one-epoch quickstart: 1.5-2.5 s less CPU of 16-18 s; its wall time 12.9 -> 12.6 s,
+            # five runs each, interleaved).
             "RAY_prestart_worker_first_driver": "0",
             "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(cfg.simulation.object_store_mb
                                                              << 20)}
