@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from server.deploy_local import (
     check_new_run_dir,
     resolve,
     run_status,
+    stage_app,
     write_toml,
 )
 from server.host import PROGRESS, ServerState, find_server
@@ -175,6 +177,7 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
     client.start_guard()
     t0 = time.time()
     run_id: str | None = None
+    app: Path | None = None
     finished = False
     with client:
         try:
@@ -191,7 +194,8 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
                                         "resume": resume is not None}
             run_config = session / "run-config.toml"
             write_toml(run_config, settings)
-            runner = client.flwr("run", str(APP_DIR), CONNECTION, "--stream",
+            app = stage_app(session / "app")
+            runner = client.flwr("run", str(app), CONNECTION, "--stream",
                                  "--run-config", str(run_config), name="flwr-run")
             deadline = time.time() + timeout
             shown = 0
@@ -238,6 +242,8 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
                 except DeploymentError as exc:
                     log.warning("%s", exc)
             hook.unlink(missing_ok=True)
+            if app is not None and app != APP_DIR:
+                shutil.rmtree(app, ignore_errors=True)
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise DeploymentError(f"run {run_id} completed but wrote no {summary_file}")

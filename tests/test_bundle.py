@@ -9,6 +9,8 @@ from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
 
+from server.deploy_local import stage_app
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,54 @@ def test_the_app_bundle_holds_only_the_apps_code_and_configs(tmp_path: Path) -> 
     configs = {str(p.relative_to(app)) for p in (app / "configs").rglob("*.yaml")}
     assert names - {".info/CONTENT"} == code | configs | {"pyproject.toml"}
     assert "server/app.py" in names and "configs/quickstart.yaml" in names
+
+
+def _checkout(where: Path) -> Path:
+    """A copy of the app's folders as a checkout holds them, with what else a checkout holds:
+    a virtual environment, run folders, an operator's files."""
+    app = where / "checkout"
+    for part in ("liquid_fed", "clients", "server", "configs", "simulations", "docs"):
+        shutil.copytree(ROOT / part, app / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", ".gitignore"):
+        shutil.copy(ROOT / name, app / name)
+    for k in range(300):  # stands in for .venv's 60 000 files
+        site = app / ".venv" / "lib" / f"pkg{k}"
+        site.mkdir(parents=True)
+        (site / "__init__.py").write_text("x = 1\n")
+    (app / "runs" / "a").mkdir(parents=True)
+    (app / "runs" / "a" / "config.yaml").write_text("seed: 1\n")
+    (app / "labels.jsonl").write_text("{}")
+    (app / "server" / "operator.yaml").write_text("token: x")
+    return app
+
+
+def test_the_staged_app_gives_the_same_bundle_from_its_own_files(tmp_path: Path) -> None:
+    app = _checkout(tmp_path)
+    staged = stage_app(tmp_path / "staged", app)
+    assert staged == tmp_path / "staged"
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)  # byte for byte
+    copied = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist())
+    # Only the bundle's files were copied (and the two files its filters read), nothing of
+    # the environment, the runs or the operator's files.
+    assert copied == names - {".info/CONTENT"} | {".gitignore"}
+    assert not {".venv", "runs", "labels.jsonl"} & {c.split("/")[0] for c in copied}
+    # Staged again into the same place: the old copy is replaced, not added to.
+    (staged / "liquid_fed" / "stale.py").write_text("")
+    assert build_fab_from_disk(stage_app(staged, app)) == build_fab_from_disk(app)
+
+
+def test_the_real_app_stages_to_the_real_bundle(tmp_path: Path) -> None:
+    staged = stage_app(tmp_path / "app")
+    assert staged != ROOT
+    assert build_fab_from_disk(staged) == build_fab_from_disk(ROOT)
+
+
+def test_a_pattern_that_starts_with_a_glob_bundles_from_the_app_itself(tmp_path: Path) -> None:
+    app = _checkout(tmp_path)
+    text = (app / "pyproject.toml").read_text()
+    assert 'fab-include = ["liquid_fed/**/*.py"' in text
+    old = 'fab-include = ["liquid_fed/**/*.py"'
+    (app / "pyproject.toml").write_text(text.replace(old, old.replace('["', '["**/app.py", "')))
+    assert stage_app(tmp_path / "staged", app) == app
+    assert not (tmp_path / "staged").exists()
