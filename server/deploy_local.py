@@ -423,15 +423,18 @@ def stage_app(dest: Path, app: Path = APP_DIR) -> Path:
     the folders that the ``fab-include`` patterns begin with are listed, Flower's own filters
     pick from them, and the picked files (with ``pyproject.toml`` and ``.gitignore``) are
     copied: the bundle built from ``dest`` is the bundle built from ``app``, byte for byte
-    (``tests/test_bundle.py`` compares them). Where a pattern does not begin with a plain
-    folder name, or Flower's filters cannot be imported, ``app`` is returned and ``flwr run``
-    walks it as before.
+    (``tests/test_bundle.py`` compares them). Where ``pyproject.toml`` cannot be read, a
+    pattern does not begin with a plain folder name, or Flower's filters cannot be imported,
+    ``app`` is returned and ``flwr run`` walks it (and reports on it) as before.
     """
     import glob
 
     import tomli  # a dependency of flwr (tomllib from Python 3.11)
 
-    config = tomli.loads((app / "pyproject.toml").read_text())
+    try:
+        config = tomli.loads((app / "pyproject.toml").read_text())
+    except (OSError, ValueError):  # flwr run says what is wrong with it, as it did before
+        return app
     patterns = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include", [])
     tops = {str(p).split("/", 1)[0] for p in patterns if "/" in str(p)}
     if not patterns or any(glob.has_magic(t) or t in ("", ".", "..") for t in tops):

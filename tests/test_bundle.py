@@ -87,3 +87,12 @@ def test_a_pattern_that_starts_with_a_glob_bundles_from_the_app_itself(tmp_path:
     (app / "pyproject.toml").write_text(text.replace(old, old.replace('["', '["**/app.py", "')))
     assert stage_app(tmp_path / "staged", app) == app
     assert not (tmp_path / "staged").exists()
+
+
+def test_an_app_without_a_readable_pyproject_is_left_to_flwr_run(tmp_path: Path) -> None:
+    app = tmp_path / "installed"
+    (app / "liquid_fed").mkdir(parents=True)
+    assert stage_app(tmp_path / "staged", app) == app  # no pyproject.toml
+    (app / "pyproject.toml").write_text("[tool.flwr.app\n")  # not TOML
+    assert stage_app(tmp_path / "staged", app) == app
+    assert not (tmp_path / "staged").exists()
