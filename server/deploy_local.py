@@ -41,6 +41,7 @@ Exit status: 0 when the run finished and wrote its summary, 1 when it failed or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ import signal
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -413,9 +414,11 @@ def check_new_run_dir(run_dir: Path) -> None:
                           "or --set name=...")
 
 
-def stage_app(dest: Path, app: Path = APP_DIR) -> Path:
+@contextlib.contextmanager
+def stage_app(dest: Path, app: Path = APP_DIR) -> Iterator[Path]:
     """The files of the Flower App ``app`` that ``flwr run`` packs, copied into ``dest``
-    (returned), or ``app`` itself where they cannot be picked out.
+    (yielded, and removed on exit), or ``app`` itself (left as it is) where they cannot be
+    picked out.
 
     ``flwr run DIR`` (flwr 1.41, ``collect_files``) walks and resolves every file under DIR
     before it filters them: from the checkout, the virtual environment and every run folder,
@@ -434,17 +437,20 @@ def stage_app(dest: Path, app: Path = APP_DIR) -> Path:
     try:
         config = tomli.loads((app / "pyproject.toml").read_text())
     except (OSError, ValueError):  # flwr run says what is wrong with it, as it did before
-        return app
+        yield app
+        return
     patterns = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include", [])
     tops = {str(p).split("/", 1)[0] for p in patterns if "/" in str(p)}
     if not patterns or any(glob.has_magic(t) or t in ("", ".", "..") for t in tops):
-        return app
+        yield app
+        return
     try:
         from flwr.cli.build import get_filtered_fab_paths
         from flwr.cli.utils import filter_paths_for_publish
     except ImportError as exc:
         log.warning("bundling from the whole app folder (%s)", exc)
-        return app
+        yield app
+        return
     files: dict[str, Path] = {}
     for entry in os.scandir(app):
         if entry.is_file(follow_symlinks=False):
@@ -456,15 +462,18 @@ def stage_app(dest: Path, app: Path = APP_DIR) -> Path:
                 if not path.is_symlink():
                     files[path.relative_to(app).as_posix()] = path
     kept = filter_paths_for_publish(files)
-    chosen = {"pyproject.toml", *get_filtered_fab_paths(dict(kept), config)}
+    chosen = {"pyproject.toml", *get_filtered_fab_paths(kept, config)}
     if ".gitignore" in kept:
         chosen.add(".gitignore")  # the copy is filtered as the folder was
     shutil.rmtree(dest, ignore_errors=True)
-    for rel in sorted(chosen):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(files[rel], target)
-    return dest
+    try:
+        for rel in sorted(chosen):
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(files[rel], target)
+        yield dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def _config_for_app(config: str | Path | None) -> str:
@@ -514,8 +523,7 @@ def submit_run(dep: LocalDeployment, config: str | Path | None, overrides: list[
     if server_data is not None:
         settings["data-dir"] = str(Path(server_data).resolve())
     write_toml(run_config, settings)
-    app = stage_app(dep.work_dir / "app")
-    try:
+    with stage_app(dep.work_dir / "app") as app:
         runner = dep.flwr("run", str(app), CONNECTION, "--stream",
                           "--run-config", str(run_config), name="flwr-run", echo=True)
         deadline = time.time() + timeout
@@ -526,9 +534,6 @@ def submit_run(dep: LocalDeployment, config: str | Path | None, overrides: list[
                     f"the run did not finish within {timeout:.0f} s (--timeout); stopped it. "
                     f"Logs: {dep.work_dir}")
             time.sleep(0.2)
-    finally:
-        if app != APP_DIR:
-            shutil.rmtree(app, ignore_errors=True)
     runner.wait_closed(5)
     started = runner.find(re.compile(r"Successfully started run (\d+)"))
     if rc != 0 or not started:

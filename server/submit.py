@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import IO, Any
 
 from liquid_fed import procs, rundir
 from liquid_fed.errors import ConfigError, DeploymentError
-from liquid_fed.procs import APP_DIR
 from server.deploy_local import (
     CONNECTION,
     LocalDeployment,
@@ -177,9 +175,8 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
     client.start_guard()
     t0 = time.time()
     run_id: str | None = None
-    app: Path | None = None
     finished = False
-    with client:
+    with client, stage_app(session / "app") as app:
         try:
             busy = [r for r in list_runs(state, client)
                     if str(r.get("status", "")).split(":")[0] in ACTIVE]
@@ -194,7 +191,6 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
                                         "resume": resume is not None}
             run_config = session / "run-config.toml"
             write_toml(run_config, settings)
-            app = stage_app(session / "app")
             runner = client.flwr("run", str(app), CONNECTION, "--stream",
                                  "--run-config", str(run_config), name="flwr-run")
             deadline = time.time() + timeout
@@ -242,8 +238,6 @@ def submit(config: str, overrides: list[str], data_dir: str, work_dir: str,
                 except DeploymentError as exc:
                     log.warning("%s", exc)
             hook.unlink(missing_ok=True)
-            if app is not None and app != APP_DIR:
-                shutil.rmtree(app, ignore_errors=True)
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise DeploymentError(f"run {run_id} completed but wrote no {summary_file}")

@@ -59,24 +59,27 @@ def _checkout(where: Path) -> Path:
 
 def test_the_staged_app_gives_the_same_bundle_from_its_own_files(tmp_path: Path) -> None:
     app = _checkout(tmp_path)
-    staged = stage_app(tmp_path / "staged", app)
-    assert staged == tmp_path / "staged"
-    assert build_fab_from_disk(staged) == build_fab_from_disk(app)  # byte for byte
-    copied = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    with stage_app(tmp_path / "staged", app) as staged:
+        assert staged == tmp_path / "staged"
+        assert build_fab_from_disk(staged) == build_fab_from_disk(app)  # byte for byte
+        copied = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist())
     # Only the bundle's files were copied (and the two files its filters read), nothing of
     # the environment, the runs or the operator's files.
     assert copied == names - {".info/CONTENT"} | {".gitignore"}
     assert not {".venv", "runs", "labels.jsonl"} & {c.split("/")[0] for c in copied}
-    # Staged again into the same place: the old copy is replaced, not added to.
+    assert not staged.exists()  # removed once the run has its bundle
+    # Staged where an earlier copy was left (its submit killed): replaced, not added to.
+    (staged / "liquid_fed").mkdir(parents=True)
     (staged / "liquid_fed" / "stale.py").write_text("")
-    assert build_fab_from_disk(stage_app(staged, app)) == build_fab_from_disk(app)
+    with stage_app(staged, app) as again:
+        assert build_fab_from_disk(again) == build_fab_from_disk(app)
 
 
 def test_the_real_app_stages_to_the_real_bundle(tmp_path: Path) -> None:
-    staged = stage_app(tmp_path / "app")
-    assert staged != ROOT
-    assert build_fab_from_disk(staged) == build_fab_from_disk(ROOT)
+    with stage_app(tmp_path / "app") as staged:
+        assert staged != ROOT
+        assert build_fab_from_disk(staged) == build_fab_from_disk(ROOT)
 
 
 def test_a_pattern_that_starts_with_a_glob_bundles_from_the_app_itself(tmp_path: Path) -> None:
@@ -85,14 +88,19 @@ def test_a_pattern_that_starts_with_a_glob_bundles_from_the_app_itself(tmp_path:
     assert 'fab-include = ["liquid_fed/**/*.py"' in text
     old = 'fab-include = ["liquid_fed/**/*.py"'
     (app / "pyproject.toml").write_text(text.replace(old, old.replace('["', '["**/app.py", "')))
-    assert stage_app(tmp_path / "staged", app) == app
-    assert not (tmp_path / "staged").exists()
+    with stage_app(tmp_path / "staged", app) as staged:
+        assert staged == app
+        assert not (tmp_path / "staged").exists()
+    assert app.is_dir()  # the app itself is never removed
 
 
 def test_an_app_without_a_readable_pyproject_is_left_to_flwr_run(tmp_path: Path) -> None:
     app = tmp_path / "installed"
     (app / "liquid_fed").mkdir(parents=True)
-    assert stage_app(tmp_path / "staged", app) == app  # no pyproject.toml
+    with stage_app(tmp_path / "staged", app) as staged:
+        assert staged == app  # no pyproject.toml
     (app / "pyproject.toml").write_text("[tool.flwr.app\n")  # not TOML
-    assert stage_app(tmp_path / "staged", app) == app
+    with stage_app(tmp_path / "staged", app) as staged:
+        assert staged == app
     assert not (tmp_path / "staged").exists()
+    assert (app / "liquid_fed").is_dir()
