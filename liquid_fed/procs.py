@@ -174,7 +174,8 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def start_session(cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = (),
-                  parent_death_signal: int | None = signal.SIGTERM) -> subprocess.Popen:
+                  parent_death_signal: int | None = signal.SIGTERM, output: IO | None = None
+                  ) -> subprocess.Popen:
     """Start ``cmd`` as the leader of a new session (its own process group).
 
     Args:
@@ -183,6 +184,7 @@ def start_session(cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...]
         pass_fds: descriptors the child inherits (e.g. the run folder's lock).
         parent_death_signal: sent to the child when this process dies, however it dies
             (None: not asked for).
+        output: where its stdout and stderr go (None: this process's own).
     """
     parent = os.getpid()
 
@@ -193,13 +195,22 @@ def start_session(cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...]
                 os.kill(os.getpid(), parent_death_signal)
 
     return subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=pass_fds,
-                            preexec_fn=prepare)
+                            preexec_fn=prepare, stdout=output,
+                            stderr=None if output is None else subprocess.STDOUT)
 
 
-def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 10.0) -> int:
+def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 10.0,
+              settle: float = 0.5) -> int:
     """Stop ``proc``'s whole tree: SIGINT, then SIGTERM, then SIGKILL; returns how many remained
-    after SIGINT (0 when the child had already cleaned up after itself)."""
+    after SIGINT (0 when the child had already cleaned up after itself).
+
+    ``grace`` is the child's time to clean up after SIGINT. Once the child has exited, what is
+    left of its tree is a straggler its cleanup missed, and gets ``settle`` seconds per signal
+    instead of the rest of the grace: Ray's dashboard agent, which ignores SIGINT and SIGTERM
+    while it shuts down, held a stopped run's launcher for the full 10 + 5 s.
+    """
     members = tree(proc.pid, marker)
+    exited_at = None
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
         members = tree(proc.pid, marker) | {p for p in members if _stat(p) is not None}
         if not members:
@@ -212,6 +223,8 @@ def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 
                 continue
             if not {p for p in members if _stat(p) is not None and _alive(p)}:
                 break
+            exited_at = exited_at or time.monotonic()
+            deadline = min(deadline, max(exited_at, deadline - wait) + settle)
             time.sleep(0.05)
     proc.poll()
     return len(members)
@@ -253,21 +266,36 @@ def tagged(name: str, value: str) -> set[int]:
     return found
 
 
-def kill_tagged(name: str, value: str, grace: float = 5.0, gentle: bool = True) -> set[int]:
-    """Stop every process tagged ``name=value`` (but this one): SIGTERM, then SIGKILL what
-    outlives ``grace`` seconds (``gentle=False``: SIGKILL at once); returns those still alive
-    afterwards (normally none)."""
+def in_session(sid: int) -> set[int]:
+    """Live processes of session ``sid`` (but this one). Unlike the environment, a process
+    cannot rewrite its session: Ray's agents, which set their process titles, were now and
+    then not found by :func:`tagged` while they shut down."""
+    found = {pid for pid in _pids() if (_stat(pid) or (0, -1))[1] == sid and _alive(pid)}
+    found.discard(os.getpid())
+    return found
+
+
+def kill_tagged(name: str, value: str, grace: float = 5.0, gentle: bool = True,
+                session: int | None = None) -> set[int]:
+    """Stop every process tagged ``name=value`` (but this one), and every process of
+    ``session`` when given: SIGTERM, then SIGKILL what outlives ``grace`` seconds
+    (``gentle=False``: SIGKILL at once); returns those still alive afterwards (normally
+    none)."""
+
+    def members() -> set[int]:
+        return tagged(name, value) | (in_session(session) if session is not None else set())
+
     steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)) if gentle else (
         (signal.SIGKILL, 2.0),)
     for sig, wait in steps:
-        members = tagged(name, value)
-        if not members:
+        found = members()
+        if not found:
             return set()
-        _signal(members, sig)
+        _signal(found, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and tagged(name, value):
+        while time.monotonic() < deadline and members():
             time.sleep(0.1)
-    return tagged(name, value)
+    return members()
 
 
 # --------------------------------------------------------------------------------------------

@@ -250,10 +250,12 @@ def test_a_live_run_is_private_locked_and_stops_on_sigterm(tmp_path: Path) -> No
         address = next(a.split("=", 1)[1] for a in cmdline if a.startswith("--gcs-address="))
         outsider = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         outsider["RAY_gcs_rpc_server_connect_timeout_s"] = "5"
+        outsider["RAY_NUM_REDIS_GET_RETRIES"] = "2"  # refused twice, not Ray's 20 x 1 s
         joined = subprocess.run([sys.executable, "-c", _JOIN.replace("ADDRESS", repr(address))],
                                 capture_output=True, text=True, timeout=120, env=outsider,
                                 cwd=tmp_path)
         assert joined.returncode != 0 and "JOINED" not in joined.stdout
+        assert "InvalidAuthToken" in joined.stderr, joined.stderr[-2000:]
         tmp = Path(child["LIQUID_FED_RUN_TMP"])
         assert tmp.is_dir()
         # Ray prestarted no idle workers for the run: every Ray worker process it started
