@@ -20,26 +20,25 @@ from liquid_fed.ensemble import (
     with_smoothing,
 )
 from liquid_fed.metrics import evaluate_output
+from liquid_fed.optim import SGD, Adam, AdamW, Optimizer
 
 log = logging.getLogger(__name__)
 
 #: Floating-point precisions of training, by config name (``train.dtype``).
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
+#: The experts' optimizers by config name (``optim.name``): :mod:`liquid_fed.optim`, the same
+#: arithmetic as ``torch.optim``'s without importing ``torch._dynamo`` in every process.
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
-                   momentum: float = 0.0) -> torch.optim.Optimizer:
+                   momentum: float = 0.0) -> Optimizer:
     """An optimizer by registry name (``sgd``, ``adam``, ``adamw``)."""
     if name not in OPTIMIZERS:
         raise ValueError(f'optimizer must be one of {sorted(OPTIMIZERS)}, got "{name}"')
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from liquid_fed import optim
 from liquid_fed.availability import drop_keeping_one, round_presence, stream_rng
 from liquid_fed.centralized import build_ensemble, central_data
 from liquid_fed.config import build_config
@@ -42,6 +42,17 @@ def _cfg(dropout: float = DROPOUT, k: int = 3, epochs: int = 2, hidden: int = 4)
     })
 
 
+def _after_every_step(monkeypatch, hook) -> None:
+    """Call ``hook`` after every optimizer step (the toolkit's optimizers share one ``step``)."""
+    step = optim.Optimizer.step
+
+    def stepped(self) -> None:
+        step(self)
+        hook()
+
+    monkeypatch.setattr(optim.Optimizer, "step", stepped)
+
+
 def _expected_rounds(cfg, n: int) -> list[np.ndarray]:
     """(K,) the parties of every training step: one round per mini-batch (chunk = batch)."""
     steps = cfg.train.epochs * -(-n // cfg.train.batch_size)
@@ -50,7 +61,7 @@ def _expected_rounds(cfg, n: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("name", ["splitnn", "plugvfl", "laser", "aggvfl", "moe"])
-def test_jointly_trained_methods_lose_the_rounds_parties(name: str) -> None:
+def test_jointly_trained_methods_lose_the_rounds_parties(name: str, monkeypatch) -> None:
     cfg = _cfg()
     data = central_data(cfg)
     n = int(data.targets["train"].shape[0])
@@ -66,12 +77,8 @@ def test_jointly_trained_methods_lose_the_rounds_parties(name: str) -> None:
                 for party in model.parties]
 
     snaps = [snapshot()]
-    handle = register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: snaps.append(snapshot()))
-    try:
-        _fit(cfg, model, data.inputs["train"], data.targets["train"], None, rounds=True)
-    finally:
-        handle.remove()
+    _after_every_step(monkeypatch, lambda: snaps.append(snapshot()))
+    _fit(cfg, model, data.inputs["train"], data.targets["train"], None, rounds=True)
     assert len(seen) == len(expected) == len(snaps) - 1
     for step, (mask, who) in enumerate(zip(seen, expected, strict=True)):
         got = np.ones((1, cfg.n_clients), dtype=bool) if mask is None else mask.numpy()
@@ -83,7 +90,7 @@ def test_jointly_trained_methods_lose_the_rounds_parties(name: str) -> None:
         assert moved == who.tolist(), step
 
 
-def test_the_ensemble_runs_only_the_rounds_parties() -> None:
+def test_the_ensemble_runs_only_the_rounds_parties(monkeypatch) -> None:
     cfg = _cfg()
     data = central_data(cfg)
     n = int(data.targets["train"].shape[0])
@@ -93,12 +100,8 @@ def test_the_ensemble_runs_only_the_rounds_parties() -> None:
     for j, expert in enumerate(ens.experts):
         expert.register_forward_hook(
             lambda module, args, out, j=j: steps[-1].add(j) if module.training else None)
-    handle = register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: steps.append(set()))
-    try:
-        _fit(cfg, ens, data.inputs["train"], data.targets["train"], None, rounds=True)
-    finally:
-        handle.remove()
+    _after_every_step(monkeypatch, lambda: steps.append(set()))
+    _fit(cfg, ens, data.inputs["train"], data.targets["train"], None, rounds=True)
     assert steps[-1] == set()
     assert steps[:-1] == [set(np.flatnonzero(w).tolist()) for w in expected]
 

@@ -28,6 +28,7 @@ from liquid_fed.experts import Expert
 from liquid_fed.federation.replies import check_signals, ids_digest
 from liquid_fed.federation.setup import ClientView, build_client_expert, client_view
 from liquid_fed.federation.state import OPT_GROUPS, Arrays, arrays_to_state, state_to_arrays
+from liquid_fed.optim import Optimizer
 from liquid_fed.rundir import Checkpoint, load_checkpoint, private_folder, save_checkpoint
 from liquid_fed.train import DTYPES, batch_order, make_optimizer
 
@@ -49,7 +50,7 @@ class ClientRuntime:
     index: int
     view: ClientView
     expert: Expert
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     out_dim: int
     key: tuple[str, int, str, str] = ("", 0, "", "")  # its place in the live cache
 

@@ -14,13 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from liquid_fed.optim import Optimizer
+
 Arrays = dict[str, np.ndarray]
 
 
 OPT_GROUPS = "optimizer/groups"
 
 
-def state_to_arrays(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Arrays:
+def state_to_arrays(module: torch.nn.Module, optimizer: Optimizer) -> Arrays:
     """Expert parameters and optimizer state as flat numpy arrays (no pickling).
 
     Tensors of the optimizer state become ``optimizer/<param>/<name>`` arrays; its param
@@ -42,7 +44,7 @@ def state_to_arrays(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def arrays_to_state(arrays: Arrays, module: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> None:
+                    optimizer: Optimizer) -> None:
     """Load what :func:`state_to_arrays` wrote."""
     module.load_state_dict({k[6:]: torch.from_numpy(np.array(v)) for k, v in arrays.items()
                             if k.startswith("model/")})
