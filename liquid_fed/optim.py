@@ -31,16 +31,13 @@ _FIXED = {"amsgrad": False, "maximize": False, "nesterov": False, "dampening": 0
 
 
 class Optimizer:
-    """One parameter group, ``torch.optim``'s ``param_groups``/``state`` layout."""
-
-    #: Hyper-parameters of the group besides ``lr`` (subclasses fill them in).
-    defaults: dict[str, Any]
+    """One parameter group, ``torch.optim``'s ``param_groups``/``state`` layout; ``defaults``
+    are the group's hyper-parameters (each subclass's, in ``torch.optim``'s names)."""
 
     def __init__(self, params: Iterable[Tensor], defaults: dict[str, Any]) -> None:
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        self.defaults = defaults
         self.param_groups: list[dict[str, Any]] = [{**defaults, "params": params}]
         self.state: dict[Tensor, dict[str, Any]] = {}
 

@@ -216,7 +216,8 @@ def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 
         if not members:
             break
         _signal(members, sig)
-        deadline = time.monotonic() + wait
+        sent = time.monotonic()
+        deadline = sent + wait
         while time.monotonic() < deadline:
             if proc.poll() is None:
                 time.sleep(0.05)
@@ -224,7 +225,7 @@ def terminate(proc: subprocess.Popen, marker: str | None = None, grace: float = 
             if not {p for p in members if _stat(p) is not None and _alive(p)}:
                 break
             exited_at = exited_at or time.monotonic()
-            deadline = min(deadline, max(exited_at, deadline - wait) + settle)
+            deadline = min(deadline, max(exited_at, sent) + settle)
             time.sleep(0.05)
     proc.poll()
     return len(members)
@@ -245,8 +246,8 @@ def _alive(pid: int) -> bool:
     return bool(text) and text[text.rfind(")") + 2] != "Z"
 
 
-def leftovers(root: int, marker: str) -> set[int]:
-    """Live processes still tied to a finished run (its session or its marker)."""
+def leftovers(root: int, marker: str | None = None) -> set[int]:
+    """Live processes still tied to a finished run (its session or its marker), but this one."""
     return {p for p in tree(root, marker) if _alive(p)}
 
 
@@ -266,24 +267,17 @@ def tagged(name: str, value: str) -> set[int]:
     return found
 
 
-def in_session(sid: int) -> set[int]:
-    """Live processes of session ``sid`` (but this one). Unlike the environment, a process
-    cannot rewrite its session: Ray's agents, which set their process titles, were now and
-    then not found by :func:`tagged` while they shut down."""
-    found = {pid for pid in _pids() if (_stat(pid) or (0, -1))[1] == sid and _alive(pid)}
-    found.discard(os.getpid())
-    return found
-
-
 def kill_tagged(name: str, value: str, grace: float = 5.0, gentle: bool = True,
-                session: int | None = None) -> set[int]:
-    """Stop every process tagged ``name=value`` (but this one), and every process of
-    ``session`` when given: SIGTERM, then SIGKILL what outlives ``grace`` seconds
-    (``gentle=False``: SIGKILL at once); returns those still alive afterwards (normally
-    none)."""
+                root: int | None = None) -> set[int]:
+    """Stop every process tagged ``name=value`` (but this one), and every live process of
+    ``root``'s tree when given (:func:`leftovers`: its descendants and its session, found
+    whatever they did to their environment; Ray's agents, which set their process titles,
+    were now and then not found by their tag while they shut down): SIGTERM, then SIGKILL
+    what outlives ``grace`` seconds (``gentle=False``: SIGKILL at once); returns those still
+    alive afterwards (normally none)."""
 
     def members() -> set[int]:
-        return tagged(name, value) | (in_session(session) if session is not None else set())
+        return tagged(name, value) | (leftovers(root) if root is not None else set())
 
     steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)) if gentle else (
         (signal.SIGKILL, 2.0),)

@@ -289,10 +289,10 @@ def _cleanup_and_exit(signum: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     tag = os.environ.get(RUN_TAG_ENV)
     if tag:  # the run is being abandoned: nothing of Ray's needs a graceful end. The launcher
-        # started this process as a session leader: Ray's processes are in its session (on a
+        # started this process as a session leader: Ray's processes are in its tree (on a
         # cluster only this run's own are), also those whose environment no longer shows the tag.
         procs.kill_tagged(RUN_TAG_ENV, tag, gentle=False,
-                          session=os.getpid() if os.getsid(0) == os.getpid() else None)
+                          root=os.getpid() if os.getsid(0) == os.getpid() else None)
     os._exit(128 + signum)
 
 

@@ -15,14 +15,13 @@ from liquid_fed.train import make_optimizer
 
 #: (config name, keyword arguments, the torch.optim twin).
 CASES = [
-    ("sgd", {"lr": 0.05}, lambda p, **kw: torch.optim.SGD(p, **kw)),
-    ("sgd", {"lr": 0.05, "momentum": 0.9}, lambda p, **kw: torch.optim.SGD(p, **kw)),
-    ("sgd", {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3},
-     lambda p, **kw: torch.optim.SGD(p, **kw)),
-    ("adam", {"lr": 1e-2}, lambda p, **kw: torch.optim.Adam(p, **kw)),
-    ("adam", {"lr": 1e-2, "weight_decay": 1e-2}, lambda p, **kw: torch.optim.Adam(p, **kw)),
-    ("adamw", {"lr": 1e-2, "weight_decay": 1e-2}, lambda p, **kw: torch.optim.AdamW(p, **kw)),
-    ("adamw", {"lr": 3e-3}, lambda p, **kw: torch.optim.AdamW(p, **kw)),
+    ("sgd", {"lr": 0.05}, torch.optim.SGD),
+    ("sgd", {"lr": 0.05, "momentum": 0.9}, torch.optim.SGD),
+    ("sgd", {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3}, torch.optim.SGD),
+    ("adam", {"lr": 1e-2}, torch.optim.Adam),
+    ("adam", {"lr": 1e-2, "weight_decay": 1e-2}, torch.optim.Adam),
+    ("adamw", {"lr": 1e-2, "weight_decay": 1e-2}, torch.optim.AdamW),
+    ("adamw", {"lr": 3e-3}, torch.optim.AdamW),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for name, kw, _ in CASES]
 
