@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.codec import INDEX, PACKED, decode, encode, pack, unpack
+from clients.codec import INDEX, PACKED, array_buffer, buffer_array, decode, encode, pack, unpack
 from liquid_fed.federation import handle_client_message
 from liquid_fed.federation.client import obey_fault
 
@@ -47,7 +47,7 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
 def pack_state(context: Context, state: dict[str, np.ndarray]) -> None:
     """Keep ``state`` in ``context.state`` as one packed buffer and its index."""
     buffer, index = pack(state)
-    context.state[STATE_ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
+    context.state[STATE_ARRAYS] = ArrayRecord({PACKED: buffer_array(buffer)})
     context.state[STATE_INDEX] = ConfigRecord({INDEX: index})
 
 
@@ -59,7 +59,8 @@ def unpack_state(context: Context) -> dict[str, np.ndarray]:
         return {}
     if PACKED not in record:  # a state written before the packing: one Array per entry
         return {k: v.numpy() for k, v in record.items()}
-    return unpack(record[PACKED].numpy(), context.state.config_records[STATE_INDEX][INDEX])
+    return unpack(array_buffer(record[PACKED]),
+                  context.state.config_records[STATE_INDEX][INDEX])
 
 
 @app.query("hello")

@@ -282,17 +282,17 @@ def labels_at_party(method: str) -> dict[str, Any]:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=1, keepdims=True)
+    z = x - x.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def matched_scores(rows: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """(n, C) per class ``c``: ``max(<r, s - e_c>, 0)² / |s - e_c|²`` with ``s`` the softmax of
-    the party's own output (the ``matched`` attack's per-round score)."""
-    s = _softmax(own.astype(np.float64))  # (n, C)
-    dot = (rows * s).sum(axis=1, keepdims=True) - rows  # <r, s - e_c> (n, C)
-    sq = (s * s).sum(axis=1, keepdims=True) - 2 * s + 1.0  # |s - e_c|² (n, C)
+    """(..., n, C) per class ``c``: ``max(<r, s - e_c>, 0)² / |s - e_c|²`` with ``s`` the
+    softmax of the party's own output (the ``matched`` attack's per-round score)."""
+    s = _softmax(own.astype(np.float64))  # (..., n, C)
+    dot = (rows * s).sum(axis=-1, keepdims=True) - rows  # <r, s - e_c> (..., n, C)
+    sq = (s * s).sum(axis=-1, keepdims=True) - 2 * s + 1.0  # |s - e_c|² (..., n, C)
     return np.maximum(dot, 0.0) ** 2 / np.maximum(sq, 1e-300)
 
 
@@ -424,35 +424,48 @@ class LabelLeakage(_Meter):
         """
         rows = self._rows(ids)
         n = rows.size
-        parties = range(len(signals)) if parties is None else parties
-        for k, s, pred in zip(parties, signals, own_predictions, strict=True):
-            g = np.asarray(s["g_pred"], dtype=np.float64).reshape(n, -1) * n  # (n, C)
-            self.observe_rows(k, rows, g, np.asarray(pred, dtype=np.float64).reshape(n, -1))
+        parties = np.arange(len(signals)) if parties is None else np.asarray(parties, np.int64)
+        if parties.size == 0:
+            return
+        g = np.stack([np.asarray(s["g_pred"], dtype=np.float64).reshape(n, -1) * n
+                      for s in signals])  # (P, n, C)
+        own = np.stack([np.asarray(p, dtype=np.float64).reshape(n, -1)
+                        for p in own_predictions])
+        self._observe(parties, rows, g, own)
 
     def observe_rows(self, k: int, rows: np.ndarray, g: np.ndarray, own: np.ndarray) -> None:
         """One party's per-sample gradient rows ``g`` (n, C) for meter rows ``rows``."""
+        self._observe(np.array([k]), rows, np.asarray(g, np.float64)[None],
+                      np.asarray(own, np.float64)[None])
+
+    def _observe(self, parties: np.ndarray, rows: np.ndarray, g: np.ndarray,
+                 own: np.ndarray) -> None:
+        """Parties ``parties`` (P,), distinct, each sent gradient rows ``g[i]`` (n, C) for the
+        distinct meter rows ``rows`` (n,); ``own[i]`` is what party i sent for them. One
+        vectorized update for all P parties (a round's parties share its rows)."""
         a = self.arrays
-        first = self.count[k, rows] == 0
-        self.count[k, rows] += 1
-        t = self.count[k, rows].astype(np.float64)[:, None]
+        at = (parties[:, None], rows[None, :])  # (P, n) pairs, all distinct
+        first = self.count[at] == 0
+        self.count[at] += 1
         if self.task == "classification":
-            guess = g.argmin(axis=1).astype(np.int32)
-            a["latest"][k, rows] = guess
-            a["first"][k, rows[first]] = guess[first]
-            a["votes"][k, rows, guess] += 1
-            a["sum"][k, rows] += g.astype(np.float64)
-            norm = np.linalg.norm(g, axis=1, keepdims=True)
-            a["normalized_sum"][k, rows] += (g / np.maximum(norm, 1e-300)).astype(np.float64)
-            a["early"][k, rows] += (g / t).astype(np.float64)
-            a["matched"][k, rows] += matched_scores(g, own).astype(np.float64)
+            t = self.count[at].astype(np.float64)[..., None]
+            guess = g.argmin(axis=-1).astype(np.int32)  # (P, n)
+            a["latest"][at] = guess
+            a["first"][at] = np.where(first, guess, a["first"][at])
+            a["votes"][(*at, guess)] += 1
+            a["sum"][at] += g
+            norm = np.linalg.norm(g, axis=-1, keepdims=True)
+            a["normalized_sum"][at] += g / np.maximum(norm, 1e-300)
+            a["early"][at] += g / t
+            a["matched"][at] += matched_scores(g, own)
         else:
             above = g < 0  # the label lies above the output where the loss falls with it
-            a["latest"][k, rows] = above
-            a["first"][k, rows[first]] = above[first]
-            a["votes"][k, rows] += above.astype(np.int32)
-            a["sum"][k, rows] += g.astype(np.float64)
-            a["recent"][k, rows] = 0.5 * a["recent"][k, rows] + g.astype(np.float64)
-            a["reference"][k, rows] = own.astype(np.float64)
+            a["latest"][at] = above
+            a["first"][at] = np.where(first[..., None], above, a["first"][at])
+            a["votes"][at] += above.astype(np.int32)
+            a["sum"][at] += g
+            a["recent"][at] = 0.5 * a["recent"][at] + g
+            a["reference"][at] = own
 
     def guesses(self, attack: str) -> np.ndarray:
         """(K, n) class guesses (classification) or (K, n, C) "above" guesses (regression) in

@@ -10,7 +10,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from test_rejoin import _Grid, _transport, stand_in_messages  # noqa: F401 (a fixture)
 
 from clients.app import pack_state, unpack_state
-from clients.codec import ALIGN, ARRAYS, INDEX, PACKED, decode, encode, pack, unpack
+from clients.codec import (
+    ALIGN,
+    ARRAYS,
+    INDEX,
+    PACKED,
+    PACKED_STYPE,
+    array_buffer,
+    buffer_array,
+    decode,
+    encode,
+    pack,
+    unpack,
+)
 from liquid_fed.config import build_config
 from liquid_fed.errors import ClientFailure
 from liquid_fed.federation import Federation, LocalTransport
@@ -52,6 +64,31 @@ def test_encode_decode_through_a_flower_record_dict() -> None:
     np.testing.assert_array_equal(arrays["f32"], ARRAYS_IN["f32"])
     empty_arrays, only = decode(encode({}, {"a": 1}))
     assert empty_arrays == {} and only == {"a": 1}
+
+
+def test_the_buffer_travels_as_its_own_bytes_not_an_npy_file() -> None:
+    content = encode(ARRAYS_IN, {})
+    array = content.array_records[ARRAYS][PACKED]
+    buffer, _ = pack(ARRAYS_IN)
+    assert array.stype == PACKED_STYPE and array.data == buffer.tobytes()  # no .npy header
+    assert array.dtype == "|u1" and array.shape == (buffer.size,)
+    arrays, _ = decode(content)
+    arrays["f64"][0] = 7.0  # a writable copy, not a view of the message's bytes
+    assert array.data == buffer.tobytes()
+    # A message or state of the earlier format (an .npy Array) still reads.
+    legacy = RecordDict({ARRAYS: ArrayRecord({PACKED: Array(buffer)}),
+                         INDEX: content.config_records[INDEX]})
+    for name, want in ARRAYS_IN.items():
+        np.testing.assert_array_equal(decode(legacy)[0][name].reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("dtype,shape", [("<f4", (16,)), ("|u1", (15,)), ("|u1", (4, 4))])
+def test_a_buffer_array_whose_header_lies_is_refused(dtype, shape) -> None:
+    lying = Array(dtype=dtype, shape=shape, stype=PACKED_STYPE, data=bytes(16))
+    with pytest.raises(ValueError, match=r"the buffer's Array says dtype .* for 16 bytes"):
+        array_buffer(lying)
+    np.testing.assert_array_equal(array_buffer(buffer_array(np.arange(16, dtype=np.uint8))),
+                                  np.arange(16))
 
 
 def test_object_and_structured_arrays_cannot_travel() -> None:

@@ -275,6 +275,73 @@ def test_each_regression_attack_on_a_hand_made_history() -> None:
     assert report["samples"] == 1 and report["chance"] == 0.5
 
 
+def _reference_meter(task: str, k: int, n: int, c: int,
+                     rounds: list[tuple[np.ndarray, list[int], np.ndarray, np.ndarray]]
+                     ) -> dict[str, np.ndarray]:
+    """The meter's running arrays, sample by sample and party by party in plain Python."""
+    ref: dict[str, np.ndarray] = {"count": np.zeros((k, n), np.int64)}
+    if task == "classification":
+        ref.update(latest=np.full((k, n), -1), first=np.full((k, n), -1),
+                   votes=np.zeros((k, n, c), np.int64),
+                   **{a: np.zeros((k, n, c)) for a in ("sum", "normalized_sum", "early",
+                                                       "matched")})
+    else:
+        ref.update(latest=np.zeros((k, n, c), bool), first=np.zeros((k, n, c), bool),
+                   votes=np.zeros((k, n, c), np.int64),
+                   **{a: np.zeros((k, n, c)) for a in ("sum", "recent", "reference")})
+    for rows, parties, g, own in rounds:
+        for i, party in enumerate(parties):
+            for j, row in enumerate(rows):
+                gr, mine = g[i, j] * len(rows), own[i, j]  # per-sample gradient row
+                ref["count"][party, row] += 1
+                if task == "classification":
+                    guess = int(np.argmin(gr))
+                    ref["latest"][party, row] = guess
+                    if ref["count"][party, row] == 1:
+                        ref["first"][party, row] = guess
+                    ref["votes"][party, row, guess] += 1
+                    ref["sum"][party, row] += gr
+                    ref["normalized_sum"][party, row] += gr / np.sqrt(gr @ gr)
+                    ref["early"][party, row] += gr / ref["count"][party, row]
+                    soft = np.exp(mine - mine.max()) / np.exp(mine - mine.max()).sum()
+                    for cls in range(c):
+                        d = soft - np.eye(c)[cls]
+                        ref["matched"][party, row, cls] += max(gr @ d, 0.0) ** 2 / (d @ d)
+                else:
+                    ref["latest"][party, row] = gr < 0
+                    if ref["count"][party, row] == 1:
+                        ref["first"][party, row] = gr < 0
+                    ref["votes"][party, row] += gr < 0
+                    ref["sum"][party, row] += gr
+                    ref["recent"][party, row] = 0.5 * ref["recent"][party, row] + gr
+                    ref["reference"][party, row] = mine
+    return ref
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_rounds_parties_update_as_each_party_alone(task: str) -> None:
+    # The server observes a round's parties in one vectorized update; every array must be
+    # what each party's own history gives, sample by sample (parties absent from rounds too).
+    rng = np.random.default_rng(5)
+    k, n, c = 3, 12, 4
+    ids = rng.permutation(np.arange(100, 100 + n))  # unsorted ids: the meter sorts them
+    labels = rng.integers(0, c, n) if task == "classification" else rng.normal(size=(n, c))
+    meter = LabelLeakage(ids, labels, task, k, c)
+    rounds = []
+    for _ in range(6):
+        chunk = rng.choice(ids, size=int(rng.integers(1, n + 1)), replace=False)
+        parties = sorted(rng.choice(k, size=int(rng.integers(1, k + 1)), replace=False).tolist())
+        g = rng.normal(size=(len(parties), len(chunk), c)) / len(chunk)
+        own = rng.normal(size=g.shape)
+        meter.observe(chunk, [{"g_pred": x} for x in g], list(own), parties=parties)
+        rounds.append((np.searchsorted(np.sort(ids), chunk), parties, g, own))
+    ref = _reference_meter(task, k, n, c, rounds)
+    np.testing.assert_array_equal(meter.count, ref.pop("count"))
+    for name, want in ref.items():
+        np.testing.assert_allclose(meter.arrays[name], want, rtol=1e-12, atol=1e-12,
+                                   err_msg=name)
+
+
 def test_the_direction_attack_on_embedding_gradients() -> None:
     labels = np.array([0, 1, 0, 1, 0, 1])
     meter = EmbeddingLeakage(np.arange(6), labels, 1, [2])

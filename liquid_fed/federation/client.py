@@ -136,10 +136,17 @@ def _persist(rt: ClientRuntime, state: Arrays) -> Arrays:
     return new
 
 
+def _set_mode(expert: torch.nn.Module, train: bool) -> None:
+    """``expert.train(train)``, skipped when the expert is in that mode already (only these
+    two calls switch it; ``train()`` walks every submodule, twice per message)."""
+    if expert.training != train:
+        expert.train(train)
+
+
 def _client_forward(rt: ClientRuntime, ids: np.ndarray, train: bool) -> Arrays:
     rows = rt.view.token_rows(ids)
     dtype = DTYPES[rt.cfg.train.dtype]
-    rt.expert.train(train)
+    _set_mode(rt.expert, train)
     with torch.no_grad():
         x = torch.from_numpy(rt.view.x[rows]).to(dtype)
         pred, dele = rt.expert(x)
@@ -183,7 +190,7 @@ def _client_backward(rt: ClientRuntime, ids: np.ndarray, g_pred: np.ndarray,
     g_del_t = torch.from_numpy(g_del).to(dtype) * keep
     x_all = torch.from_numpy(rt.view.x[rows]).to(dtype)
     n = len(rows)
-    rt.expert.train()
+    _set_mode(rt.expert, True)
     for step in range(train.local_steps):
         for sub in batch_order(n, train.batch_size, step, rt.cfg.seed * 7919 + round_index):
             if train.local_steps == 1 and n <= train.batch_size:
