@@ -14,7 +14,7 @@ from test_protocol import EXACT  # the exactness settings: one step per chunk, f
 
 from liquid_fed import LiquidConfig, combine
 from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
-from liquid_fed.config import build_config
+from liquid_fed.config import build_config, load_config
 from liquid_fed.ensemble import (
     MIXES,
     EnsembleOutput,
@@ -348,3 +348,26 @@ def test_averaged_pools_as_the_ensemble_does(mix):
     power = 2 * present / present.sum(1, keepdims=True)  # equal say among the present
     np.testing.assert_allclose(result.arrays["output"], _numpy_pool(y, power, mix), rtol=0,
                                atol=1e-12)
+
+
+def test_the_smoothing_curve_benchmark_scores_what_a_run_scores():
+    # benchmarks.smoothing_curve re-scores the trained experts at every λ; at the shipped
+    # pick it must give what the run itself reports, and the uniform vote what solver=uniform
+    # trains to (both computed here independently, through run_method).
+    from benchmarks.smoothing_curve import PICKS, curves, table
+
+    config = "configs/quickstart.yaml"
+    overrides = ["train.epochs=2"]
+    got = curves(config, overrides, seed=1)
+    cfg = load_config(config, overrides + ["seed=1"])
+    data = central_data(cfg)
+    liquid = run_method("liquid", cfg, data)
+    uniform = run_method("uniform", cfg, data)
+    shipped = PICKS["shipped: val accuracy, ties to smallest λ"](got)
+    assert got["grid"][shipped] == liquid.test["smoothing"]
+    assert got["test_acc"][shipped] == pytest.approx(liquid.test["accuracy"], abs=1e-6)
+    assert got["uniform"] == pytest.approx(uniform.test["accuracy"], abs=1e-6)
+    rows = {name: row for name, *row in table([got, got])}
+    assert rows["fixed λ = 1"][0] == pytest.approx(got["test_acc"][-1])
+    assert rows["oracle: best test accuracy (not a method)"][0] == pytest.approx(
+        got["test_acc"].max())
