@@ -5,9 +5,12 @@
 For each seed, trains the Liquid Ensemble (the config's solver) and the uniform vote
 (``ensemble.solver=uniform``) centrally, as a study cell does, and scores the Liquid Ensemble's
 trained experts at every ``λ`` of ``ensemble.smoothing_grid`` on the validation and the test
-split. It then prints, for the shipped pick (best validation accuracy, ties to the smallest
-``λ``), for other ways of picking and for every fixed ``λ``: the mean test accuracy and the
-paired difference to the uniform vote (mean over seeds, 95 % interval, seeds won and lost).
+split. It then prints, for the shipped pick (``smoothing: auto``: best validation accuracy,
+ties to the smallest ``λ``), for other ways of picking and for every fixed ``λ``: the mean test
+accuracy and the paired difference to the uniform vote (mean over seeds, 95 % interval, seeds
+won and lost). The ensemble trains with the config's smoothing (``auto`` trains with ``λ = 0``;
+``--set ensemble.smoothing=0.5`` trains with 0.5, and the rows then say what each pick would
+give after that training).
 "oracle" picks each seed's best ``λ`` on the *test* split: not a method, the most any pick of
 ``λ`` could gain. Classification only. Everything it prints comes from the runs it makes.
 """
