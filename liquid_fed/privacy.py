@@ -425,6 +425,9 @@ class LabelLeakage(_Meter):
         rows = self._rows(ids)
         n = rows.size
         parties = np.arange(len(signals)) if parties is None else np.asarray(parties, np.int64)
+        if not len(parties) == len(signals) == len(own_predictions):
+            raise ValueError(f"label leakage: {len(parties)} parties, {len(signals)} signals and "
+                             f"{len(own_predictions)} predictions in one round")
         if parties.size == 0:
             return
         g = np.stack([np.asarray(s["g_pred"], dtype=np.float64).reshape(n, -1) * n

@@ -335,6 +335,8 @@ def test_a_rounds_parties_update_as_each_party_alone(task: str) -> None:
         own = rng.normal(size=g.shape)
         meter.observe(chunk, [{"g_pred": x} for x in g], list(own), parties=parties)
         rounds.append((np.searchsorted(np.sort(ids), chunk), parties, g, own))
+    with pytest.raises(ValueError, match="2 parties, 1 signals and 1 predictions"):
+        meter.observe(chunk, [{"g_pred": g[0]}], [own[0]], parties=[0, 1])
     ref = _reference_meter(task, k, n, c, rounds)
     np.testing.assert_array_equal(meter.count, ref.pop("count"))
     for name, want in ref.items():
