@@ -142,15 +142,16 @@ def array_buffer(array: Any) -> np.ndarray:
     ``.npy`` Array (a message or state written before this format) is read by Flower.
 
     Raises:
-        ValueError: an Array of another kind, or whose shape does not match its bytes.
+        ValueError: a packed Array whose dtype or shape does not match its bytes (an Array of
+            another ``stype`` raises what Flower's reader raises: ``TypeError``).
     """
     if array.stype != PACKED_STYPE:
         return array.numpy()  # Flower's .npy reader, allow_pickle=False
     data = array.data
-    if (array.dtype != np.dtype(np.uint8).str or not isinstance(data, bytes)
-            or tuple(array.shape) != (len(data),)):
+    size = len(data) if isinstance(data, bytes) else -1
+    if array.dtype != np.dtype(np.uint8).str or tuple(array.shape) != (size,):
         raise ValueError(f"packed arrays: the buffer's Array says dtype {str(array.dtype)[:20]!r}"
-                         f" and shape {str(array.shape)[:40]} for {len(data)} bytes")
+                         f" and shape {str(array.shape)[:40]} for {size} bytes")
     return np.frombuffer(bytearray(data), dtype=np.uint8)
 
 
