@@ -144,11 +144,16 @@ class BatchClientAppActor(VirtualClientEngineActor):
         with the run anyway (``ray.shutdown`` stops a private Ray's workers; on a cluster the
         end of the driver's job ends its actors), so this does nothing."""
 
-    def run_batch(self, client_app_fn: Callable[[], Any], messages: Sequence[Message],
-                  contexts: Sequence[Any]) -> Iterator[tuple[Any, Any]]:
-        """Run the ``ClientApp`` on each message with its context, yielding (a streaming
-        generator: each result reaches the driver as it is done) the reply and the updated
-        context, or ``(exception, None)`` where the app failed (Flower's ``run`` raises)."""
+    def run_batch(self, client_app_fn: Callable[[], Any], n: int, *items: Any
+                  ) -> Iterator[tuple[Any, Any]]:
+        """Run the ``ClientApp`` on each of the ``n`` messages (``items[:n]``) with its context
+        (``items[n:]``, in the same order), yielding (a streaming generator: each result
+        reaches the driver as it is done) the reply and the updated context, or
+        ``(exception, None)`` where the app failed (Flower's ``run`` raises).
+
+        Each message and context is an argument of its own (:func:`run_batch`'s docstring
+        says why)."""
+        messages, contexts = items[:n], items[n:]
         try:
             app = client_app_fn()
         except LoadClientAppError as ex:
@@ -199,11 +204,18 @@ def run_one(backend: Any, actor: Any, message: Message, context: Any, retry: boo
 def run_batch(backend: Any, actor: Any, messages: Sequence[Message], contexts: Sequence[Any],
               done: list[tuple[Message, Any]]) -> None:
     """``messages`` through ``actor`` in one call, appending each result to ``done`` as it
-    arrives; raises when the call failed, ``done`` then holding what finished before."""
+    arrives; raises when the call failed, ``done`` then holding what finished before.
+
+    Every message and context travels as an argument of its own: Ray inlines an argument of
+    up to 100 KiB in the call (``max_direct_call_object_size``) and puts a larger one in its
+    object store, a round trip through the raylet on each side. A quickstart context is 57 kB
+    (its expert, Adam's moments, its ids), so the one list of an actor's two contexts took the
+    store's path every round.
+    """
     # No retry of the whole batch on a restarted actor (the actor's own option): what did not
     # finish goes message by message at once (deliver), each with Ray's one retry.
     stream = actor.run_batch.options(num_returns="streaming", max_task_retries=0).remote(
-        backend.app_fn, list(messages), list(contexts))
+        backend.app_fn, len(messages), *messages, *contexts)
     for message, ref in zip(messages, stream, strict=False):
         reply, context = ray.get(ref)
         done.append((failed(message, reply), None) if isinstance(reply, BaseException)

@@ -74,10 +74,12 @@ class _Actor:
         self.die_after, self.batches, self.singles = die_after, 0, []
         self.run_batch, self.run = _Method(self._batch), _Method(self._run)
 
-    def _batch(self, app_fn, msgs, ctxs):
+    def _batch(self, app_fn, n, *items):
         self.batches += 1
-        ctxs = [copy.deepcopy(c) for c in ctxs]
-        for i, result in enumerate(BatchClientAppActor.run_batch(None, app_fn, msgs, ctxs)):
+        msgs, ctxs = items[:n], [copy.deepcopy(c) for c in items[n:]]
+        assert len(msgs) == len(ctxs) == n
+        for i, result in enumerate(BatchClientAppActor.run_batch(None, app_fn, n, *msgs,
+                                                                 *ctxs)):
             if i == self.die_after:
                 raise RuntimeError("The actor died unexpectedly before finishing this task.")
             yield result
@@ -88,8 +90,8 @@ class _Actor:
         assert cid == str(node)  # Flower's client id: the partition
         if node == 13:
             raise RuntimeError("ClientApp raised")
-        reply, ctx = next(BatchClientAppActor.run_batch(None, app_fn, [message],
-                                                        [copy.deepcopy(context)]))
+        reply, ctx = next(BatchClientAppActor.run_batch(None, app_fn, 1, message,
+                                                        copy.deepcopy(context)))
         return cid, reply, ctx
 
 
