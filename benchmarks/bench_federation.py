@@ -4,7 +4,9 @@ For each client count K it trains the quickstart task (digits, MLP experts; K im
 a finer grid for K > 4) three ways and prints them side by side:
 
 * **centralized**: :mod:`liquid_fed.centralized` in this process (``train_ensemble``), the
-  same experts, batches and optimiser, one torch thread like each client;
+  same experts, batches and optimiser, one torch thread like each client; timed before the
+  Flower runs and again after each pair of them (the median of all: the machine's own speed
+  drifts by a fifth within minutes, and a twin timed only at the start skewed the ratio);
 * **protocol, no Flower**: ``Federation(cfg, LocalTransport(K)).run()`` in this process: the
   exact client and server code with in-memory messages, i.e. the protocol's own cost;
 * **Flower/Ray**: the real CLI (``liquid-fed run --quiet --force``) in a subprocess; numbers
@@ -100,44 +102,41 @@ def median_runs(fn: Callable[[], float], repeats: int, budget_s: float) -> float
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
 class InProcess:
-    """Centralized and in-process federated seconds per epoch of one config."""
+    """Centralized and in-process federated (protocol-only: ``LocalTransport``) training of
+    one config in this process, timed per epoch after a warm-up; every timing is kept."""
 
-    central_s: float
-    local_s: float
-    central_acc: float
-    local_acc: float
+    def __init__(self, overrides: list[str], epochs: int) -> None:
+        from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
+        from liquid_fed.config import load_config
 
+        self.cfg = load_config(str(CONFIG), overrides + [f"train.epochs={epochs}"])
+        self.epochs = epochs
+        self.data = central_data(self.cfg)
+        warm = load_config(str(CONFIG), overrides + ["train.epochs=1"])
+        train_ensemble(warm, self.data, build_ensemble(warm, self.data))  # torch's first calls
+        self.central_times: list[float] = []
+        self.acc: dict[str, float] = {}
 
-def in_process(overrides: list[str], epochs: int, repeats: int) -> InProcess:
-    """Centralized and protocol-only (LocalTransport) training time per epoch, after warm-up."""
-    from liquid_fed.centralized import build_ensemble, central_data, train_ensemble
-    from liquid_fed.config import load_config
-    from liquid_fed.federation import Federation, LocalTransport
+    def central(self) -> float:
+        """One centralized run's seconds per epoch (also kept in :attr:`central_times`)."""
+        from liquid_fed.centralized import build_ensemble, train_ensemble
 
-    cfg = load_config(str(CONFIG), overrides + [f"train.epochs={epochs}"])
-    data = central_data(cfg)
-    warm = load_config(str(CONFIG), overrides + ["train.epochs=1"])
-    train_ensemble(warm, data, build_ensemble(warm, data))  # first-call costs of torch
-    acc: dict[str, float] = {}
+        result = train_ensemble(self.cfg, self.data, build_ensemble(self.cfg, self.data))
+        self.acc["central"] = result["test"].get("accuracy", math.nan)
+        self.central_times.append(result["wall_seconds"] / self.epochs)
+        return self.central_times[-1]
 
-    def central() -> float:
-        result = train_ensemble(cfg, data, build_ensemble(cfg, data))
-        acc["central"] = result["test"].get("accuracy", math.nan)
-        return result["wall_seconds"] / epochs
+    def local(self) -> float:
+        """One protocol-only run's seconds per epoch (training rounds only)."""
+        from liquid_fed.federation import Federation, LocalTransport
 
-    def local() -> float:
         last: list[float] = []
-        fed = Federation(cfg, LocalTransport(cfg.n_clients),
+        fed = Federation(self.cfg, LocalTransport(self.cfg.n_clients),
                          on_round=lambda info: last.append(info.elapsed))
         result = fed.run()
-        acc["local"] = result.test.get("accuracy", math.nan)
-        return last[-1] / epochs  # training rounds only: the final evaluations excluded
-
-    central_s = median_runs(central, repeats, budget_s=10.0)
-    local_s = median_runs(local, repeats, budget_s=15.0)
-    return InProcess(central_s, local_s, acc["central"], acc["local"])
+        self.acc["local"] = result.test.get("accuracy", math.nan)
+        return last[-1] / self.epochs  # the final evaluations excluded
 
 
 def run_cli(overrides: list[str], out: Path) -> dict[str, Any]:
@@ -182,6 +181,8 @@ class Row:
     command_s: float
     peak_bytes: int
     bytes_per_round: float
+    central_runs: int = 1
+    central_spread: tuple[float, float] = (math.nan, math.nan)  # min, max s/epoch
     acc: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -199,7 +200,9 @@ def bench_clients(k: int, epochs: int, repeats: int, fed_repeats: int, extra: li
     overrides, task = task_overrides(k)
     overrides += extra
     log(f"[{k} clients] in-process centralized and protocol-only, {epochs} epochs ...")
-    ip = in_process(overrides, epochs, repeats)
+    ip = InProcess(overrides, epochs)
+    median_runs(ip.central, repeats, budget_s=10.0)
+    local_s = median_runs(ip.local, repeats, budget_s=15.0)
     long_runs, short_runs = [], []
     for rep in range(fed_repeats):
         log(f"[{k} clients] liquid-fed run, {epochs} epochs (repeat {rep + 1}/{fed_repeats}) ...")
@@ -208,6 +211,10 @@ def bench_clients(k: int, epochs: int, repeats: int, fed_repeats: int, extra: li
         if epochs > 1:
             log(f"[{k} clients] liquid-fed run, 1 epoch ...")
             short_runs.append(run_cli(overrides + ["train.epochs=1"], workdir / f"k{k}-e1-r{rep}"))
+        # The machine's speed drifts over minutes: one more centralized run after each Flower
+        # pair keeps the twin's timings spread over the same minutes as the Flower runs'.
+        log(f"[{k} clients] centralized again ...")
+        ip.central()
     runs = long_runs + short_runs
 
     def med(get: Callable[[dict[str, Any]], float], among: Sequence[dict[str, Any]] = runs
@@ -223,7 +230,9 @@ def bench_clients(k: int, epochs: int, repeats: int, fed_repeats: int, extra: li
     first = long_runs[0]
     return Row(
         k=k, task=task, epochs=epochs, rounds_per_epoch=first["rounds"] // first["epochs"],
-        central_s=ip.central_s, local_s=ip.local_s, fed_s=fed, fed_raw_s=raw,
+        central_s=statistics.median(ip.central_times), local_s=local_s, fed_s=fed,
+        fed_raw_s=raw, central_runs=len(ip.central_times),
+        central_spread=(min(ip.central_times), max(ip.central_times)),
         steady=bool(short_runs),
         startup_s=med(lambda s: s["engine"]["startup_seconds"]),
         after_s=med(lambda s: s["engine"]["after_training_seconds"]),
@@ -232,7 +241,7 @@ def bench_clients(k: int, epochs: int, repeats: int, fed_repeats: int, extra: li
         command_s=med(lambda s: s["bench"]["command_seconds"]),
         peak_bytes=max(int(s["peak_memory_bytes"]) for s in runs),
         bytes_per_round=first["bytes_per_round"],
-        acc={"centralized": ip.central_acc, "protocol": ip.local_acc,
+        acc={"centralized": ip.acc["central"], "protocol": ip.acc["local"],
              "flower": first["test"].get("accuracy", math.nan)},
     )
 
@@ -267,6 +276,9 @@ def print_block(row: Row, actors: str) -> None:
     print(f"  {'federated on Flower/Ray':<40} {row.fed_s:>8.3f} {row.ratio:>9.2f}x "
           f"{row.acc['flower']:>9.4f}")
     print(f"    s/epoch on Flower = {how}; wall/{row.epochs} = {row.fed_raw_s:.3f}")
+    lo, hi = row.central_spread
+    print(f"    centralized s/epoch = median of {row.central_runs} runs, before and between the "
+          f"Flower runs ({lo:.3f}-{hi:.3f})")
     print(f"    Flower/Ray transport cost: {row.transport_ms_per_round:.0f} ms per round "
           f"(Flower minus protocol-only, per round)")
     print(f"  start-up {row.startup_s:.1f} s | after training {row.after_s:.1f} s = final "

@@ -34,3 +34,11 @@ def test_bench_federation_quick_prints_a_finite_table() -> None:
         assert all(v > 0 for v in values[:4] + values[5:]), (k, values)
     assert re.search(r"Target s/epoch .*(PASS|MISS)", out), out
     assert re.search(r"Target peak memory .*(PASS|MISS)", out), out
+    # The centralized twin is timed before the Flower run and again after it; the table's
+    # figure is the median of those runs, so it lies within their printed range.
+    m = re.search(r"centralized s/epoch = median of (\d+) runs, before and between the Flower "
+                  r"runs \(([\d.]+)-([\d.]+)\)", out)
+    assert m, out
+    assert int(m.group(1)) == 2
+    lo, hi = float(m.group(2)), float(m.group(3))
+    assert lo <= rows[4][0] <= hi, (lo, rows[4][0], hi)
