@@ -6,7 +6,8 @@ a finer grid for K > 4) three ways and prints them side by side:
 * **centralized**: :mod:`liquid_fed.centralized` in this process (``train_ensemble``), the
   same experts, batches and optimiser, one torch thread like each client; timed before the
   Flower runs and again after each pair of them (the median of all: the machine's own speed
-  drifts by a fifth within minutes, and a twin timed only at the start skewed the ratio);
+  drifts by a third and more within minutes, and a twin timed only at the start skewed the
+  ratio);
 * **protocol, no Flower**: ``Federation(cfg, LocalTransport(K)).run()`` in this process: the
   exact client and server code with in-memory messages, i.e. the protocol's own cost;
 * **Flower/Ray**: the real CLI (``liquid-fed run --quiet --force``) in a subprocess; numbers
