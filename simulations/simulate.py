@@ -106,6 +106,22 @@ QUIET_ENV = {
     "MKL_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+#: Ray passes an object of up to this many bytes inside a call or a streamed reply instead of
+#: through its object store (Ray's own default is 100 KiB). Each client message and context
+#: is an argument of an actor's call (:mod:`simulations.batching`) and each reply and updated
+#: context a streamed item: a context over 100 KiB (an expert of some 8,500 parameters or more,
+#: with Adam's two moments) took the store's round trip through the raylet both ways every
+#: round. A call still inlines at most Ray's ``task_rpc_inlined_bytes_limit`` (10 MiB) in
+#: all; the rest goes through the store as before. A cluster's own processes keep its setting:
+#: there it applies to what the driver sends.
+INLINE_BYTES = 4 << 20
+#: The Ray settings of the run's driver (and of a private Ray's every process), unless the
+#: user's environment sets them: see :data:`INLINE_BYTES`.
+TRANSPORT_ENV = {"RAY_max_direct_call_object_size": str(INLINE_BYTES)}
+
+
+def _transport_env() -> dict[str, str]:
+    return {k: v for k, v in TRANSPORT_ENV.items() if k not in os.environ}
 CONFIG_ENV = "LIQUID_FED_CONFIG_YAML"
 #: Seconds between two reads of where the client actors run (the summary's ``engine.ray``).
 PLACEMENT_EVERY = 5.0
@@ -146,12 +162,13 @@ def ray_environment(cfg: RunConfig, tmp: Path) -> dict[str, str]:
     ``simulation.ray_address``, the quiet driver of the user's cluster instead (the user's
     ``RAY_AUTH_*`` variables pass through unchanged)."""
     if cfg.simulation.ray_address is not None:
-        return {**QUIET_ENV, "RAY_NUM_REDIS_GET_RETRIES": str(CLUSTER_CONNECT_RETRIES),
+        return {**QUIET_ENV, **_transport_env(),
+                "RAY_NUM_REDIS_GET_RETRIES": str(CLUSTER_CONNECT_RETRIES),
                 "RAY_gcs_rpc_server_reconnect_timeout_s": "15"}
     token = tmp / "ray_auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    return {**QUIET_ENV, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token",
+    return {**QUIET_ENV, **_transport_env(), "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
             # A one-machine cluster cannot survive its GCS: give up after 15 s, not Ray's 60.
             "RAY_gcs_rpc_server_reconnect_timeout_s": "15",

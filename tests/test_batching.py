@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from queue import Queue
 from types import SimpleNamespace
 
@@ -264,3 +265,23 @@ def test_terminate_leaves_the_actor_to_the_end_of_the_run() -> None:
     with pytest.raises(TypeError, match="exit_actor"):  # Flower's exits the actor (not in one here)
         VirtualClientEngineActor().terminate()
     assert BatchClientAppActor().terminate() is None
+
+
+def test_the_run_driver_inlines_objects_up_to_the_limit_unless_the_user_says(
+        tmp_path, monkeypatch) -> None:
+    """A run's driver (and a private Ray) passes objects of up to INLINE_BYTES inside calls;
+    a user's own setting passes through untouched."""
+    from liquid_fed.config import load_config
+    from simulations.simulate import INLINE_BYTES, ray_environment
+
+    key = "RAY_max_direct_call_object_size"
+    monkeypatch.delenv(key, raising=False)
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    private = load_config(quickstart)
+    cluster = load_config(quickstart, ["simulation.ray_address=10.0.0.5:6379"])
+    for cfg in (private, cluster):
+        assert ray_environment(cfg, tmp_path)[key] == str(INLINE_BYTES)
+    assert INLINE_BYTES > 100 * 1024  # above Ray's default, or it would change nothing
+    monkeypatch.setenv(key, "12345")
+    for cfg in (private, cluster):
+        assert key not in ray_environment(cfg, tmp_path)  # the launcher passes os.environ on
