@@ -207,8 +207,9 @@ def run_batch(backend: Any, actor: Any, messages: Sequence[Message], contexts: S
     arrives; raises when the call failed, ``done`` then holding what finished before.
 
     Every message and context travels as an argument of its own: Ray inlines an argument of
-    up to 100 KiB in the call (``max_direct_call_object_size``) and puts a larger one in its
-    object store, a round trip through the raylet on each side. A quickstart context is 57 kB
+    up to ``max_direct_call_object_size`` bytes in the call (100 KiB unless set; a run sets
+    :data:`simulations.simulate.INLINE_BYTES`) and puts a larger one in its object store, a
+    round trip through the raylet on each side. A quickstart context is 57 kB
     (its expert, Adam's moments, its ids), so the one list of an actor's two contexts took the
     store's path every round.
     """

@@ -118,10 +118,6 @@ INLINE_BYTES = 4 << 20
 #: The Ray settings of the run's driver (and of a private Ray's every process), unless the
 #: user's environment sets them: see :data:`INLINE_BYTES`.
 TRANSPORT_ENV = {"RAY_max_direct_call_object_size": str(INLINE_BYTES)}
-
-
-def _transport_env() -> dict[str, str]:
-    return {k: v for k, v in TRANSPORT_ENV.items() if k not in os.environ}
 CONFIG_ENV = "LIQUID_FED_CONFIG_YAML"
 #: Seconds between two reads of where the client actors run (the summary's ``engine.ray``).
 PLACEMENT_EVERY = 5.0
@@ -155,6 +151,11 @@ class LaunchResult:
 #: How many 1 s attempts the driver makes to reach a cluster's GCS (Ray's default is 20: a missing
 #: token would be reported after 20 s). The cluster is up already; 3 s is plenty.
 CLUSTER_CONNECT_RETRIES = 3
+
+
+def _transport_env() -> dict[str, str]:
+    """:data:`TRANSPORT_ENV` less what the user's environment sets itself."""
+    return {k: v for k, v in TRANSPORT_ENV.items() if k not in os.environ}
 
 
 def ray_environment(cfg: RunConfig, tmp: Path) -> dict[str, str]:
