@@ -403,10 +403,13 @@ def test_a_crash_in_a_batch_costs_only_its_own_party(tmp_path: Path) -> None:
 
 @live
 def test_a_run_with_faults_killed_and_resumed_gives_the_same_losses(tmp_path: Path) -> None:
-    # A NaN reply before the kill, a crash after it: the resumed run equals the twin.
+    # A NaN reply before the kill, a crash after it: the resumed run equals the twin. No party
+    # hangs, so a long timeout costs nothing; it covers the crashed actor's restart, which the
+    # message it died on waits for (once over 10 s on a loaded CI machine: counted a timeout).
     faults = ("federation.faults=[{client: 0, round: 2, kind: nan}, "
               "{client: 3, round: 16, kind: crash}]")
-    sets = ["train.epochs=1", "train.checkpoint_every=3", *EXACT_SETS, faults]
+    sets = ["train.epochs=1", "train.checkpoint_every=3", *EXACT_SETS, faults,
+            "federation.reply_timeout=60"]
     run = tmp_path / "killed"
     env, tag = tagged_env()
     args = [a for s in sets for a in ("--set", s)]
